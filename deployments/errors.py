@@ -1,0 +1,55 @@
+"""Errors that carry their HTTP status.
+
+Code raises these; the ingress maps every one of them to a response with the
+same shape FastAPI uses for validation errors, so clients parse one format:
+``{"detail": [{"loc": [...], "msg": "...", "type": "..."}]}``.
+"""
+
+from http import HTTPStatus
+
+
+class MaasError(Exception):
+    """Base class: an error a client can act on."""
+
+    status_code: int = HTTPStatus.INTERNAL_SERVER_ERROR
+    error_type: str = "internal_error"
+
+    def __init__(self, message: str, *, field: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+    def detail(self) -> list[dict]:
+        loc = ["body", self.field] if self.field else ["body"]
+        return [{"loc": loc, "msg": self.message, "type": self.error_type}]
+
+
+class InvalidInput(MaasError):
+    """The request is well-formed but a value in it is unusable."""
+
+    status_code = HTTPStatus.UNPROCESSABLE_ENTITY
+    error_type = "invalid_input"
+
+
+class InvalidImage(InvalidInput):
+    """The image bytes are not a decodable image of a supported format."""
+
+    error_type = "invalid_image"
+
+
+class PayloadTooLarge(MaasError):
+    """The body or the image is larger than the configured limits."""
+
+    status_code = HTTPStatus.REQUEST_ENTITY_TOO_LARGE
+    error_type = "payload_too_large"
+
+
+class UnsupportedMediaType(MaasError):
+    """The request's Content-Type is not one the route accepts."""
+
+    status_code = HTTPStatus.UNSUPPORTED_MEDIA_TYPE
+    error_type = "unsupported_media_type"
+
+
+class ConfigError(ValueError):
+    """A deployment or application config is invalid; raised at build time."""

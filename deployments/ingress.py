@@ -1,0 +1,267 @@
+"""The HTTP front door: a FastAPI app served by Ray Serve.
+
+The ingress validates every request, decodes images once, and calls the model
+deployments through ``DeploymentHandle``s. For a multimodal request the image
+and text branches start together, and fusion receives their responses without
+the ingress waiting in between: Serve resolves them as arguments.
+"""
+
+import logging
+from typing import TypeVar
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ValidationError
+from ray import serve
+from ray.exceptions import RayTaskError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from ray.serve.handle import DeploymentHandle
+from starlette.datastructures import UploadFile
+
+from deployments import schemas
+from deployments.errors import InvalidInput, MaasError, PayloadTooLarge, UnsupportedMediaType
+from deployments.imaging import ImageSpec, decode_base64, decode_image, prepare
+from deployments.settings import limits
+
+logger = logging.getLogger("ray.serve")
+
+Model = TypeVar("Model", bound=BaseModel)
+
+JSON = "application/json"
+MULTIPART = "multipart/form-data"
+
+DESCRIPTION = """
+Multimodal inference on Ray Serve: an ImageNet image classifier (MobileNetV2),
+a sentence encoder (all-MiniLM-L6-v2), and a fusion model that scores free-text
+labels against an image, a text, or both.
+
+Image-to-text scoring uses **ConSE** (Norouzi et al., 2014): the image's top
+ImageNet class probabilities weight the text embeddings of those class names,
+giving the image a point in the text-embedding space. It is not CLIP: an image
+is only as describable as the 1000 ImageNet classes allow.
+
+Routes that take an image accept JSON with the image base64-encoded, or a
+multipart form with the file in field `image`. Errors are 4xx responses whose
+`detail` lists what was wrong, in the same shape as validation errors.
+"""
+
+app = FastAPI(title="maas-cluster", version="0.1.0", description=DESCRIPTION)
+
+
+def _error_response(status: int, detail: list[dict], headers: dict | None = None) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"detail": jsonable_encoder(detail)}, headers=headers)
+
+
+@app.exception_handler(MaasError)
+async def _maas_error(_request: Request, exc: MaasError) -> JSONResponse:
+    return _error_response(exc.status_code, exc.detail())
+
+
+@app.exception_handler(ValidationError)
+async def _validation_error(_request: Request, exc: ValidationError) -> JSONResponse:
+    return _error_response(422, _with_body_loc(exc.errors(include_url=False)))
+
+
+@app.exception_handler(RequestValidationError)
+async def _request_validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    return _error_response(422, exc.errors())
+
+
+@app.exception_handler(BackPressureError)
+async def _backpressure(_request: Request, exc: BackPressureError) -> JSONResponse:
+    detail = [{"loc": [], "msg": f"the service is overloaded, retry later: {exc.message}", "type": "overloaded"}]
+    return _error_response(503, detail, headers={"Retry-After": "1"})
+
+
+@app.exception_handler(DeploymentUnavailableError)
+async def _unavailable(_request: Request, exc: DeploymentUnavailableError) -> JSONResponse:
+    detail = [{"loc": [], "msg": f"a model is unavailable, retry later: {exc}", "type": "unavailable"}]
+    return _error_response(503, detail, headers={"Retry-After": "5"})
+
+
+@app.exception_handler(RayTaskError)
+async def _remote_error(request: Request, exc: RayTaskError) -> JSONResponse:
+    cause = exc.cause if isinstance(exc.cause, Exception) else None
+    if isinstance(cause, MaasError):
+        return await _maas_error(request, cause)
+    logger.exception("Model call failed", exc_info=exc)
+    return _error_response(500, [{"loc": [], "msg": "internal error in a model replica", "type": "internal_error"}])
+
+
+def _with_body_loc(errors: list[dict]) -> list[dict]:
+    return [{**e, "loc": ["body", *e["loc"]]} for e in errors]
+
+
+def _openapi_body(model: type[BaseModel], multipart: bool) -> dict:
+    """OpenAPI request body for routes that parse the body themselves (JSON and/or form)."""
+    schema = model.model_json_schema()
+    content = {JSON: {"schema": schema}}
+    if multipart:
+        form = model.model_json_schema()
+        form["properties"]["image"] = {"type": "string", "format": "binary", "description": "The image file."}
+        content[MULTIPART] = {"schema": form}
+    return {"requestBody": {"required": True, "content": content}}
+
+
+async def _read_body(request: Request, model: type[Model], multipart: bool = False) -> tuple[Model, bytes | None]:
+    """Parse and validate a JSON body, or a multipart form where the route allows one.
+
+    Returns the validated request and, for a multipart upload, the raw image bytes.
+    """
+    lim = limits()
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > lim.max_request_bytes:
+        raise PayloadTooLarge(f"request body is {declared} bytes; the limit is {lim.max_request_bytes} bytes")
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+    if content_type == JSON:
+        body = await request.body()
+        if len(body) > lim.max_request_bytes:
+            raise PayloadTooLarge(f"request body is {len(body)} bytes; the limit is {lim.max_request_bytes} bytes")
+        return model.model_validate_json(body), None
+
+    if content_type == MULTIPART and multipart:
+        async with request.form(max_files=1, max_fields=lim.max_labels + 8) as form:
+            fields: dict = {}
+            image_bytes = None
+            for key, value in form.multi_items():
+                if isinstance(value, UploadFile):
+                    if key != "image":
+                        raise InvalidInput(f"unexpected file field {key!r}; send the image in field 'image'", field=key)
+                    image_bytes = await value.read(lim.max_image_bytes + 1)
+                    if len(image_bytes) > lim.max_image_bytes:
+                        raise PayloadTooLarge(
+                            f"image is larger than the limit of {lim.max_image_bytes} bytes", field="image"
+                        )
+                elif key == "labels":
+                    fields.setdefault("labels", []).append(value)
+                elif key == "texts":
+                    fields.setdefault("texts", []).append(value)
+                else:
+                    fields[key] = value
+        if image_bytes is not None:
+            fields["image"] = ""  # placeholder so the model's own check on the field passes
+        return model.model_validate(fields), image_bytes
+
+    accepted = f"{JSON} or {MULTIPART}" if multipart else JSON
+    raise UnsupportedMediaType(f"Content-Type must be {accepted}; got {content_type or 'none'}")
+
+
+def _label_scores(pairs: list[tuple[str, float]]) -> list[schemas.LabelScore]:
+    return [schemas.LabelScore(label=label, score=score) for label, score in pairs]
+
+
+@serve.deployment(max_ongoing_requests=64, ray_actor_options={"num_cpus": 0.1})
+@serve.ingress(app)
+class Ingress:
+    """HTTP ingress: validation, image decoding, and the request graph."""
+
+    def __init__(self, vision: DeploymentHandle, text: DeploymentHandle, fusion: DeploymentHandle):
+        self.vision = vision
+        self.text = text
+        self.fusion = fusion
+        self._image_spec: ImageSpec | None = None
+
+    async def _pixels(self, image_b64: str | None, image_bytes: bytes | None) -> np.ndarray:
+        """Decode, validate and prepare an image for the vision model (geometry only)."""
+        if self._image_spec is None:
+            self._image_spec = await self.vision.image_spec.remote()
+        raw = image_bytes if image_bytes is not None else decode_base64(image_b64 or "", limits())
+        return prepare(decode_image(raw, limits()), self._image_spec)
+
+    @app.get("/healthz", response_model=schemas.Health)
+    async def healthz(self) -> schemas.Health:
+        return schemas.Health(status="ok")
+
+    @app.get("/v1/models", response_model=schemas.ModelsResponse)
+    async def models(self) -> schemas.ModelsResponse:
+        calls = {"vision": self.vision, "text": self.text, "fusion": self.fusion}
+        responses = {name: handle.info.remote() for name, handle in calls.items()}
+        infos = [schemas.ModelInfo(deployment=name, **await r) for name, r in responses.items()]
+        return schemas.ModelsResponse(models=infos)
+
+    @app.post(
+        "/v1/vision/classify",
+        response_model=schemas.VisionClassifyResponse,
+        openapi_extra=_openapi_body(schemas.VisionClassifyRequest, multipart=True),
+    )
+    async def vision_classify(self, request: Request) -> schemas.VisionClassifyResponse:
+        body, upload = await _read_body(request, schemas.VisionClassifyRequest, multipart=True)
+        pixels = await self._pixels(body.image, upload)
+        result = await self.vision.classify.remote(pixels, body.top_k, body.embed)
+        return schemas.VisionClassifyResponse(
+            labels=_label_scores(result.labels),
+            embedding=result.embedding.tolist() if result.embedding is not None else None,
+            model=result.model,
+            version=result.version,
+        )
+
+    @app.post(
+        "/v1/text/embed",
+        response_model=schemas.TextEmbedResponse,
+        openapi_extra=_openapi_body(schemas.TextEmbedRequest, multipart=False),
+    )
+    async def text_embed(self, request: Request) -> schemas.TextEmbedResponse:
+        body, _ = await _read_body(request, schemas.TextEmbedRequest)
+        result = await self.text.embed.remote(body.texts)
+        return schemas.TextEmbedResponse(
+            embeddings=result.vectors.tolist(),
+            dim=result.vectors.shape[1],
+            model=result.model,
+            version=result.version,
+        )
+
+    @app.post(
+        "/v1/text/classify",
+        response_model=schemas.TextClassifyResponse,
+        openapi_extra=_openapi_body(schemas.TextClassifyRequest, multipart=False),
+    )
+    async def text_classify(self, request: Request) -> schemas.TextClassifyResponse:
+        body, _ = await _read_body(request, schemas.TextClassifyRequest)
+        result = await self.text.classify.remote(body.text, body.labels)
+        return schemas.TextClassifyResponse(
+            labels=_label_scores(result.labels), model=result.model, version=result.version
+        )
+
+    @app.post(
+        "/v1/multimodal/analyze",
+        response_model=schemas.MultimodalResponse,
+        openapi_extra=_openapi_body(schemas.MultimodalRequest, multipart=True),
+    )
+    async def multimodal_analyze(self, request: Request) -> schemas.MultimodalResponse:
+        body, upload = await _read_body(request, schemas.MultimodalRequest, multipart=True)
+        has_image = upload is not None or bool(body.image)
+        if not has_image and body.text is None:
+            raise InvalidInput("send an image, a text, or both")
+        pixels = await self._pixels(body.image, upload) if has_image else None
+
+        # The graph: both branches start now and run in parallel; fusion takes
+        # their responses as arguments, so it starts as soon as both are done.
+        vision = self.vision.classify.remote(pixels, body.top_k) if has_image else None
+        with_text = body.text is not None
+        embeddings = self.text.embed.remote([*body.labels, body.text] if with_text else body.labels)
+        fused = self.fusion.fuse.remote(vision, embeddings, with_text, body.vision_weight, body.text_weight)
+        result = await fused
+
+        def ranked(scores: np.ndarray) -> list[schemas.LabelScore]:
+            order = np.argsort(-scores, kind="stable")
+            return [schemas.LabelScore(label=body.labels[i], score=float(scores[i])) for i in order]
+
+        vision_branch = None
+        if vision is not None:
+            image = await vision
+            vision_branch = schemas.VisionBranch(
+                classes=_label_scores(image.labels),
+                labels=ranked(result.vision_scores),
+            )
+        return schemas.MultimodalResponse(
+            vision=vision_branch,
+            text=schemas.TextBranch(labels=ranked(result.text_scores)) if with_text else None,
+            fused=ranked(result.fused),
+            weights=result.weights,
+            method="conse+late-fusion",
+        )
+

@@ -1,0 +1,43 @@
+"""Request limits and defaults, overridable by environment variables.
+
+Every limit bounds one input dimension so that no request can exhaust a
+replica's memory or CPU. Override any of them with ``MAAS_<NAME>`` (for
+example ``MAAS_MAX_IMAGE_BYTES=20000000``) in the environment of the Ray
+cluster, or per application through ``runtime_env.env_vars`` in the Serve YAML.
+"""
+
+from functools import lru_cache
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Limits(BaseSettings):
+    """Bounds on what one HTTP request may carry."""
+
+    model_config = SettingsConfigDict(env_prefix="MAAS_", frozen=True)
+
+    max_request_bytes: int = Field(16 * 1024 * 1024, gt=0)
+    """Largest accepted HTTP body (base64 makes images about 4/3 larger)."""
+    max_image_bytes: int = Field(10 * 1024 * 1024, gt=0)
+    """Largest accepted encoded image, after base64 decoding."""
+    max_image_pixels: int = Field(40_000_000, gt=0)
+    """Largest accepted width x height; checked from the header before decoding,
+    so decompression bombs are refused without being expanded."""
+    max_text_chars: int = Field(4096, gt=0)
+    """Longest accepted text. The text model itself reads at most its own token
+    window (256 tokens for MiniLM); longer inputs are truncated there."""
+    max_texts: int = Field(64, gt=0)
+    """Most texts in one embedding request."""
+    max_labels: int = Field(32, gt=0)
+    """Most candidate labels in one classification request."""
+    max_label_chars: int = Field(200, gt=0)
+    """Longest accepted candidate label."""
+    max_top_k: int = Field(100, gt=0)
+    """Largest accepted ``top_k``."""
+
+
+@lru_cache(maxsize=1)
+def limits() -> Limits:
+    """The process-wide limits, read once from the environment."""
+    return Limits()

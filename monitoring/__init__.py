@@ -1,0 +1,1 @@
+"""Monitoring: metrics, Prometheus and dashboards for the cluster."""

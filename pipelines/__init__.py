@@ -1,0 +1,1 @@
+"""Typed application builders: each binds deployments into one Serve graph."""
