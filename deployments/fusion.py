@@ -99,7 +99,8 @@ def fuse(batch: list[FusionInput], class_embeddings: np.ndarray, config: FusionC
             scores["vision"] = similarity_scores(image_embeddings[i], item.label_embeddings, config.temperature)
         if item.text_embedding is not None:
             scores["text"] = similarity_scores(item.text_embedding, item.label_embeddings, config.temperature)
-        weights = {name: item.weights[name] for name in scores}
+        total = sum(item.weights[name] for name in scores)
+        weights = {name: item.weights[name] / total for name in scores}  # as applied
         results.append(
             FusionResult(
                 vision_scores=scores.get("vision"),

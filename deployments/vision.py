@@ -65,6 +65,7 @@ class VisionResult:
     embedding: np.ndarray | None
     model: str
     version: str
+    batch_size: int = 1  # how many requests shared the forward pass that produced this
 
 
 class VisionModel:
@@ -252,10 +253,12 @@ class VisionClassifier:
         }
 
     async def classify(self, pixels: np.ndarray, top_k: int = 5, embed: bool = False) -> VisionResult:
-        probs, features = await self._classify_batch(pixels)
-        return self.model.result(probs, features, top_k, embed)
+        probs, features, batch_size = await self._classify_batch(pixels)
+        result = self.model.result(probs, features, top_k, embed)
+        result.batch_size = batch_size
+        return result
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
-    async def _classify_batch(self, pixels: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+    async def _classify_batch(self, pixels: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray, int]]:
         probs, features = await asyncio.to_thread(self.model.predict, pixels)
-        return list(zip(probs, features))
+        return [(p, f, len(pixels)) for p, f in zip(probs, features)]

@@ -1,0 +1,74 @@
+"""Batched results equal single-request results, and batches really form."""
+
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import skimage.data
+from PIL import Image
+from ray import serve
+
+from deployments.errors import ConfigError
+from deployments.imaging import prepare
+from pipelines.multimodal import build_app
+from tests.conftest import b64, encode
+from tests.integration.conftest import APP
+
+PHOTOS = ["chelsea", "coffee", "astronaut", "rocket"]
+
+
+@pytest.fixture(scope="module")
+def vision(app_url):
+    return serve.get_deployment_handle("VisionClassifier", app_name=APP)
+
+
+@pytest.fixture(scope="module")
+def text(app_url):
+    return serve.get_deployment_handle("TextEncoder", app_name=APP)
+
+
+def test_vision_batches_equal_single_requests(vision):
+    spec = vision.image_spec.remote().result()
+    images = [prepare(Image.fromarray(getattr(skimage.data, name)()), spec) for name in PHOTOS]
+    singles = [vision.classify.remote(image, 5).result() for image in images]
+
+    responses = [vision.classify.remote(images[i % len(images)], 5) for i in range(32)]
+    batched = [r.result() for r in responses]
+
+    assert max(r.batch_size for r in batched) > 1, "concurrent requests never shared a batch"
+    for i, result in enumerate(batched):
+        single = singles[i % len(images)]
+        assert [label for label, _ in result.labels] == [label for label, _ in single.labels]
+        np.testing.assert_allclose(result.probs, single.probs, atol=1e-5)
+
+
+def test_text_batches_equal_single_requests(text):
+    sentences = ["a kitten on a rug", "stock markets fell sharply on Tuesday", "hi", "the espresso was bitter"]
+    singles = [text.embed.remote([s]).result().vectors[0] for s in sentences]
+    together = text.embed.remote(sentences).result().vectors  # one request, one shared batch
+    concurrent = [text.embed.remote([sentences[i % 4]]) for i in range(32)]
+    for i, response in enumerate(concurrent):
+        np.testing.assert_allclose(response.result().vectors[0], singles[i % 4], atol=1e-5)
+    np.testing.assert_allclose(together, np.stack(singles), atol=1e-5)
+
+
+def test_concurrent_http_requests_get_the_same_answers(client):
+    payloads = [
+        {"image": b64(encode(getattr(skimage.data, name)(), quality=90)), "labels": ["a cat", "a coffee", "a rocket"]}
+        for name in ("chelsea", "coffee", "rocket")
+    ]
+    singles = [client.post("/v1/multimodal/analyze", json=p).json() for p in payloads]
+    with ThreadPoolExecutor(max_workers=12) as pool:
+        results = list(pool.map(lambda i: client.post("/v1/multimodal/analyze", json=payloads[i % 3]), range(24)))
+    for i, response in enumerate(results):
+        assert response.status_code == 200
+        expected = singles[i % 3]
+        got = response.json()
+        assert [e["label"] for e in got["fused"]] == [e["label"] for e in expected["fused"]]
+        for a, b in zip(got["fused"], expected["fused"]):
+            assert a["score"] == pytest.approx(b["score"], abs=1e-5)
+
+
+def test_gpu_profile_refuses_a_cluster_without_gpus(app_url):
+    with pytest.raises(ConfigError, match="the Ray cluster has none"):
+        build_app({"require_gpus": True})
