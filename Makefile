@@ -29,7 +29,7 @@ serve: install
 
 ## Run the whole suite: unit tests, then integration tests on a real local Ray.
 test: install
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest tests/unit tests/integration
 
 unit: install
 	$(BIN)/python -m pytest tests/unit
