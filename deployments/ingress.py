@@ -6,6 +6,7 @@ and text branches start together, and fusion receives their responses without
 the ingress waiting in between: Serve resolves them as arguments.
 """
 
+import asyncio
 import logging
 from typing import TypeVar
 
@@ -24,6 +25,7 @@ from starlette.datastructures import UploadFile
 from deployments import schemas
 from deployments.errors import InvalidInput, MaasError, PayloadTooLarge, UnsupportedMediaType
 from deployments.imaging import ImageSpec, decode_base64, decode_image, prepare
+from deployments.scoring import top_k
 from deployments.settings import limits
 
 logger = logging.getLogger("ray.serve")
@@ -62,12 +64,24 @@ async def _maas_error(_request: Request, exc: MaasError) -> JSONResponse:
 
 @app.exception_handler(ValidationError)
 async def _validation_error(_request: Request, exc: ValidationError) -> JSONResponse:
-    return _error_response(422, _with_body_loc(exc.errors(include_url=False)))
+    errors = [{**e, "loc": ["body", *e["loc"]]} for e in exc.errors(include_url=False)]
+    return _error_response(422, _without_input(errors))
 
 
 @app.exception_handler(RequestValidationError)
 async def _request_validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
-    return _error_response(422, exc.errors())
+    return _error_response(422, _without_input(exc.errors()))
+
+
+def _without_input(errors: list[dict]) -> list[dict]:
+    """Validation errors without the offending input, which can be megabytes of base64."""
+    cleaned = []
+    for error in errors:
+        entry = {"type": error["type"], "loc": list(error["loc"]), "msg": error["msg"]}
+        if ctx := error.get("ctx"):
+            entry["ctx"] = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in ctx.items()}
+        cleaned.append(entry)
+    return cleaned
 
 
 @app.exception_handler(BackPressureError)
@@ -89,10 +103,6 @@ async def _remote_error(request: Request, exc: RayTaskError) -> JSONResponse:
         return await _maas_error(request, cause)
     logger.exception("Model call failed", exc_info=exc)
     return _error_response(500, [{"loc": [], "msg": "internal error in a model replica", "type": "internal_error"}])
-
-
-def _with_body_loc(errors: list[dict]) -> list[dict]:
-    return [{**e, "loc": ["body", *e["loc"]]} for e in errors]
 
 
 def _openapi_body(model: type[BaseModel], multipart: bool) -> dict:
@@ -150,6 +160,12 @@ async def _read_body(request: Request, model: type[Model], multipart: bool = Fal
     raise UnsupportedMediaType(f"Content-Type must be {accepted}; got {content_type or 'none'}")
 
 
+def _decode_and_prepare(image_b64: str | None, image_bytes: bytes | None, spec: ImageSpec) -> np.ndarray:
+    """CPU-bound, so it runs in a worker thread and the event loop keeps serving."""
+    raw = image_bytes if image_bytes is not None else decode_base64(image_b64 or "", limits())
+    return prepare(decode_image(raw, limits()), spec)
+
+
 def _label_scores(pairs: list[tuple[str, float]]) -> list[schemas.LabelScore]:
     return [schemas.LabelScore(label=label, score=score) for label, score in pairs]
 
@@ -169,8 +185,7 @@ class Ingress:
         """Decode, validate and prepare an image for the vision model (geometry only)."""
         if self._image_spec is None:
             self._image_spec = await self.vision.image_spec.remote()
-        raw = image_bytes if image_bytes is not None else decode_base64(image_b64 or "", limits())
-        return prepare(decode_image(raw, limits()), self._image_spec)
+        return await asyncio.to_thread(_decode_and_prepare, image_b64, image_bytes, self._image_spec)
 
     @app.get("/healthz", response_model=schemas.Health)
     async def healthz(self) -> schemas.Health:
@@ -233,7 +248,7 @@ class Ingress:
     )
     async def multimodal_analyze(self, request: Request) -> schemas.MultimodalResponse:
         body, upload = await _read_body(request, schemas.MultimodalRequest, multipart=True)
-        has_image = upload is not None or bool(body.image)
+        has_image = upload is not None or body.image is not None
         if not has_image and body.text is None:
             raise InvalidInput("send an image, a text, or both")
         pixels = await self._pixels(body.image, upload) if has_image else None
@@ -247,8 +262,7 @@ class Ingress:
         result = await fused
 
         def ranked(scores: np.ndarray) -> list[schemas.LabelScore]:
-            order = np.argsort(-scores, kind="stable")
-            return [schemas.LabelScore(label=body.labels[i], score=float(scores[i])) for i in order]
+            return _label_scores(top_k(scores, body.labels, len(body.labels)))
 
         vision_branch = None
         if vision is not None:

@@ -59,6 +59,8 @@ def app_url(ray_cluster, tmp_path_factory) -> str:
         cwd=ROOT,
         check=True,
         timeout=120,
+        # As in the README: the CLI sends the cluster's token from ~/.ray/auth_token.
+        env={**os.environ, "RAY_AUTH_MODE": "token"},
     )
     deadline = time.monotonic() + DEPLOY_TIMEOUT_S
     while time.monotonic() < deadline:

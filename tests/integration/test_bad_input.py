@@ -72,6 +72,21 @@ def test_text_too_long(client):
     assert "body.texts.0: String should have at most 4096 characters" in detail(response)
 
 
+def test_duplicate_labels(client):
+    response = client.post("/v1/multimodal/analyze", json={"text": "hello", "labels": ["cat", "cat"]})
+    assert response.status_code == 422
+    assert response.json()["detail"] == [
+        {"type": "value_error", "loc": ["body", "labels"], "msg": "Value error, labels must be distinct",
+         "ctx": {"error": "labels must be distinct"}}
+    ]
+
+
+def test_errors_do_not_echo_the_input(client):
+    response = client.post("/v1/vision/classify", json={"image": "A" * 100_000, "extra": "B" * 100_000})
+    assert response.status_code == 422
+    assert len(response.content) < 2000
+
+
 def test_empty_labels(client):
     response = client.post("/v1/text/classify", json={"text": "hello", "labels": []})
     assert response.status_code == 422
