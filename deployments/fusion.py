@@ -22,7 +22,6 @@ from deployments.scoring import (
     conse_embedding,
     late_fusion,
     similarity_scores,
-    top_k,
 )
 from deployments.text import TextEmbeddings
 from deployments.vision import VisionResult

@@ -21,6 +21,7 @@ from ray.exceptions import RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments import schemas
 from deployments.errors import InvalidInput, MaasError, PayloadTooLarge, UnsupportedMediaType
@@ -60,6 +61,12 @@ def _error_response(status: int, detail: list[dict], headers: dict | None = None
 @app.exception_handler(MaasError)
 async def _maas_error(_request: Request, exc: MaasError) -> JSONResponse:
     return _error_response(exc.status_code, exc.detail())
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Framework errors (unknown route, wrong method, a malformed form) in the same shape."""
+    return _error_response(exc.status_code, [{"loc": [], "msg": str(exc.detail), "type": "http_error"}], exc.headers)
 
 
 @app.exception_handler(ValidationError)

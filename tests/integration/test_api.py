@@ -60,7 +60,9 @@ def test_text_zero_shot_classification(client):
     assert sum(entry["score"] for entry in body["labels"]) == pytest.approx(1.0, abs=1e-4)
 
 
-@pytest.mark.parametrize(("fixture", "expected"), [("chelsea_jpeg", "a photo of a cat"), ("coffee_jpeg", "a cup of coffee")])
+@pytest.mark.parametrize(
+    ("fixture", "expected"), [("chelsea_jpeg", "a photo of a cat"), ("coffee_jpeg", "a cup of coffee")]
+)
 def test_multimodal_image_scored_against_free_text_labels(client, request, fixture, expected):
     image = request.getfixturevalue(fixture)
     response = client.post("/v1/multimodal/analyze", json={"image": b64(image), "labels": LABELS})

@@ -3,8 +3,6 @@
 import base64
 import os
 
-import pytest
-
 from tests.conftest import b64
 
 LABELS = ["a photo of a cat", "a cup of coffee"]
@@ -132,6 +130,20 @@ def test_multipart_without_the_image(client):
     response = client.post("/v1/vision/classify", files={"picture": ("a.jpg", b"xx", "image/jpeg")})
     assert response.status_code == 422
     assert "send the image in field 'image'" in detail(response)
+
+
+def test_more_than_one_file(client, coffee_jpeg):
+    files = [("image", ("a.jpg", coffee_jpeg, "image/jpeg")), ("image", ("b.jpg", coffee_jpeg, "image/jpeg"))]
+    response = client.post("/v1/vision/classify", files=files)
+    assert response.status_code == 400
+    assert "Too many files" in detail(response)
+
+
+def test_unknown_route_and_wrong_method(client):
+    assert client.get("/v1/nothing").status_code == 404
+    response = client.get("/v1/vision/classify")
+    assert response.status_code == 405
+    assert detail(response) == ": Method Not Allowed"
 
 
 def test_zero_fusion_weights(client):

@@ -8,9 +8,9 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from deployments.imaging import prepare
+from deployments.runtime import package_dir
 from deployments.text import TextConfig, TextModel, _resolve
 from deployments.vision import VisionConfig, VisionModel
-from deployments.runtime import package_dir
 
 CPU = torch.device("cpu")
 
@@ -67,13 +67,19 @@ def test_vision_loads_a_local_weights_file(vision, tmp_path, suffix):
 
 def test_vision_loads_a_hugging_face_model_folder(tmp_path):
     """A local folder in Hugging Face format (a small random model: no hub access here)."""
-    from transformers import AutoImageProcessor, MobileNetV2Config, MobileNetV2ForImageClassification
-    from transformers import MobileNetV2ImageProcessor
+    from transformers import (
+        MobileNetV2Config,
+        MobileNetV2ForImageClassification,
+        MobileNetV2ImageProcessor,
+    )
 
-    config = MobileNetV2Config(num_labels=3, id2label={0: "a", 1: "b", 2: "c"}, label2id={"a": 0, "b": 1, "c": 2},
-                               depth_multiplier=0.35, image_size=96)
+    labels = {0: "a", 1: "b", 2: "c"}
+    config = MobileNetV2Config(
+        num_labels=3, id2label=labels, label2id={v: k for k, v in labels.items()}, depth_multiplier=0.35, image_size=96
+    )
     MobileNetV2ForImageClassification(config).save_pretrained(tmp_path)
-    MobileNetV2ImageProcessor(size={"shortest_edge": 112}, crop_size={"height": 96, "width": 96}).save_pretrained(tmp_path)
+    processor = MobileNetV2ImageProcessor(size={"shortest_edge": 112}, crop_size={"height": 96, "width": 96})
+    processor.save_pretrained(tmp_path)
     model = VisionModel(VisionConfig(source=str(tmp_path)), device=CPU)
     assert model.categories == ["a", "b", "c"]
     assert (model.spec.resize_size, model.spec.crop_size) == (112, 96)
