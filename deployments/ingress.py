@@ -18,7 +18,6 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
-from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -91,17 +90,14 @@ def _without_input(errors: list[dict]) -> list[dict]:
     return cleaned
 
 
-@app.exception_handler(BackPressureError)
-async def _backpressure(_request: Request, exc: BackPressureError) -> JSONResponse:
-    detail = [{"loc": [], "msg": f"the service is overloaded, retry later: {exc.message}", "type": "overloaded"}]
-    return _error_response(503, detail, headers={"Retry-After": "1"})
+# Serve itself answers BackPressureError (503 or 429 with Retry-After, per the
+# deployment's backpressure_config) and DeploymentUnavailableError (503).
 
 
-@app.exception_handler(DeploymentUnavailableError)
 @app.exception_handler(RayActorError)
-async def _unavailable(_request: Request, exc: Exception) -> JSONResponse:
-    detail = [{"loc": [], "msg": f"a model is unavailable, retry later: {exc}", "type": "unavailable"}]
-    return _error_response(503, detail, headers={"Retry-After": "5"})
+async def _replica_died(_request: Request, exc: RayActorError) -> JSONResponse:
+    detail = [{"loc": [], "msg": "a model replica stopped while serving this request; retry", "type": "unavailable"}]
+    return _error_response(503, detail, headers={"Retry-After": "1"})
 
 
 @app.exception_handler(RayTaskError)
@@ -178,7 +174,7 @@ def _label_scores(pairs: list[tuple[str, float]]) -> list[schemas.LabelScore]:
     return [schemas.LabelScore(label=label, score=score) for label, score in pairs]
 
 
-@serve.deployment(max_ongoing_requests=64, ray_actor_options={"num_cpus": 0.1})
+@serve.deployment(max_ongoing_requests=256, ray_actor_options={"num_cpus": 0.1})
 @serve.ingress(app)
 class Ingress:
     """HTTP ingress: validation, image decoding, and the request graph."""

@@ -46,13 +46,18 @@ def ray_cluster():
     ray.shutdown()
 
 
-@pytest.fixture(scope="session")
-def app_url(ray_cluster, tmp_path_factory) -> str:
+def shipped_config() -> dict:
+    """serve_config.yaml with only the HTTP port changed."""
     config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
     config["http_options"]["port"] = HTTP_PORT
-    path = tmp_path_factory.mktemp("serve") / "serve_config.yaml"
-    path.write_text(yaml.safe_dump(config))
+    return config
 
+
+def deploy(config: dict, path: Path) -> None:
+    """``serve deploy`` a config, as the README does, and wait until the app is RUNNING."""
+    path.write_text(yaml.safe_dump(config))
+    previous = serve.status().applications.get(APP)
+    previous_deploy_time = previous.last_deployed_time_s if previous else 0.0
     serve_cli = Path(sys.executable).parent / "serve"
     subprocess.run(
         [str(serve_cli), "deploy", str(path), "--address", f"http://127.0.0.1:{DASHBOARD_PORT}"],
@@ -65,13 +70,24 @@ def app_url(ray_cluster, tmp_path_factory) -> str:
     deadline = time.monotonic() + DEPLOY_TIMEOUT_S
     while time.monotonic() < deadline:
         status = serve.status().applications.get(APP)
-        if status and status.status == "RUNNING":
-            break
+        if status and status.last_deployed_time_s <= previous_deploy_time:
+            pass  # the controller has not applied this config yet
+        elif status and status.status == "RUNNING":
+            return
         if status and status.status == "DEPLOY_FAILED":
             pytest.fail(f"deploy failed: {status.message}")
         time.sleep(1)
-    else:
-        pytest.fail(f"app not RUNNING after {DEPLOY_TIMEOUT_S}s: {serve.status()}")
+    pytest.fail(f"app not RUNNING after {DEPLOY_TIMEOUT_S}s: {serve.status()}")
+
+
+def replicas(deployment: str) -> int:
+    """RUNNING replicas of a deployment, from Serve's status API."""
+    return serve.status().applications[APP].deployments[deployment].replica_states.get("RUNNING", 0)
+
+
+@pytest.fixture(scope="session")
+def app_url(ray_cluster, tmp_path_factory) -> str:
+    deploy(shipped_config(), tmp_path_factory.mktemp("serve") / "serve_config.yaml")
     return f"http://127.0.0.1:{HTTP_PORT}"
 
 

@@ -1,0 +1,227 @@
+"""``make bench``: throughput and latency of four setups, side by side on one machine.
+
+1. raw: the models in this process at their best batch size, no HTTP (the machine's limit);
+2. baseline: one FastAPI process calling the models once per request (benchmarks/baseline_server.py);
+3. cluster, batching off: the Serve app with every ``max_batch_size`` set to 1;
+4. cluster, batching on: the Serve app as shipped in serve_config.yaml.
+
+Each HTTP setup is loaded on the vision and multimodal routes at several
+concurrencies with a closed-loop client. Also measured: cold start, the time
+from ``serve run serve_config.yaml`` to the first multimodal answer.
+
+Writes ``docs/benchmarks/results.json``, ``docs/benchmarks/throughput.png``
+and ``docs/BENCHMARKS.md``. Environment knobs: ``BENCH_DURATION_S`` (per
+point, default 8), ``BENCH_CONCURRENCY`` (default ``1,8,32,64``).
+"""
+
+import base64
+import copy
+import io
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import skimage.data
+import torch
+import yaml
+from PIL import Image
+
+from benchmarks.loadgen import run_load
+from benchmarks.report import write_report
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "docs" / "benchmarks"
+BIN = Path(sys.executable).parent
+CLUSTER_PORT = 8000
+BASELINE_PORT = 8100
+DURATION_S = float(os.environ.get("BENCH_DURATION_S", "8"))
+CONCURRENCY = [int(c) for c in os.environ.get("BENCH_CONCURRENCY", "1,8,32,64").split(",")]
+ROUTES = {"vision": "/v1/vision/classify", "multimodal": "/v1/multimodal/analyze"}
+LABELS = ["a photo of a cat", "a cup of coffee", "a rocket launch"]
+
+
+def payloads() -> dict[str, dict]:
+    buf = io.BytesIO()
+    Image.fromarray(skimage.data.chelsea()).save(buf, "JPEG", quality=90)
+    image = base64.b64encode(buf.getvalue()).decode()
+    return {
+        "vision": {"image": image, "top_k": 5},
+        "multimodal": {"image": image, "text": "my cat asleep on the sofa", "labels": LABELS},
+    }
+
+
+def log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+# --- 1. raw models --------------------------------------------------------
+
+
+def measure_raw(requests: dict[str, dict]) -> dict:
+    """Requests per second of the models in-process, decode to answer, by batch size."""
+    from deployments.fusion import FusionConfig, FusionInput, fuse
+    from deployments.imaging import decode_base64, decode_image, prepare
+    from deployments.settings import limits
+    from deployments.text import TextConfig, TextModel
+    from deployments.vision import VisionConfig, VisionModel
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    vision, text = VisionModel(VisionConfig()), TextModel(TextConfig())
+    config = FusionConfig()
+    class_embeddings = text.embed([config.class_prompt.format(n) for n in vision.categories])
+
+    def pixels(payload: dict):
+        return prepare(decode_image(decode_base64(payload["image"], limits()), limits()), vision.spec)
+
+    def vision_batch(batch: int) -> None:
+        vision.classify([pixels(requests["vision"]) for _ in range(batch)], top_k=5)
+
+    def multimodal_batch(batch: int) -> None:
+        payload = requests["multimodal"]
+        images = vision.classify([pixels(payload) for _ in range(batch)], top_k=5)
+        embeddings = text.embed([*payload["labels"], payload["text"]] * batch).reshape(batch, len(LABELS) + 1, -1)
+        weights = {"vision": 0.5, "text": 0.5}
+        fuse([FusionInput(i, e[:-1], e[-1], weights) for i, e in zip(images, embeddings)], class_embeddings, config)
+
+    raw = {}
+    for route, step in (("vision", vision_batch), ("multimodal", multimodal_batch)):
+        raw[route] = {}
+        for batch in (1, 2, 4, 8, 16):
+            step(batch)  # warm-up
+            done, start = 0, time.perf_counter()
+            while time.perf_counter() - start < max(2.0, DURATION_S / 3):
+                step(batch)
+                done += batch
+            raw[route][batch] = done / (time.perf_counter() - start)
+            log(f"raw {route} batch {batch}: {raw[route][batch]:.1f} req/s")
+    return raw
+
+
+# --- servers ----------------------------------------------------------------
+
+
+def start(command: list[str], env: dict | None = None, log_name: str = "server") -> subprocess.Popen:
+    logfile = open(OUT / f"{log_name}.log", "w")  # noqa: SIM115 - closed with the process
+    return subprocess.Popen(
+        command, cwd=ROOT, stdout=logfile, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+        start_new_session=True,
+    )
+
+
+def stop(process: subprocess.Popen) -> None:
+    """Stop a server this benchmark started (and, for `serve run`, the local Ray it started)."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+
+
+def wait_for_answer(base: str, route: str, payload: dict, process: subprocess.Popen, timeout_s: float = 600) -> float:
+    """Seconds until ``route`` answers 200."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout_s:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}; see {OUT}")
+        try:
+            if httpx.post(base + route, json=payload, timeout=30).status_code == 200:
+                return time.monotonic() - start
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.25)
+    raise TimeoutError(f"{base}{route} did not answer within {timeout_s}s")
+
+
+def load_all(setup: str, base: str, requests: dict[str, dict]) -> list[dict]:
+    rows = []
+    for route, path in ROUTES.items():
+        for concurrency in CONCURRENCY:
+            row = {"setup": setup, "route": route, **run_load(base + path, requests[route], concurrency, DURATION_S)}
+            log(
+                f"{setup} {route} c={concurrency}: {row['throughput_rps']:.1f} rps, p50 {row['p50_ms']:.0f} ms, "
+                f"p99 {row['p99_ms']:.0f} ms, errors {row['error_rate']:.1%}"
+            )
+            rows.append(row)
+    return rows
+
+
+def run_baseline(requests: dict[str, dict]) -> list[dict]:
+    command = [str(BIN / "uvicorn"), "benchmarks.baseline_server:app", "--port", str(BASELINE_PORT)]
+    process = start([*command, "--log-level", "warning"], log_name="baseline")
+    try:
+        base = f"http://127.0.0.1:{BASELINE_PORT}"
+        wait_for_answer(base, ROUTES["multimodal"], requests["multimodal"], process)
+        return load_all("baseline", base, requests)
+    finally:
+        stop(process)
+
+
+def run_cluster(requests: dict[str, dict]) -> tuple[list[dict], float]:
+    config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+    config["http_options"]["port"] = CLUSTER_PORT
+    folder = Path(tempfile.mkdtemp(prefix="bench-"))
+    (folder / "on.yaml").write_text(yaml.safe_dump(config))
+    off = copy.deepcopy(config)
+    for deployment in off["applications"][0]["deployments"]:
+        if "max_batch_size" in deployment.get("user_config", {}):
+            deployment["user_config"]["max_batch_size"] = 1
+    (folder / "off.yaml").write_text(yaml.safe_dump(off))
+
+    base = f"http://127.0.0.1:{CLUSTER_PORT}"
+    started = time.monotonic()
+    process = start([str(BIN / "serve"), "run", str(folder / "on.yaml")], log_name="cluster")
+    try:
+        cold_start_s = wait_for_answer(base, ROUTES["multimodal"], requests["multimodal"], process)
+        log(f"cold start: first multimodal answer {cold_start_s:.1f} s after `serve run`")
+        rows = load_all("cluster-batching", base, requests)
+
+        # Batching off, applied live through user_config (reconfigure), no restart.
+        subprocess.run([str(BIN / "serve"), "deploy", str(folder / "off.yaml")], cwd=ROOT, check=True,
+                       env={**os.environ, "RAY_AUTH_MODE": "token"}, capture_output=True)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            models = httpx.get(base + "/v1/models", timeout=30).json()["models"]
+            if all(m["details"].get("batching", {}).get("max_batch_size", 1) == 1 for m in models):
+                break
+            time.sleep(1)
+        rows += load_all("cluster-no-batching", base, requests)
+        return rows, cold_start_s
+    finally:
+        stop(process)
+        log(f"cluster stopped ({time.monotonic() - started:.0f} s in all)")
+
+
+def main() -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    requests = payloads()
+    log(f"concurrency {CONCURRENCY}, {DURATION_S:.0f} s per point")
+    raw = measure_raw(requests)  # its models are freed on return, before the servers start
+    rows = run_baseline(requests)
+    cluster_rows, cold_start_s = run_cluster(requests)
+    results = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+        },
+        "duration_s_per_point": DURATION_S,
+        "cold_start_s": cold_start_s,
+        "raw_rps_by_batch": raw,
+        "results": rows + cluster_rows,
+    }
+    (OUT / "results.json").write_text(json.dumps(results, indent=2))
+    write_report(results, OUT / "throughput.png", ROOT / "docs" / "BENCHMARKS.md")
+    log(f"wrote {OUT / 'results.json'}, {OUT / 'throughput.png'} and docs/BENCHMARKS.md")
+
+
+if __name__ == "__main__":
+    main()
