@@ -11,7 +11,8 @@ from ``serve run serve_config.yaml`` to the first multimodal answer.
 
 Writes ``docs/benchmarks/results.json``, ``docs/benchmarks/throughput.png``
 and ``docs/BENCHMARKS.md``. Environment knobs: ``BENCH_DURATION_S`` (per
-point, default 8), ``BENCH_CONCURRENCY`` (default ``1,8,32,64``).
+point, default 8), ``BENCH_CONCURRENCY`` (default ``1,8,32,64``), ``BENCH_CONFIG`` (the Serve
+config to measure, default serve_config.yaml).
 """
 
 import base64
@@ -43,6 +44,7 @@ CLUSTER_PORT = 8000
 BASELINE_PORT = 8100
 DURATION_S = float(os.environ.get("BENCH_DURATION_S", "8"))
 CONCURRENCY = [int(c) for c in os.environ.get("BENCH_CONCURRENCY", "1,8,32,64").split(",")]
+CONFIG = ROOT / os.environ.get("BENCH_CONFIG", "serve_config.yaml")
 ROUTES = {"vision": "/v1/vision/classify", "multimodal": "/v1/multimodal/analyze"}
 LABELS = ["a photo of a cat", "a cup of coffee", "a rocket launch"]
 
@@ -165,7 +167,7 @@ def run_baseline(requests: dict[str, dict]) -> list[dict]:
 
 
 def run_cluster(requests: dict[str, dict]) -> tuple[list[dict], float]:
-    config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+    config = yaml.safe_load(CONFIG.read_text())
     config["http_options"]["port"] = CLUSTER_PORT
     folder = Path(tempfile.mkdtemp(prefix="bench-"))
     (folder / "on.yaml").write_text(yaml.safe_dump(config))
@@ -202,7 +204,10 @@ def run_cluster(requests: dict[str, dict]) -> tuple[list[dict], float]:
 def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     requests = payloads()
-    log(f"concurrency {CONCURRENCY}, {DURATION_S:.0f} s per point")
+    log(f"concurrency {CONCURRENCY}, {DURATION_S:.0f} s per point, config {CONFIG.name}")
+    if os.environ.get("BENCH_SETUPS") == "cluster":  # a quick look at one config while tuning; no report
+        run_cluster(requests)
+        return
     raw = measure_raw(requests)  # its models are freed on return, before the servers start
     rows = run_baseline(requests)
     cluster_rows, cold_start_s = run_cluster(requests)
