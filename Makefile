@@ -30,6 +30,7 @@ serve: install
 ## Run the whole suite: unit tests, then integration tests on a real local Ray.
 test: install
 	$(BIN)/python -m pytest tests/unit tests/integration
+	$(BIN)/python -m pytest tests/multinode
 
 ## Load-test the raw models, a single-process server and the cluster; writes docs/BENCHMARKS.md.
 bench: install

@@ -15,7 +15,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from deployments.errors import InvalidInput
-from deployments.runtime import BatchingConfig, assigned_resources
+from deployments.runtime import BatchingConfig, replica_info
 from deployments.scoring import (
     DEFAULT_CONSE_TOP_T,
     DEFAULT_TEMPERATURE,
@@ -135,16 +135,15 @@ class FusionScorer:
         config.batching.apply(self._fuse_batch)
 
     async def info(self) -> dict:
-        return {
-            "name": "conse-late-fusion",
-            "task": "cross-modal-scoring",
-            "source": "text embeddings of the vision model's class names",
-            "version": f"top_t={self.config.top_t},prompt={self.config.class_prompt!r}",
-            "device": "cpu",
-            "resources": assigned_resources(),
-            "torch_threads": 0,
-            "details": {"method": METHOD, **self.config.model_dump()},
-        }
+        return replica_info(
+            name="conse-late-fusion",
+            task="cross-modal-scoring",
+            source="text embeddings of the vision model's class names",
+            version=f"conse-top{self.config.top_t}",
+            device="cpu",
+            torch_threads=0,
+            details={"method": METHOD, **self.config.model_dump()},
+        )
 
     async def fuse(
         self,

@@ -121,3 +121,32 @@ def assigned_resources() -> dict[str, float]:
     except Exception:  # noqa: BLE001
         pass
     return {}
+
+
+def replica_info(
+    *, name: str, task: str, source: str, version: str, device: str, torch_threads: int, details: dict
+) -> dict:
+    """What ``GET /v1/models`` reports for the replica that answers: model, device, resources, placement."""
+    placement: dict = {}
+    try:
+        import ray
+        from ray import serve
+
+        placement = {
+            "replica": serve.get_replica_context().replica_id.unique_id,
+            "node": ray.get_runtime_context().get_node_id(),
+            "gpu_ids": [str(gpu) for gpu in ray.get_gpu_ids()],
+        }
+    except Exception:  # noqa: BLE001 - outside a Serve replica
+        pass
+    return {
+        "name": name,
+        "task": task,
+        "source": source,
+        "version": version,
+        "device": device,
+        "resources": assigned_resources(),
+        "torch_threads": torch_threads,
+        "placement": placement,
+        "details": details,
+    }

@@ -153,6 +153,9 @@ class ModelInfo(_Response):
     device: str
     resources: dict[str, float] = Field(description="Ray resources held by the replica that answered.")
     torch_threads: int
+    placement: dict = Field(
+        default_factory=dict, description="Where the replica that answered runs: replica id, node id, GPU ids."
+    )
     details: dict = Field(default_factory=dict)
 
 

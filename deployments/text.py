@@ -19,11 +19,11 @@ from ray import serve
 
 from deployments.runtime import (
     BatchingConfig,
-    assigned_resources,
     configure_threads,
     package_dir,
     package_version,
     pick_device,
+    replica_info,
 )
 from deployments.scoring import DEFAULT_TEMPERATURE, similarity_scores, top_k
 
@@ -142,20 +142,19 @@ class TextEncoder:
         self.batching.apply(self._embed_batch)
 
     async def info(self) -> dict:
-        return {
-            "name": self.model.name,
-            "task": "sentence-embedding",
-            "source": self.model.config.source,
-            "version": self.model.version,
-            "device": str(self.model.device),
-            "resources": assigned_resources(),
-            "torch_threads": self.torch_threads,
-            "details": {
+        return replica_info(
+            name=self.model.name,
+            task="sentence-embedding",
+            source=self.model.config.source,
+            version=self.model.version,
+            device=str(self.model.device),
+            torch_threads=self.torch_threads,
+            details={
                 "dim": self.model.dim,
                 "max_tokens": self.model.max_tokens,
                 "batching": self.batching.model_dump(),
             },
-        }
+        )
 
     async def embed(self, texts: list[str]) -> TextEmbeddings:
         """Embeddings ``(len(texts), dim)``; every text joins the replica's shared batches."""

@@ -19,12 +19,12 @@ from ray import serve
 from deployments.imaging import ImageSpec, Interpolation
 from deployments.runtime import (
     BatchingConfig,
-    assigned_resources,
     configure_threads,
     file_digest,
     package_dir,
     package_version,
     pick_device,
+    replica_info,
 )
 
 logger = logging.getLogger("ray.serve")
@@ -236,21 +236,20 @@ class VisionClassifier:
         return self.model.categories
 
     async def info(self) -> dict:
-        return {
-            "name": self.model.name,
-            "task": "image-classification",
-            "source": self.model.config.source,
-            "version": self.model.version,
-            "device": str(self.model.device),
-            "resources": assigned_resources(),
-            "torch_threads": self.torch_threads,
-            "details": {
+        return replica_info(
+            name=self.model.name,
+            task="image-classification",
+            source=self.model.config.source,
+            version=self.model.version,
+            device=str(self.model.device),
+            torch_threads=self.torch_threads,
+            details={
                 "classes": len(self.model.categories),
                 "embedding_dim": self.model.embedding_dim,
                 "weights": self.model.config.weights,
                 "batching": self.batching.model_dump(),
             },
-        }
+        )
 
     async def classify(self, pixels: np.ndarray, top_k: int = 5, embed: bool = False) -> VisionResult:
         probs, features, batch_size = await self._classify_batch(pixels)

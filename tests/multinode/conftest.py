@@ -1,0 +1,84 @@
+"""A local multi-node Ray cluster: a CPU-only head and a worker node that declares one (logical) GPU.
+
+Runs in its own pytest process (see the Makefile): one driver can join only
+one Ray cluster, and the other integration tests need one without GPUs.
+The GPU is logical: Ray schedules and assigns it, but torch sees no CUDA
+device, which is exactly the case where replicas must fall back to the CPU.
+"""
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import ray
+import yaml
+from ray import serve
+from ray.cluster_utils import Cluster
+
+ROOT = Path(__file__).resolve().parents[2]
+APP = "multimodal"
+HTTP_PORT = int(os.environ.get("MAAS_TEST_MULTINODE_HTTP_PORT", "8011"))
+DASHBOARD_PORT = int(os.environ.get("MAAS_TEST_MULTINODE_DASHBOARD_PORT", "8276"))
+VISION_REPLICAS = 4
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 2,
+            "num_gpus": 0,
+            "include_dashboard": True,
+            "dashboard_host": "127.0.0.1",
+            "dashboard_port": DASHBOARD_PORT,
+        },
+    )
+    gpu_node = cluster.add_node(num_cpus=2, num_gpus=1)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False)
+    yield {"head": cluster.head_node.node_id, "gpu": gpu_node.node_id}
+    serve.shutdown()
+    ray.shutdown()
+    cluster.shutdown()
+
+
+def gpu_profile() -> dict:
+    """serve_config.gpu.yaml with a fixed four vision replicas, and text on the CPU so vision has the GPU."""
+    config = yaml.safe_load((ROOT / "serve_config.gpu.yaml").read_text())
+    config["http_options"]["port"] = HTTP_PORT
+    deployments = {d["name"]: d for d in config["applications"][0]["deployments"]}
+    vision = deployments["VisionClassifier"]
+    vision.pop("autoscaling_config")
+    vision["num_replicas"] = VISION_REPLICAS
+    vision["ray_actor_options"]["num_cpus"] = 0.25
+    deployments["TextEncoder"]["ray_actor_options"]["num_gpus"] = 0
+    return config
+
+
+@pytest.fixture(scope="session")
+def app(cluster, tmp_path_factory) -> dict:
+    config = gpu_profile()
+    path = tmp_path_factory.mktemp("serve") / "gpu.yaml"
+    path.write_text(yaml.safe_dump(config))
+    subprocess.run(
+        [str(Path(sys.executable).parent / "serve"), "deploy", str(path), "-a", f"http://127.0.0.1:{DASHBOARD_PORT}"],
+        cwd=ROOT, check=True, timeout=120, env={**os.environ, "RAY_AUTH_MODE": "token"},
+    )
+    deadline = time.monotonic() + 400
+    while time.monotonic() < deadline:
+        status = serve.status().applications.get(APP)
+        if status and status.status == "RUNNING":
+            return config
+        if status and status.status == "DEPLOY_FAILED":
+            pytest.fail(f"deploy failed: {status.message}")
+        time.sleep(1)
+    pytest.fail(f"app not RUNNING: {serve.status()}")

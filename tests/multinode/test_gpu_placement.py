@@ -1,0 +1,58 @@
+"""Fractional GPUs on a multi-node cluster: packing, placement, and the CPU fallback."""
+
+import httpx
+import pytest
+from ray import serve
+from ray.util.state import list_actors
+
+from tests.conftest import b64
+from tests.multinode.conftest import APP, HTTP_PORT, VISION_REPLICAS
+
+
+def replica_nodes(deployment: str) -> list[str]:
+    actors = list_actors(filters=[("state", "=", "ALIVE")], detail=True, limit=1000)
+    return [a.node_id for a in actors if a.class_name == f"ServeReplica:{APP}:{deployment}"]
+
+
+@pytest.fixture(scope="module")
+def vision_replicas(app) -> dict[str, dict]:
+    """``info()`` of every vision replica, keyed by replica id (asked until all have answered)."""
+    handle = serve.get_deployment_handle("VisionClassifier", app_name=APP)
+    seen: dict[str, dict] = {}
+    for _ in range(200):
+        info = handle.info.remote().result()
+        seen[info["placement"]["replica"]] = info
+        if len(seen) == VISION_REPLICAS:
+            break
+    return seen
+
+
+def test_four_quarter_gpu_replicas_pack_onto_one_gpu(cluster, vision_replicas):
+    assert len(vision_replicas) == VISION_REPLICAS
+    placements = {(i["placement"]["node"], tuple(i["placement"]["gpu_ids"])) for i in vision_replicas.values()}
+    assert placements == {(cluster["gpu"], ("0",))}, placements
+    assert sum(i["resources"]["GPU"] for i in vision_replicas.values()) == pytest.approx(1.0)
+
+
+def test_gpu_replicas_only_on_the_gpu_node_and_the_ingress_on_the_cpu_node(cluster, app):
+    assert set(replica_nodes("VisionClassifier")) == {cluster["gpu"]}
+    assert set(replica_nodes("Ingress")) == {cluster["head"]}
+    for cpu_only in ("TextEncoder", "FusionScorer"):
+        assert set(replica_nodes(cpu_only)) == {cluster["head"]}, cpu_only
+
+
+def test_yaml_actor_options_are_in_force(app, vision_replicas):
+    expected = next(d for d in app["applications"][0]["deployments"] if d["name"] == "VisionClassifier")
+    for info in vision_replicas.values():
+        assert info["resources"]["GPU"] == expected["ray_actor_options"]["num_gpus"] == 0.25
+        assert info["resources"]["CPU"] == expected["ray_actor_options"]["num_cpus"]
+
+
+def test_answers_correctly_when_torch_sees_no_cuda(app, vision_replicas, chelsea_jpeg, coffee_jpeg):
+    assert {info["device"] for info in vision_replicas.values()} == {"cpu"}
+    with httpx.Client(base_url=f"http://127.0.0.1:{HTTP_PORT}", timeout=60) as client:
+        labels = ["a photo of a cat", "a cup of coffee", "a rocket launch"]
+        cat = client.post("/v1/multimodal/analyze", json={"image": b64(chelsea_jpeg), "labels": labels}).json()
+        coffee = client.post("/v1/vision/classify", json={"image": b64(coffee_jpeg)}).json()
+    assert cat["fused"][0]["label"] == "a photo of a cat"
+    assert coffee["labels"][0]["label"] == "espresso"
