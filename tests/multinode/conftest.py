@@ -1,5 +1,8 @@
 """A local multi-node Ray cluster: a CPU-only head and a worker node that declares one (logical) GPU.
 
+The GPU node carries the ``node-kind=gpu`` label that cluster.yaml gives GPU
+workers, so the GPU profile's CPU-only deployments keep off it.
+
 Runs in its own pytest process (see the Makefile): one driver can join only
 one Ray cluster, and the other integration tests need one without GPUs.
 The GPU is logical: Ray schedules and assigns it, but torch sees no CUDA
@@ -42,7 +45,7 @@ def cluster():
             "dashboard_port": DASHBOARD_PORT,
         },
     )
-    gpu_node = cluster.add_node(num_cpus=2, num_gpus=1)
+    gpu_node = cluster.add_node(num_cpus=2, num_gpus=1, labels={"node-kind": "gpu"})
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, log_to_driver=False)
     yield {"head": cluster.head_node.node_id, "gpu": gpu_node.node_id}

@@ -37,8 +37,7 @@ def test_four_quarter_gpu_replicas_pack_onto_one_gpu(cluster, vision_replicas):
 def test_gpu_replicas_only_on_the_gpu_node_and_the_ingress_on_the_cpu_node(cluster, app):
     assert set(replica_nodes("VisionClassifier")) == {cluster["gpu"]}
     assert set(replica_nodes("Ingress")) == {cluster["head"]}
-    for cpu_only in ("TextEncoder", "FusionScorer"):
-        assert set(replica_nodes(cpu_only)) == {cluster["head"]}, cpu_only
+    assert set(replica_nodes("FusionScorer")) == {cluster["head"]}
 
 
 def test_yaml_actor_options_are_in_force(app, vision_replicas):

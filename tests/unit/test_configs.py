@@ -69,6 +69,7 @@ def test_profiles_differ_only_in_gpu_shares():
     cpu, gpu = load("cpu"), load("gpu")
     for name, deployment in deployments(gpu).items():
         deployment["ray_actor_options"]["num_gpus"] = deployments(cpu)[name]["ray_actor_options"].get("num_gpus", 0)
+        deployment["ray_actor_options"].pop("label_selector", None)  # keeps CPU work off GPU nodes
     gpu["applications"][0]["args"]["require_gpus"] = False
     assert cpu == gpu
 
