@@ -261,7 +261,7 @@ class Ingress:
         # their responses as arguments, so it starts as soon as both are done.
         vision = self.vision.classify.remote(pixels, body.top_k) if has_image else None
         with_text = body.text is not None
-        embeddings = self.text.embed.remote([*body.labels, body.text] if with_text else body.labels)
+        embeddings = self.text.embed_labels.remote(body.labels, body.text)
         fused = self.fusion.fuse.remote(vision, embeddings, with_text, body.vision_weight, body.text_weight)
         result = await fused
 

@@ -9,6 +9,7 @@ text each share the same batches.
 
 import asyncio
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +48,9 @@ class TextConfig(BaseModel):
     name: str | None = Field(None, description="Name reported by the API; derived from the source if unset.")
     max_tokens: int = Field(256, ge=8, le=8192, description="Longer texts are truncated.")
     temperature: float = Field(DEFAULT_TEMPERATURE, gt=0, description="Zero-shot softmax temperature.")
+    label_cache_size: int = Field(
+        4096, ge=0, description="Candidate-label embeddings kept per replica (labels repeat across requests); 0 = off."
+    )
     version: str | None = None
     torch_threads: int | None = Field(None, ge=1)
 
@@ -98,14 +102,44 @@ class TextModel:
         return torch.nn.functional.normalize(pooled.float(), dim=1).cpu().numpy()
 
     def classify(self, text: str, labels: list[str]) -> list[tuple[str, float]]:
-        embeddings = self.embed([text, *labels])
+        embeddings = self.embed([*labels, text])
         return zero_shot(embeddings, labels, self.config.temperature)
 
 
 def zero_shot(embeddings: np.ndarray, labels: list[str], temperature: float) -> list[tuple[str, float]]:
-    """Rank labels by similarity to a text; ``embeddings`` holds the text, then the labels."""
-    scores = similarity_scores(embeddings[0], embeddings[1:], temperature)
+    """Rank labels by similarity to a text; ``embeddings`` holds the labels, then the text."""
+    scores = similarity_scores(embeddings[-1], embeddings[:-1], temperature)
     return top_k(scores, labels, len(labels))
+
+
+class LabelCache:
+    """Least-recently-used label embeddings. Zero-shot clients send the same labels again and
+    again; a hit skips the model, and the vector is the one the model computed."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.hits = self.misses = 0
+        self._vectors: OrderedDict[str, np.ndarray] = OrderedDict()
+
+    def get(self, label: str) -> np.ndarray | None:
+        vector = self._vectors.get(label)
+        if vector is None:
+            self.misses += 1
+        else:
+            self.hits += 1
+            self._vectors.move_to_end(label)
+        return vector
+
+    def put(self, label: str, vector: np.ndarray) -> None:
+        if self.capacity == 0:
+            return
+        self._vectors[label] = vector
+        self._vectors.move_to_end(label)
+        while len(self._vectors) > self.capacity:
+            self._vectors.popitem(last=False)
+
+    def stats(self) -> dict:
+        return {"size": len(self._vectors), "capacity": self.capacity, "hits": self.hits, "misses": self.misses}
 
 
 def _resolve(source: str) -> tuple[str, str]:
@@ -131,6 +165,7 @@ class TextEncoder:
         config = TextConfig.model_validate(config or {})
         self.torch_threads = configure_threads(config.torch_threads)
         self.model = TextModel(config)
+        self.label_cache = LabelCache(config.label_cache_size)
         self.batching = BatchingConfig(max_batch_size=16)
         logger.info(
             "Text model %s (%s) on %s with %d torch threads",
@@ -153,6 +188,7 @@ class TextEncoder:
                 "dim": self.model.dim,
                 "max_tokens": self.model.max_tokens,
                 "batching": self.batching.model_dump(),
+                "label_cache": self.label_cache.stats(),
             },
         )
 
@@ -162,10 +198,25 @@ class TextEncoder:
         vectors = np.stack(rows) if rows else np.zeros((0, self.model.dim), np.float32)
         return TextEmbeddings(vectors=vectors, model=self.model.name, version=self.model.version)
 
+    async def embed_labels(self, labels: list[str], text: str | None = None) -> TextEmbeddings:
+        """Embeddings of candidate labels (from the label cache when seen before), then of ``text`` if given."""
+        rows = await asyncio.gather(
+            *(self._label_vector(label) for label in labels),
+            *([self._embed_batch(text)] if text is not None else []),
+        )
+        return TextEmbeddings(vectors=np.stack(rows), model=self.model.name, version=self.model.version)
+
     async def classify(self, text: str, labels: list[str]) -> TextRanking:
-        embeddings = await self.embed([text, *labels])
+        embeddings = await self.embed_labels(labels, text)
         ranked = zero_shot(embeddings.vectors, labels, self.model.config.temperature)
         return TextRanking(labels=ranked, model=self.model.name, version=self.model.version)
+
+    async def _label_vector(self, label: str) -> np.ndarray:
+        vector = self.label_cache.get(label)
+        if vector is None:
+            vector = await self._embed_batch(label)
+            self.label_cache.put(label, vector)
+        return vector
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def _embed_batch(self, texts: list[str]) -> list[np.ndarray]:

@@ -52,6 +52,17 @@ def test_text_batches_equal_single_requests(text):
     np.testing.assert_allclose(together, np.stack(singles), atol=1e-5)
 
 
+def test_label_embeddings_come_from_the_cache_the_second_time(text):
+    labels = ["a photo of a lighthouse", "a plate of dumplings", "a mountain bike"]
+    before = text.info.remote().result()["details"]["label_cache"]
+    first = text.embed_labels.remote(labels, "fresh text").result().vectors
+    second = text.embed_labels.remote(labels, "fresh text").result().vectors
+    after = text.info.remote().result()["details"]["label_cache"]
+    assert after["hits"] - before["hits"] >= len(labels)
+    np.testing.assert_array_equal(first, second)
+    np.testing.assert_allclose(first[:3], text.embed.remote(labels).result().vectors, atol=1e-5)
+
+
 def test_concurrent_http_requests_get_the_same_answers(client):
     payloads = [
         {"image": b64(encode(getattr(skimage.data, name)(), quality=90)), "labels": ["a cat", "a coffee", "a rocket"]}

@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 from deployments.imaging import prepare
 from deployments.runtime import package_dir
-from deployments.text import TextConfig, TextModel, _resolve
+from deployments.text import LabelCache, TextConfig, TextModel, _resolve
 from deployments.vision import VisionConfig, VisionModel
 
 CPU = torch.device("cpu")
@@ -131,3 +131,21 @@ def test_text_loads_a_local_model_folder(text):
 
 def test_overlong_text_is_truncated_to_the_model_window(text):
     assert text.embed(["word " * 5000]).shape == (1, 384)
+
+
+def test_label_cache_is_least_recently_used_and_counts_hits():
+    cache = LabelCache(capacity=2)
+    cat, dog, fish = (np.full(3, i, np.float32) for i in range(3))
+    assert cache.get("cat") is None
+    cache.put("cat", cat)
+    cache.put("dog", dog)
+    assert cache.get("cat") is cat  # "cat" is now the most recent
+    cache.put("fish", fish)  # evicts "dog"
+    assert cache.get("dog") is None and cache.get("fish") is fish
+    assert cache.stats() == {"size": 2, "capacity": 2, "hits": 2, "misses": 2}
+
+
+def test_label_cache_of_size_zero_keeps_nothing():
+    cache = LabelCache(capacity=0)
+    cache.put("cat", np.zeros(3))
+    assert cache.get("cat") is None
