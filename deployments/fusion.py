@@ -120,17 +120,15 @@ class FusionScorer:
         class_names = await vision.class_names.remote()
         prompts = [self.config.class_prompt.format(name) for name in class_names]
         self.class_embeddings = (await text.embed.remote(prompts)).vectors
-        self.class_prompt = self.config.class_prompt
         logger.info("Fusion ready: %d class-name embeddings precomputed", len(prompts))
         self._text = text
         self._class_names = class_names
 
     async def reconfigure(self, user_config: dict) -> None:
         config = FusionConfig.model_validate(user_config or {})
-        if config.class_prompt != self.class_prompt:
+        if config.class_prompt != self.config.class_prompt:
             prompts = [config.class_prompt.format(name) for name in self._class_names]
             self.class_embeddings = (await self._text.embed.remote(prompts)).vectors
-            self.class_prompt = config.class_prompt
         self.config = config
         config.batching.apply(self._fuse_batch)
 
