@@ -10,27 +10,21 @@ device, which is exactly the case where replicas must fall back to the CPU.
 """
 
 import os
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 import ray
-import yaml
 from ray import serve
 from ray.cluster_utils import Cluster
 
-ROOT = Path(__file__).resolve().parents[2]
-APP = "multimodal"
+from tests import serving
+
 HTTP_PORT = int(os.environ.get("MAAS_TEST_MULTINODE_HTTP_PORT", "8011"))
 DASHBOARD_PORT = int(os.environ.get("MAAS_TEST_MULTINODE_DASHBOARD_PORT", "8276"))
 VISION_REPLICAS = 4
 
 
 def pytest_collection_modifyitems(items):
-    for item in items:
-        item.add_marker(pytest.mark.integration)
+    serving.mark_integration(items)
 
 
 @pytest.fixture(scope="session")
@@ -56,8 +50,7 @@ def cluster():
 
 def gpu_profile() -> dict:
     """serve_config.gpu.yaml with a fixed four vision replicas, and text on the CPU so vision has the GPU."""
-    config = yaml.safe_load((ROOT / "serve_config.gpu.yaml").read_text())
-    config["http_options"]["port"] = HTTP_PORT
+    config = serving.load_config("serve_config.gpu.yaml", HTTP_PORT)
     deployments = {d["name"]: d for d in config["applications"][0]["deployments"]}
     vision = deployments["VisionClassifier"]
     vision.pop("autoscaling_config")
@@ -70,18 +63,5 @@ def gpu_profile() -> dict:
 @pytest.fixture(scope="session")
 def app(cluster, tmp_path_factory) -> dict:
     config = gpu_profile()
-    path = tmp_path_factory.mktemp("serve") / "gpu.yaml"
-    path.write_text(yaml.safe_dump(config))
-    subprocess.run(
-        [str(Path(sys.executable).parent / "serve"), "deploy", str(path), "-a", f"http://127.0.0.1:{DASHBOARD_PORT}"],
-        cwd=ROOT, check=True, timeout=120, env={**os.environ, "RAY_AUTH_MODE": "token"},
-    )
-    deadline = time.monotonic() + 400
-    while time.monotonic() < deadline:
-        status = serve.status().applications.get(APP)
-        if status and status.status == "RUNNING":
-            return config
-        if status and status.status == "DEPLOY_FAILED":
-            pytest.fail(f"deploy failed: {status.message}")
-        time.sleep(1)
-    pytest.fail(f"app not RUNNING: {serve.status()}")
+    serving.deploy(config, tmp_path_factory.mktemp("serve") / "gpu.yaml", DASHBOARD_PORT)
+    return config

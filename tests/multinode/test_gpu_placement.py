@@ -6,7 +6,8 @@ from ray import serve
 from ray.util.state import list_actors
 
 from tests.conftest import b64
-from tests.multinode.conftest import APP, HTTP_PORT, VISION_REPLICAS
+from tests.multinode.conftest import HTTP_PORT, VISION_REPLICAS
+from tests.serving import APP
 
 
 def replica_nodes(deployment: str) -> list[str]:

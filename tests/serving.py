@@ -1,0 +1,53 @@
+"""Deploying the app onto a test cluster the way the README does: ``serve deploy`` of a YAML."""
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from ray import serve
+
+ROOT = Path(__file__).resolve().parents[1]
+APP = "multimodal"
+DEPLOY_TIMEOUT_S = 400
+
+
+def load_config(name: str, http_port: int) -> dict:
+    """A shipped Serve config with only the HTTP port changed, so tests can run beside ``make serve``."""
+    config = yaml.safe_load((ROOT / name).read_text())
+    config["http_options"]["port"] = http_port
+    return config
+
+
+def deploy(config: dict, path: Path, dashboard_port: int) -> None:
+    """``serve deploy`` a config and wait until the controller has applied it and the app is RUNNING."""
+    path.write_text(yaml.safe_dump(config))
+    previous = serve.status().applications.get(APP)
+    previous_deploy_time = previous.last_deployed_time_s if previous else 0.0
+    subprocess.run(
+        [str(Path(sys.executable).parent / "serve"), "deploy", str(path), "-a", f"http://127.0.0.1:{dashboard_port}"],
+        cwd=ROOT,
+        check=True,
+        timeout=120,
+        # As in the README: the CLI sends the cluster's token from ~/.ray/auth_token.
+        env={**os.environ, "RAY_AUTH_MODE": "token"},
+    )
+    deadline = time.monotonic() + DEPLOY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        status = serve.status().applications.get(APP)
+        if status and status.last_deployed_time_s <= previous_deploy_time:
+            pass  # the controller has not applied this config yet
+        elif status and status.status == "RUNNING":
+            return
+        elif status and status.status == "DEPLOY_FAILED":
+            pytest.fail(f"deploy failed: {status.message}")
+        time.sleep(1)
+    pytest.fail(f"app not RUNNING after {DEPLOY_TIMEOUT_S}s: {serve.status()}")
+
+
+def mark_integration(items) -> None:
+    for item in items:
+        item.add_marker(pytest.mark.integration)
