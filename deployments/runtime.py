@@ -5,7 +5,6 @@ import importlib.metadata
 import importlib.util
 import logging
 import math
-import os
 from pathlib import Path
 
 import torch
@@ -29,12 +28,15 @@ def assigned_cpus() -> float | None:
 def configure_threads(torch_threads: int | None) -> int:
     """Set torch's intra-op threads so replicas on one node don't oversubscribe it.
 
-    ``None`` means one thread per reserved CPU (at least one). Replicas with a
-    fractional CPU reservation get a single thread.
+    ``None`` means one thread per CPU Ray reserved for this process (at least
+    one, so a fractional reservation gets a single thread); outside Ray,
+    torch's own default.
     """
     if torch_threads is None:
         cpus = assigned_cpus()
-        torch_threads = max(1, math.floor(cpus)) if cpus else max(1, (os.cpu_count() or 1) // 2)
+        if not cpus:
+            return torch.get_num_threads()
+        torch_threads = max(1, math.floor(cpus))
     torch.set_num_threads(torch_threads)
     return torch_threads
 
