@@ -7,6 +7,7 @@ scores any free-text labels against an image (ConSE), a text, or both.
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,9 +26,11 @@ from deployments.scoring import (
 )
 from deployments.text import TextEmbeddings
 from deployments.vision import VisionResult
+from monitoring.metrics import ModelMetrics
 
 logger = logging.getLogger("ray.serve")
 
+NAME = "conse-late-fusion"
 METHOD = "ConSE (Norouzi et al., 2014) image-to-text projection + weighted late fusion"
 
 
@@ -119,28 +122,39 @@ class FusionScorer:
         self.config = FusionConfig()
         class_names = await vision.class_names.remote()
         prompts = [self.config.class_prompt.format(name) for name in class_names]
-        self.class_embeddings = (await text.embed.remote(prompts)).vectors
+        self.class_embeddings = (await text.embed.remote(prompts, monitor=False)).vectors
         logger.info("Fusion ready: %d class-name embeddings precomputed", len(prompts))
         self._text = text
         self._class_names = class_names
+        self.metrics = ModelMetrics(NAME, self.version)
 
     async def reconfigure(self, user_config: dict) -> None:
         config = FusionConfig.model_validate(user_config or {})
         if config.class_prompt != self.config.class_prompt:
             prompts = [config.class_prompt.format(name) for name in self._class_names]
-            self.class_embeddings = (await self._text.embed.remote(prompts)).vectors
+            self.class_embeddings = (await self._text.embed.remote(prompts, monitor=False)).vectors
         self.config = config
         config.batching.apply(self._fuse_batch)
+        self.metrics.set_model(NAME, self.version)
+
+    @property
+    def version(self) -> str:
+        return f"conse-top{self.config.top_t}"
 
     async def info(self) -> dict:
         return replica_info(
-            name="conse-late-fusion",
+            name=NAME,
             task="cross-modal-scoring",
             source="text embeddings of the vision model's class names",
-            version=f"conse-top{self.config.top_t}",
+            version=self.version,
             device="cpu",
             torch_threads=0,
             details={"method": METHOD, **self.config.model_dump()},
+            drift={
+                "status": "disabled",
+                "message": "fusion keeps no reference profile: drift is watched on its inputs, "
+                "by the vision and text deployments",
+            },
         )
 
     async def fuse(
@@ -158,6 +172,7 @@ class FusionScorer:
         }
         present = ["vision"] * (vision is not None) + ["text"] * with_text
         if sum(weights[name] for name in present) <= 0:
+            self.metrics.errors.inc(tags={"error_type": InvalidInput.__name__})
             raise InvalidInput(
                 f"the fusion weights of the modalities sent ({', '.join(present)}) sum to 0; "
                 "give at least one of them a positive weight",
@@ -174,4 +189,11 @@ class FusionScorer:
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
     async def _fuse_batch(self, items: list[FusionInput]) -> list[FusionResult]:
-        return await asyncio.to_thread(fuse, items, self.class_embeddings, self.config)
+        start = time.perf_counter()
+        results = await asyncio.to_thread(fuse, items, self.class_embeddings, self.config)
+        self.metrics.observe_batch(len(items), 0.0, time.perf_counter() - start)
+        for result in results:
+            # Labels are free text, so the class index is the winner's position in the request.
+            best = int(np.argmax(result.fused))
+            self.metrics.observe_prediction(best, float(result.fused[best]))
+        return results

@@ -8,6 +8,8 @@ the ingress waiting in between: Serve resolves them as arguments.
 
 import asyncio
 import logging
+import time
+from dataclasses import dataclass
 from typing import TypeVar
 
 import numpy as np
@@ -18,6 +20,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
+from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -27,6 +30,7 @@ from deployments.errors import InvalidInput, MaasError, PayloadTooLarge, Unsuppo
 from deployments.imaging import ImageSpec, decode_base64, decode_image, prepare
 from deployments.scoring import top_k
 from deployments.settings import limits
+from monitoring.metrics import request_metrics
 
 logger = logging.getLogger("ray.serve")
 
@@ -53,30 +57,68 @@ multipart form with the file in field `image`. Errors are 4xx responses whose
 app = FastAPI(title="maas-cluster", version="0.1.0", description=DESCRIPTION)
 
 
-def _error_response(status: int, detail: list[dict], headers: dict | None = None) -> JSONResponse:
+class RequestMetricsMiddleware:
+    """Counts and times every HTTP request by route template and status (plain ASGI, no body buffering)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start = time.perf_counter()
+        status = 500
+
+        async def send_and_record_status(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        error_type = None
+        try:
+            await self.app(scope, receive, send_and_record_status)
+        except BackPressureError:
+            status, error_type = 503, "backpressure"  # Serve answers it with its backpressure_config
+            raise
+        except Exception:
+            status, error_type = 500, "internal_error"
+            raise
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            error_type = error_type or scope.get("state", {}).get("error_type")
+            request_metrics().observe_request(route, status, time.perf_counter() - start, error_type)
+
+
+app.add_middleware(RequestMetricsMiddleware)
+
+
+def _error_response(request: Request, status: int, detail: list[dict], headers: dict | None = None) -> JSONResponse:
+    request.state.error_type = detail[0]["type"] if detail else "error"
     return JSONResponse(status_code=status, content={"detail": jsonable_encoder(detail)}, headers=headers)
 
 
 @app.exception_handler(MaasError)
-async def _maas_error(_request: Request, exc: MaasError) -> JSONResponse:
-    return _error_response(exc.status_code, exc.detail())
+async def _maas_error(request: Request, exc: MaasError) -> JSONResponse:
+    return _error_response(request, exc.status_code, exc.detail())
 
 
 @app.exception_handler(StarletteHTTPException)
-async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     """Framework errors (unknown route, wrong method, a malformed form) in the same shape."""
-    return _error_response(exc.status_code, [{"loc": [], "msg": str(exc.detail), "type": "http_error"}], exc.headers)
+    detail = [{"loc": [], "msg": str(exc.detail), "type": "http_error"}]
+    return _error_response(request, exc.status_code, detail, exc.headers)
 
 
 @app.exception_handler(ValidationError)
-async def _validation_error(_request: Request, exc: ValidationError) -> JSONResponse:
+async def _validation_error(request: Request, exc: ValidationError) -> JSONResponse:
     errors = [{**e, "loc": ["body", *e["loc"]]} for e in exc.errors(include_url=False)]
-    return _error_response(422, _without_input(errors))
+    return _error_response(request, 422, _without_input(errors))
 
 
 @app.exception_handler(RequestValidationError)
-async def _request_validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
-    return _error_response(422, _without_input(exc.errors()))
+async def _request_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    return _error_response(request, 422, _without_input(exc.errors()))
 
 
 def _without_input(errors: list[dict]) -> list[dict]:
@@ -95,9 +137,9 @@ def _without_input(errors: list[dict]) -> list[dict]:
 
 
 @app.exception_handler(RayActorError)
-async def _replica_died(_request: Request, exc: RayActorError) -> JSONResponse:
+async def _replica_died(request: Request, exc: RayActorError) -> JSONResponse:
     detail = [{"loc": [], "msg": "a model replica stopped while serving this request; retry", "type": "unavailable"}]
-    return _error_response(503, detail, headers={"Retry-After": "1"})
+    return _error_response(request, 503, detail, headers={"Retry-After": "1"})
 
 
 @app.exception_handler(RayTaskError)
@@ -106,7 +148,8 @@ async def _remote_error(request: Request, exc: RayTaskError) -> JSONResponse:
     if isinstance(cause, MaasError):
         return await _maas_error(request, cause)
     logger.exception("Model call failed", exc_info=exc)
-    return _error_response(500, [{"loc": [], "msg": "internal error in a model replica", "type": "internal_error"}])
+    detail = [{"loc": [], "msg": "internal error in a model replica", "type": "internal_error"}]
+    return _error_response(request, 500, detail)
 
 
 def _openapi_body(model: type[BaseModel], multipart: bool) -> dict:
@@ -164,10 +207,21 @@ async def _read_body(request: Request, model: type[Model], multipart: bool = Fal
     raise UnsupportedMediaType(f"Content-Type must be {accepted}; got {content_type or 'none'}")
 
 
-def _decode_and_prepare(image_b64: str | None, image_bytes: bytes | None, spec: ImageSpec) -> np.ndarray:
+@dataclass
+class PreparedImage:
+    pixels: np.ndarray  # (crop, crop, 3) uint8, ready for the vision model
+    size_bytes: int  # encoded upload
+    source_pixels: int  # width x height of the upload
+    seconds: float  # to decode and prepare
+
+
+def _decode_and_prepare(image_b64: str | None, image_bytes: bytes | None, spec: ImageSpec) -> PreparedImage:
     """CPU-bound, so it runs in a worker thread and the event loop keeps serving."""
+    start = time.perf_counter()
     raw = image_bytes if image_bytes is not None else decode_base64(image_b64 or "", limits())
-    return prepare(decode_image(raw, limits()), spec)
+    image = decode_image(raw, limits())
+    pixels = prepare(image, spec)
+    return PreparedImage(pixels, len(raw), image.width * image.height, time.perf_counter() - start)
 
 
 def _label_scores(pairs: list[tuple[str, float]]) -> list[schemas.LabelScore]:
@@ -184,12 +238,15 @@ class Ingress:
         self.text = text
         self.fusion = fusion
         self._image_spec: ImageSpec | None = None
+        self.metrics = request_metrics()
 
-    async def _pixels(self, image_b64: str | None, image_bytes: bytes | None) -> np.ndarray:
+    async def _pixels(self, route: str, image_b64: str | None, image_bytes: bytes | None) -> np.ndarray:
         """Decode, validate and prepare an image for the vision model (geometry only)."""
         if self._image_spec is None:
             self._image_spec = await self.vision.image_spec.remote()
-        return await asyncio.to_thread(_decode_and_prepare, image_b64, image_bytes, self._image_spec)
+        image = await asyncio.to_thread(_decode_and_prepare, image_b64, image_bytes, self._image_spec)
+        self.metrics.observe_image(route, image.size_bytes, image.source_pixels, image.seconds)
+        return image.pixels
 
     @app.get("/healthz", response_model=schemas.Health)
     async def healthz(self) -> schemas.Health:
@@ -209,7 +266,7 @@ class Ingress:
     )
     async def vision_classify(self, request: Request) -> schemas.VisionClassifyResponse:
         body, upload = await _read_body(request, schemas.VisionClassifyRequest, multipart=True)
-        pixels = await self._pixels(body.image, upload)
+        pixels = await self._pixels("/v1/vision/classify", body.image, upload)
         result = await self.vision.classify.remote(pixels, body.top_k, body.embed)
         return schemas.VisionClassifyResponse(
             labels=_label_scores(result.labels),
@@ -255,7 +312,7 @@ class Ingress:
         has_image = upload is not None or body.image is not None
         if not has_image and body.text is None:
             raise InvalidInput("send an image, a text, or both")
-        pixels = await self._pixels(body.image, upload) if has_image else None
+        pixels = await self._pixels("/v1/multimodal/analyze", body.image, upload) if has_image else None
 
         # The graph: both branches start now and run in parallel; fusion takes
         # their responses as arguments, so it starts as soon as both are done.
@@ -282,4 +339,3 @@ class Ingress:
             weights=result.weights,
             method="conse+late-fusion",
         )
-

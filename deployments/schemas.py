@@ -99,8 +99,10 @@ class MultimodalRequest(_Request):
 
 class LabelScore(_Response):
     label: str
-    score: float = Field(description="Probability-like score in [0, 1]; scores of a ranking sum to 1 "
-                         "for label rankings, or are class probabilities for ImageNet classes.")
+    score: float = Field(
+        description="Probability-like score in [0, 1]; scores of a ranking sum to 1 "
+        "for label rankings, or are class probabilities for ImageNet classes."
+    )
 
 
 class VisionClassifyResponse(_Response):
@@ -157,6 +159,11 @@ class ModelInfo(_Response):
         default_factory=dict, description="Where the replica that answered runs: replica id, node id, GPU ids."
     )
     details: dict = Field(default_factory=dict)
+    drift: dict | None = Field(
+        None,
+        description="Drift of the answering replica's recent traffic against the model's reference profile: "
+        "status (ok, drift, collecting, disabled, no_reference), scores, thresholds, window.",
+    )
 
 
 class ModelsResponse(_Response):

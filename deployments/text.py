@@ -8,7 +8,9 @@ text each share the same batches.
 """
 
 import asyncio
+import contextlib
 import logging
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 from deployments.runtime import (
-    BatchingConfig,
+    ModelSettings,
     configure_threads,
     package_dir,
     package_version,
@@ -27,6 +29,8 @@ from deployments.runtime import (
     replica_info,
 )
 from deployments.scoring import DEFAULT_TEMPERATURE, similarity_scores, top_k
+from monitoring.drift import DriftMonitor
+from monitoring.metrics import ModelMetrics
 
 logger = logging.getLogger("ray.serve")
 
@@ -90,12 +94,17 @@ class TextModel:
         self.dim = int(self.model.config.hidden_size)
         self.max_tokens = min(config.max_tokens, self.tokenizer.model_max_length)
 
-    @torch.inference_mode()
     def embed(self, texts: list[str]) -> np.ndarray:
         """Unit-length embeddings, ``(len(texts), dim)`` float32."""
-        tokens = self.tokenizer(
-            texts, padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt"
-        ).to(self.device)
+        return self.encode(self.tokenize(texts))
+
+    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        """Padded token ids and attention mask; texts longer than ``max_tokens`` are truncated."""
+        tokens = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt")
+        return dict(tokens.to(self.device))
+
+    @torch.inference_mode()
+    def encode(self, tokens: dict[str, torch.Tensor]) -> np.ndarray:
         hidden = self.model(**tokens).last_hidden_state
         mask = tokens["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
@@ -157,24 +166,47 @@ def _resolve(source: str) -> tuple[str, str]:
     return source, f"{source}@hub"
 
 
+def _timed_embed(model: TextModel, texts: list[str]) -> tuple[np.ndarray, np.ndarray, float, float]:
+    """Embeddings of a batch, tokens per text, and its tokenisation and inference times in seconds."""
+    start = time.perf_counter()
+    tokens = model.tokenize(texts)
+    tokenized = time.perf_counter()
+    vectors = model.encode(tokens)
+    lengths = tokens["attention_mask"].sum(dim=1).cpu().numpy()
+    return vectors, lengths, tokenized - start, time.perf_counter() - tokenized
+
+
 @serve.deployment(max_ongoing_requests=32, ray_actor_options={"num_cpus": 0.5})
 class TextEncoder:
-    """Serve deployment of ``TextModel``; each text is one item of a batch."""
+    """Serve deployment of ``TextModel``; each text is one item of a batch.
+
+    Every batch is measured (``monitoring.metrics``); the embeddings of the texts
+    callers send (not of candidate labels) feed the replica's drift window.
+    """
 
     def __init__(self, config: TextConfig | dict | None = None):
         config = TextConfig.model_validate(config or {})
         self.torch_threads = configure_threads(config.torch_threads)
         self.model = TextModel(config)
         self.label_cache = LabelCache(config.label_cache_size)
-        self.batching = BatchingConfig(max_batch_size=16)
+        self.metrics = ModelMetrics(self.model.name, self.model.version)
+        self.settings = ModelSettings(max_batch_size=16)
+        self.drift = DriftMonitor(self.settings.drift, self.model.name, self.model.version)
         logger.info(
             "Text model %s (%s) on %s with %d torch threads",
-            self.model.name, self.model.version, self.model.device, self.torch_threads,
+            self.model.name,
+            self.model.version,
+            self.model.device,
+            self.torch_threads,
         )
 
     def reconfigure(self, user_config: dict) -> None:
-        self.batching = BatchingConfig.model_validate(user_config or {})
-        self.batching.apply(self._embed_batch)
+        settings = ModelSettings.model_validate(user_config or {})
+        settings.apply(self._embed_batch)
+        if settings.drift != self.settings.drift:
+            self.drift = DriftMonitor(settings.drift, self.model.name, self.model.version)
+        self.settings = settings
+        self.metrics.set_drift(self.drift.window(), self.drift.scores, self.drift.thresholds)
 
     async def info(self) -> dict:
         return replica_info(
@@ -187,29 +219,55 @@ class TextEncoder:
             details={
                 "dim": self.model.dim,
                 "max_tokens": self.model.max_tokens,
-                "batching": self.batching.model_dump(),
+                "batching": self.settings.batching(),
                 "label_cache": self.label_cache.stats(),
             },
+            drift=self.drift.status().model_dump(),
         )
 
-    async def embed(self, texts: list[str]) -> TextEmbeddings:
-        """Embeddings ``(len(texts), dim)``; every text joins the replica's shared batches."""
-        rows = await asyncio.gather(*(self._embed_batch(text) for text in texts))
+    async def embed(self, texts: list[str], monitor: bool = True) -> TextEmbeddings:
+        """Embeddings ``(len(texts), dim)``; every text joins the replica's shared batches.
+
+        ``monitor=False`` keeps the texts out of the drift window (for texts that
+        are not traffic, such as class names embedded at start-up).
+        """
+        with self._errors_counted():
+            rows = await asyncio.gather(*(self._embed_batch(text) for text in texts))
         vectors = np.stack(rows) if rows else np.zeros((0, self.model.dim), np.float32)
+        if monitor:
+            self._watch(vectors)
         return TextEmbeddings(vectors=vectors, model=self.model.name, version=self.model.version)
 
     async def embed_labels(self, labels: list[str], text: str | None = None) -> TextEmbeddings:
         """Embeddings of candidate labels (from the label cache when seen before), then of ``text`` if given."""
-        rows = await asyncio.gather(
-            *(self._label_vector(label) for label in labels),
-            *([self._embed_batch(text)] if text is not None else []),
-        )
+        with self._errors_counted():
+            rows = await asyncio.gather(
+                *(self._label_vector(label) for label in labels),
+                *([self._embed_batch(text)] if text is not None else []),
+            )
+        if text is not None:
+            self._watch(rows[-1][None, :])
         return TextEmbeddings(vectors=np.stack(rows), model=self.model.name, version=self.model.version)
 
     async def classify(self, text: str, labels: list[str]) -> TextRanking:
         embeddings = await self.embed_labels(labels, text)
         ranked = zero_shot(embeddings.vectors, labels, self.model.config.temperature)
+        best, score = ranked[0]
+        # Zero-shot labels are free text, so the class index is the winner's position in the request.
+        self.metrics.observe_prediction(labels.index(best), score)
         return TextRanking(labels=ranked, model=self.model.name, version=self.model.version)
+
+    def _watch(self, vectors: np.ndarray) -> None:
+        self.drift.observe_embeddings(vectors)
+        self.metrics.set_drift(self.drift.window(), self.drift.scores, self.drift.thresholds)
+
+    @contextlib.contextmanager
+    def _errors_counted(self):
+        try:
+            yield
+        except Exception as exc:
+            self.metrics.observe_error(exc)
+            raise
 
     async def _label_vector(self, label: str) -> np.ndarray:
         vector = self.label_cache.get(label)
@@ -220,4 +278,8 @@ class TextEncoder:
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def _embed_batch(self, texts: list[str]) -> list[np.ndarray]:
-        return list(await asyncio.to_thread(self.model.embed, texts))
+        vectors, lengths, tokenize_s, inference_s = await asyncio.to_thread(_timed_embed, self.model, texts)
+        self.metrics.observe_batch(len(texts), tokenize_s, inference_s)
+        for length in lengths:
+            self.metrics.input_tokens.observe(int(length))
+        return list(vectors)

@@ -7,6 +7,7 @@ with ``@serve.batch`` and runs the model off the event loop.
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from ray import serve
 
 from deployments.imaging import ImageSpec, Interpolation
 from deployments.runtime import (
-    BatchingConfig,
+    ModelSettings,
     configure_threads,
     file_digest,
     package_dir,
@@ -26,6 +27,8 @@ from deployments.runtime import (
     pick_device,
     replica_info,
 )
+from monitoring.drift import DriftMonitor
+from monitoring.metrics import ModelMetrics
 
 logger = logging.getLogger("ray.serve")
 
@@ -94,15 +97,22 @@ class VisionModel:
     def _capture_features(self, _module, inputs, _output) -> None:
         self._features = inputs[0]
 
-    @torch.inference_mode()
     def predict(self, pixels: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """Class probabilities ``(B, C)`` and pooled features ``(B, D)`` for prepared images.
 
         Each image is a ``(crop, crop, 3)`` uint8 array from ``imaging.prepare``.
         """
+        return self.forward(self.preprocess(pixels))
+
+    @torch.inference_mode()
+    def preprocess(self, pixels: list[np.ndarray]) -> torch.Tensor:
+        """A normalised ``(B, 3, crop, crop)`` float batch on the model's device."""
         batch = torch.from_numpy(np.stack(pixels)).to(self.device)
         batch = batch.permute(0, 3, 1, 2).float().div_(255.0)
-        batch = (batch - self._mean) / self._std
+        return (batch - self._mean) / self._std
+
+    @torch.inference_mode()
+    def forward(self, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         logits = self.model(batch)
         logits = getattr(logits, "logits", logits)  # Hugging Face returns an output object
         probs = torch.softmax(logits.float(), dim=1)
@@ -134,9 +144,7 @@ def _load(config: VisionConfig) -> tuple[torch.nn.Module, list[str], ImageSpec, 
     path = Path(source).expanduser()
     if source.startswith("package:"):
         module = source.removeprefix("package:")
-        files = sorted(
-            f for f in package_dir(module).rglob("*") if f.suffix in (".pth", ".pt", ".safetensors")
-        )
+        files = sorted(f for f in package_dir(module).rglob("*") if f.suffix in (".pth", ".pt", ".safetensors"))
         if len(files) != 1:
             raise FileNotFoundError(f"expected one weights file in package {module!r}, found {files}")
         model, categories, spec = _torchvision_model(config.weights, files[0])
@@ -150,14 +158,10 @@ def _load(config: VisionConfig) -> tuple[torch.nn.Module, list[str], ImageSpec, 
     return _huggingface_model(source)
 
 
-def _torchvision_model(
-    weights_name: str, state_dict_path: Path | None
-) -> tuple[torch.nn.Module, list[str], ImageSpec]:
+def _torchvision_model(weights_name: str, state_dict_path: Path | None) -> tuple[torch.nn.Module, list[str], ImageSpec]:
     weights = torchvision.models.get_weight(weights_name)
     builder = next(
-        name
-        for name in torchvision.models.list_models()
-        if torchvision.models.get_model_weights(name) is type(weights)
+        name for name in torchvision.models.list_models() if torchvision.models.get_model_weights(name) is type(weights)
     )
     transforms = weights.transforms()
     spec = ImageSpec(
@@ -206,28 +210,47 @@ def _huggingface_model(source: str) -> tuple[torch.nn.Module, list[str], ImageSp
     return model, categories, spec, f"{source}@{version}"
 
 
+def _timed_predict(model: VisionModel, pixels: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, float, float]:
+    """Probabilities and features of a batch, with its preprocessing and inference times in seconds."""
+    start = time.perf_counter()
+    batch = model.preprocess(pixels)
+    prepared = time.perf_counter()
+    probs, features = model.forward(batch)
+    return probs, features, prepared - start, time.perf_counter() - prepared
+
+
 @serve.deployment(max_ongoing_requests=16, ray_actor_options={"num_cpus": 0.5})
 class VisionClassifier:
     """Serve deployment of ``VisionModel``; requests are batched across callers.
 
     Takes prepared ``(crop, crop, 3)`` uint8 images (see ``imaging.prepare``);
     the ingress decodes and validates the upload and asks ``image_spec()`` for
-    the geometry once.
+    the geometry once. Every batch is measured (``monitoring.metrics``) and its
+    predictions feed the replica's drift window (``monitoring.drift``).
     """
 
     def __init__(self, config: VisionConfig | dict | None = None):
         config = VisionConfig.model_validate(config or {})
         self.torch_threads = configure_threads(config.torch_threads)
         self.model = VisionModel(config)
-        self.batching = BatchingConfig()
+        self.metrics = ModelMetrics(self.model.name, self.model.version)
+        self.settings = ModelSettings()
+        self.drift = DriftMonitor(self.settings.drift, self.model.name, self.model.version)
         logger.info(
             "Vision model %s (%s) on %s with %d torch threads",
-            self.model.name, self.model.version, self.model.device, self.torch_threads,
+            self.model.name,
+            self.model.version,
+            self.model.device,
+            self.torch_threads,
         )
 
     def reconfigure(self, user_config: dict) -> None:
-        self.batching = BatchingConfig.model_validate(user_config or {})
-        self.batching.apply(self._classify_batch)
+        settings = ModelSettings.model_validate(user_config or {})
+        settings.apply(self._classify_batch)
+        if settings.drift != self.settings.drift:
+            self.drift = DriftMonitor(settings.drift, self.model.name, self.model.version)
+        self.settings = settings
+        self.metrics.set_drift(self.drift.window(), self.drift.scores, self.drift.thresholds)
 
     async def image_spec(self) -> ImageSpec:
         return self.model.spec
@@ -247,17 +270,29 @@ class VisionClassifier:
                 "classes": len(self.model.categories),
                 "embedding_dim": self.model.embedding_dim,
                 "weights": self.model.config.weights,
-                "batching": self.batching.model_dump(),
+                "batching": self.settings.batching(),
             },
+            drift=self.drift.status().model_dump(),
         )
 
     async def classify(self, pixels: np.ndarray, top_k: int = 5, embed: bool = False) -> VisionResult:
-        probs, features, batch_size = await self._classify_batch(pixels)
+        try:
+            probs, features, batch_size = await self._classify_batch(pixels)
+        except Exception as exc:
+            self.metrics.observe_error(exc)
+            raise
         result = self.model.result(probs, features, top_k, embed)
         result.batch_size = batch_size
         return result
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
     async def _classify_batch(self, pixels: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray, int]]:
-        probs, features = await asyncio.to_thread(self.model.predict, pixels)
+        probs, features, preprocess_s, inference_s = await asyncio.to_thread(_timed_predict, self.model, pixels)
+        top = probs.argmax(axis=1)
+        confidence = probs[np.arange(len(top)), top]
+        self.metrics.observe_batch(len(pixels), preprocess_s, inference_s)
+        for index, score in zip(top, confidence):
+            self.metrics.observe_prediction(int(index), float(score))
+        self.drift.observe_predictions(confidence, top)
+        self.metrics.set_drift(self.drift.window(), self.drift.scores, self.drift.thresholds)
         return [(p, f, len(pixels)) for p, f in zip(probs, features)]

@@ -8,12 +8,12 @@ from ray.serve.schema import ServeDeploySchema
 
 from deployments.errors import ConfigError
 from deployments.fusion import FusionConfig
-from deployments.runtime import BatchingConfig
+from deployments.runtime import ModelSettings
 from pipelines.multimodal import MultimodalArgs, build_app
 
 ROOT = Path(__file__).resolve().parents[2]
 PROFILES = {"cpu": ROOT / "serve_config.yaml", "gpu": ROOT / "serve_config.gpu.yaml"}
-USER_CONFIGS = {"VisionClassifier": BatchingConfig, "TextEncoder": BatchingConfig, "FusionScorer": FusionConfig}
+USER_CONFIGS = {"VisionClassifier": ModelSettings, "TextEncoder": ModelSettings, "FusionScorer": FusionConfig}
 
 
 def load(profile: str) -> dict:
@@ -91,4 +91,6 @@ def test_bad_user_config_names_the_field():
     with pytest.raises(ValueError, match="class_prompt"):
         FusionConfig(class_prompt="no slot")
     with pytest.raises(ValueError, match="max_batch_size"):
-        BatchingConfig(max_batch_size=0)
+        ModelSettings(max_batch_size=0)
+    with pytest.raises(ValueError, match="drift.window_size"):
+        ModelSettings.model_validate({"drift": {"window_size": 1}})

@@ -1,0 +1,214 @@
+"""Prometheus instruments of the model service, declared once and used by every deployment.
+
+Everything goes through ``ray.serve.metrics``, so Ray's metrics agent on each
+node exports it next to Ray Serve's own metrics, and Serve adds the
+``application``, ``deployment`` and ``replica`` labels. Ray prefixes every
+application metric with ``ray_``: ``maas_http_requests_total`` is scraped as
+``ray_maas_http_requests_total``.
+
+Naming: a ``maas_`` prefix, then a unit suffix: ``_seconds``, ``_bytes``,
+``_pixels``, ``_tokens``, ``_items``, ``_ratio`` (a probability), ``_score``
+(a dimensionless drift statistic) or ``_total`` (a count). Labels are a small,
+fixed set with bounded values; see ``LABELS``.
+
+Ray ships histograms from each process as bucket counts and rebuilds ``_sum``
+from bucket midpoints, so ``_count`` and buckets (quantiles) are exact and
+``_sum`` is approximate; where an exact mean matters there is a counter pair.
+"""
+
+import functools
+
+from ray.serve import metrics
+
+PREFIX = "maas_"
+EXPORTED_PREFIX = "ray_" + PREFIX  # what Prometheus sees
+
+# Buckets are fixed so dashboards and alerts can rely on them.
+LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+CONFIDENCE_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
+IMAGE_BYTES_BUCKETS = (1e3, 1e4, 5e4, 1e5, 2.5e5, 5e5, 1e6, 2.5e6, 5e6, 1e7, 2e7)
+IMAGE_PIXELS_BUCKETS = (1e4, 5e4, 1e5, 2.5e5, 5e5, 1e6, 2e6, 4e6, 1e7, 2e7, 4e7)
+TEXT_TOKENS_BUCKETS = (4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+# Class labels are class indices, never free text; at most this many distinct values.
+MAX_CLASS_INDEX_VALUES = 1000
+OTHER = "other"
+
+LABELS = {
+    "model": "model name as reported by GET /v1/models",
+    "version": "model version as reported by GET /v1/models",
+    "route": "API route template, e.g. /v1/vision/classify",
+    "status": "HTTP status code",
+    "class_index": f"predicted class index, or {OTHER!r} beyond {MAX_CLASS_INDEX_VALUES}",
+    "error_type": "exception class or API error type",
+    "measure": "drift measure: confidence_psi, class_psi or embedding_cosine_shift",
+}
+
+
+def class_label(index: int) -> str:
+    return str(index) if 0 <= index < MAX_CLASS_INDEX_VALUES else OTHER
+
+
+class ModelMetrics:
+    """The instruments of one model deployment. Create it inside the replica."""
+
+    def __init__(self, model: str, version: str):
+        tags = ("model", "version")
+        self.inference_seconds = metrics.Histogram(
+            PREFIX + "model_inference_seconds",
+            description="Time of one batched forward pass.",
+            boundaries=list(LATENCY_BUCKETS_S),
+            tag_keys=tags,
+        )
+        self.preprocess_seconds = metrics.Histogram(
+            PREFIX + "model_preprocess_seconds",
+            description="Time to turn a batch of inputs into tensors (stacking and normalising, or tokenising).",
+            boundaries=list(LATENCY_BUCKETS_S),
+            tag_keys=tags,
+        )
+        self.batch_size = metrics.Histogram(
+            PREFIX + "model_batch_size_items",
+            description="Inputs per forward pass, as gathered by @serve.batch.",
+            boundaries=list(BATCH_SIZE_BUCKETS),
+            tag_keys=tags,
+        )
+        # Ray exports histogram sums at bucket midpoints, so exact means need counters.
+        self.batches = metrics.Counter(
+            PREFIX + "model_batches_total",
+            description="Forward passes (batches) run.",
+            tag_keys=tags,
+        )
+        self.batched_items = metrics.Counter(
+            PREFIX + "model_batched_items_total",
+            description="Inputs run through forward passes; divided by batches it is the exact mean batch size.",
+            tag_keys=tags,
+        )
+        self.confidence = metrics.Histogram(
+            PREFIX + "model_confidence_ratio",
+            description="Top class probability of each prediction.",
+            boundaries=list(CONFIDENCE_BUCKETS),
+            tag_keys=tags,
+        )
+        self.predictions = metrics.Counter(
+            PREFIX + "model_predictions_total",
+            description="Predictions by top class index.",
+            tag_keys=(*tags, "class_index"),
+        )
+        self.input_tokens = metrics.Histogram(
+            PREFIX + "model_input_tokens",
+            description="Tokens per input text, before truncation.",
+            boundaries=list(TEXT_TOKENS_BUCKETS),
+            tag_keys=tags,
+        )
+        self.errors = metrics.Counter(
+            PREFIX + "model_errors_total",
+            description="Calls into the model deployment that raised, by exception type.",
+            tag_keys=(*tags, "error_type"),
+        )
+        self.drift_score = metrics.Gauge(
+            PREFIX + "model_drift_score",
+            description="Drift of live traffic against the reference profile (see monitoring/README.md).",
+            tag_keys=(*tags, "measure"),
+        )
+        self.drift_threshold = metrics.Gauge(
+            PREFIX + "model_drift_threshold_score",
+            description="Threshold above which a drift measure counts as drift (from user_config).",
+            tag_keys=(*tags, "measure"),
+        )
+        self.drift_window = metrics.Gauge(
+            PREFIX + "model_drift_window_items",
+            description="Live inputs in the drift window of this replica.",
+            tag_keys=tags,
+        )
+        self._all = [
+            self.inference_seconds, self.preprocess_seconds, self.batch_size, self.batches, self.batched_items,
+            self.confidence,
+            self.predictions, self.input_tokens, self.errors, self.drift_score, self.drift_threshold,
+            self.drift_window,
+        ]  # fmt: skip
+        self.set_model(model, version)
+
+    def set_model(self, model: str, version: str) -> None:
+        for instrument in self._all:
+            instrument.set_default_tags({"model": model, "version": version})
+
+    def observe_batch(self, size: int, preprocess_s: float, inference_s: float) -> None:
+        self.batch_size.observe(size)
+        self.batches.inc()
+        self.batched_items.inc(size)
+        self.preprocess_seconds.observe(preprocess_s)
+        self.inference_seconds.observe(inference_s)
+
+    def observe_prediction(self, class_index: int, confidence: float) -> None:
+        self.confidence.observe(confidence)
+        self.predictions.inc(tags={"class_index": class_label(class_index)})
+
+    def observe_error(self, error: BaseException) -> None:
+        self.errors.inc(tags={"error_type": type(error).__name__})
+
+    def set_drift(self, window: int, scores: dict[str, float], thresholds: dict[str, float]) -> None:
+        self.drift_window.set(window)
+        for measure, value in scores.items():
+            self.drift_score.set(value, tags={"measure": measure})
+        for measure, value in thresholds.items():
+            self.drift_threshold.set(value, tags={"measure": measure})
+
+
+class RequestMetrics:
+    """The ingress's instruments: every HTTP request by route and status, and the images it decodes."""
+
+    def __init__(self):
+        self.requests = metrics.Counter(
+            PREFIX + "http_requests_total",
+            description="HTTP requests answered by the ingress, by route template and status code.",
+            tag_keys=("route", "status"),
+        )
+        self.duration = metrics.Histogram(
+            PREFIX + "http_request_duration_seconds",
+            description="Time from request received to response sent by the ingress.",
+            boundaries=list(LATENCY_BUCKETS_S),
+            tag_keys=("route", "status"),
+        )
+        self.errors = metrics.Counter(
+            PREFIX + "http_errors_total",
+            description="Error responses by route and error type (the `type` of the response's first detail).",
+            tag_keys=("route", "error_type"),
+        )
+        self.image_bytes = metrics.Histogram(
+            PREFIX + "input_image_bytes",
+            description="Size of each uploaded image, encoded.",
+            boundaries=list(IMAGE_BYTES_BUCKETS),
+            tag_keys=("route",),
+        )
+        self.image_pixels = metrics.Histogram(
+            PREFIX + "input_image_pixels",
+            description="Width times height of each uploaded image.",
+            boundaries=list(IMAGE_PIXELS_BUCKETS),
+            tag_keys=("route",),
+        )
+        self.decode_seconds = metrics.Histogram(
+            PREFIX + "image_preprocess_seconds",
+            description="Time to decode, resize and crop one uploaded image at the ingress.",
+            boundaries=list(LATENCY_BUCKETS_S),
+            tag_keys=("route",),
+        )
+
+    def observe_request(self, route: str, status: int, seconds: float, error_type: str | None) -> None:
+        tags = {"route": route, "status": str(status)}
+        self.requests.inc(tags=tags)
+        self.duration.observe(seconds, tags=tags)
+        if error_type is not None:
+            self.errors.inc(tags={"route": route, "error_type": error_type})
+
+    def observe_image(self, route: str, size_bytes: int, pixels: int, seconds: float) -> None:
+        tags = {"route": route}
+        self.image_bytes.observe(size_bytes, tags=tags)
+        self.image_pixels.observe(pixels, tags=tags)
+        self.decode_seconds.observe(seconds, tags=tags)
+
+
+@functools.cache
+def request_metrics() -> RequestMetrics:
+    """The process's one set of ingress instruments (first call must be inside the replica)."""
+    return RequestMetrics()
