@@ -51,3 +51,15 @@ def deploy(config: dict, path: Path, dashboard_port: int) -> None:
 def mark_integration(items) -> None:
     for item in items:
         item.add_marker(pytest.mark.integration)
+
+
+def replica_infos(deployment: str, replicas: int, attempts: int = 400) -> dict[str, dict]:
+    """``info()`` of every replica of a deployment, keyed by replica id (asked until all have answered)."""
+    handle = serve.get_deployment_handle(deployment, app_name=APP)
+    seen: dict[str, dict] = {}
+    for _ in range(attempts):
+        info = handle.info.remote().result()
+        seen[info["placement"]["replica"]] = info
+        if len(seen) == replicas:
+            return seen
+    pytest.fail(f"only {len(seen)} of {replicas} {deployment} replicas answered info()")

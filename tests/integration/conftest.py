@@ -33,6 +33,8 @@ def ray_cluster():
         dashboard_host="127.0.0.1",
         dashboard_port=DASHBOARD_PORT,
         log_to_driver=False,
+        # Export metrics every 2 s instead of 10 s, so the Prometheus test waits less.
+        _system_config={"metrics_report_interval_ms": 2000},
     )
     yield
     serve.shutdown()

@@ -2,12 +2,11 @@
 
 import httpx
 import pytest
-from ray import serve
 from ray.util.state import list_actors
 
 from tests.conftest import b64
 from tests.multinode.conftest import HTTP_PORT, VISION_REPLICAS
-from tests.serving import APP
+from tests.serving import APP, replica_infos
 
 
 def replica_nodes(deployment: str) -> list[str]:
@@ -17,15 +16,8 @@ def replica_nodes(deployment: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def vision_replicas(app) -> dict[str, dict]:
-    """``info()`` of every vision replica, keyed by replica id (asked until all have answered)."""
-    handle = serve.get_deployment_handle("VisionClassifier", app_name=APP)
-    seen: dict[str, dict] = {}
-    for _ in range(200):
-        info = handle.info.remote().result()
-        seen[info["placement"]["replica"]] = info
-        if len(seen) == VISION_REPLICAS:
-            break
-    return seen
+    """``info()`` of every vision replica, keyed by replica id."""
+    return replica_infos("VisionClassifier", VISION_REPLICAS)
 
 
 def test_four_quarter_gpu_replicas_pack_onto_one_gpu(cluster, vision_replicas):

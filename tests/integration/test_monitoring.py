@@ -1,0 +1,331 @@
+"""Monitoring against a real Prometheus: the project's metrics, Ray Serve's, drift, dashboards and alerts.
+
+A real ``prometheus`` (Debian's package) runs on loopback with the project's
+config (monitoring/prometheus.yml: Ray's service-discovery file, alerts.yml),
+scraping every second. The module deploys the app with live drift settings
+sized for a test (a user_config update, no restart), sends traffic, and asks
+Prometheus's HTTP API what it saw.
+"""
+
+import io
+import os
+import shutil
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from monitoring import catalog
+from monitoring.profile import augmented, skimage_photos
+from tests.conftest import b64
+from tests.integration.conftest import deploy, shipped_config
+from tests.serving import ROOT, replica_infos
+
+PROMETHEUS_PORT = int(os.environ.get("MAAS_TEST_PROMETHEUS_PORT", "9095"))
+SERVICE_DISCOVERY = Path("/tmp/ray/prom_metrics_service_discovery.json")
+VISION_ROUTE = "/v1/vision/classify"
+EGYPTIAN_CAT = "285"  # ImageNet class index
+
+# Drift settings for the test, applied live through user_config. The text window
+# is small because the held-out English set is small, so its threshold is
+# raised to stay above that window's sampling noise (monitoring/README.md#drift).
+VISION_REPLICAS = 2
+VISION_DRIFT = {"window_size": 200, "min_samples": 200, "thresholds": {"confidence_psi": 0.25, "class_psi": 0.25}}
+TEXT_DRIFT = {"window_size": 40, "min_samples": 40, "thresholds": {"embedding_cosine_shift": 0.3}}
+DATA = ROOT / "tests" / "data"
+
+
+class Prometheus:
+    def __init__(self, url: str):
+        self.client = httpx.Client(base_url=url, timeout=10)
+
+    def query(self, expr: str) -> float:
+        """Sum of an instant vector; 0 when it is empty."""
+        response = self.client.get("/api/v1/query", params={"query": expr})
+        response.raise_for_status()
+        return sum(float(sample["value"][1]) for sample in response.json()["data"]["result"])
+
+    def wait_for(self, expr: str, predicate, timeout_s: float = 60) -> float:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            value = self.query(expr)
+            if predicate(value) or time.monotonic() > deadline:
+                return value
+            time.sleep(1)
+
+    def stable(self, expr: str, quiet_s: float = 6, timeout_s: float = 60) -> float:
+        """The value once it has not changed for ``quiet_s`` (all earlier traffic exported and scraped)."""
+        deadline = time.monotonic() + timeout_s
+        value, since = self.query(expr), time.monotonic()
+        while time.monotonic() - since < quiet_s and time.monotonic() < deadline:
+            time.sleep(1)
+            latest = self.query(expr)
+            if latest != value:
+                value, since = latest, time.monotonic()
+        return value
+
+    def metric_names(self) -> set[str]:
+        return set(self.client.get("/api/v1/label/__name__/values").json()["data"])
+
+
+@pytest.fixture(scope="module")
+def prometheus(app_url, tmp_path_factory):
+    binary = shutil.which("prometheus")
+    if binary is None:
+        if os.environ.get("CI"):
+            pytest.fail("prometheus is not installed; .ci/run installs Debian's prometheus package")
+        pytest.skip("prometheus is not installed (apt-get install prometheus)")
+    config = yaml.safe_load((ROOT / "monitoring" / "prometheus.yml").read_text())
+    (sd_file,) = config["scrape_configs"][0]["file_sd_configs"][0]["files"]
+    assert Path(sd_file) == SERVICE_DISCOVERY and SERVICE_DISCOVERY.exists(), "Ray did not write its SD file"
+    config["global"] |= {"scrape_interval": "1s", "evaluation_interval": "1s"}
+    config["rule_files"] = [str(ROOT / "monitoring" / "alerts.yml")]
+    folder = tmp_path_factory.mktemp("prometheus")
+    (folder / "prometheus.yml").write_text(yaml.safe_dump(config))
+    log = (folder / "prometheus.log").open("w")
+    process = subprocess.Popen(
+        [
+            binary,
+            f"--config.file={folder / 'prometheus.yml'}",
+            f"--storage.tsdb.path={folder / 'data'}",
+            f"--web.listen-address=127.0.0.1:{PROMETHEUS_PORT}",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{PROMETHEUS_PORT}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"{url}/-/ready").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"prometheus did not start: {(folder / 'prometheus.log').read_text()[-2000:]}")
+            time.sleep(0.5)
+        yield Prometheus(url)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def drift_app(app_url, tmp_path_factory):
+    """The shipped app with the test's drift windows, applied live; windows start empty."""
+    config = shipped_config()
+    (app,) = config["applications"]
+    by_name = {d["name"]: d for d in app["deployments"]}
+    by_name["VisionClassifier"]["user_config"]["drift"] = VISION_DRIFT
+    by_name["VisionClassifier"]["autoscaling_config"] |= {"min_replicas": VISION_REPLICAS}
+    by_name["TextEncoder"]["user_config"]["drift"] = TEXT_DRIFT
+    by_name["TextEncoder"]["autoscaling_config"] |= {"min_replicas": 1, "max_replicas": 1}
+    deploy(config, tmp_path_factory.mktemp("drift") / "drift.yaml")
+    return app_url
+
+
+def jpeg(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format="JPEG", quality=90)
+    return b64(buffer.getvalue())
+
+
+def post_all(url: str, route: str, payloads: list[dict], concurrency: int = 8) -> list[int]:
+    with httpx.Client(base_url=url, timeout=60) as client, ThreadPoolExecutor(concurrency) as pool:
+        return list(pool.map(lambda p: client.post(route, json=p).status_code, payloads))
+
+
+def drift_statuses(deployment: str, replicas: int) -> list[dict]:
+    return [info["drift"] for info in replica_infos(deployment, replicas).values()]
+
+
+def shifted_images(count: int, seed: int = 0) -> list[str]:
+    """What a broken camera or a bad upstream sends: noise, solid colours, blank frames."""
+    rng = np.random.default_rng(seed)
+    images = []
+    for i in range(count):
+        if i % 3 == 0:
+            array = rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)
+        elif i % 3 == 1:
+            array = np.tile(rng.integers(0, 256, 3).astype(np.uint8), (256, 256, 1))
+        else:
+            array = np.full((256, 256, 3), rng.integers(0, 256), dtype=np.uint8)
+        images.append(jpeg(Image.fromarray(array)))
+    return images
+
+
+def lines(name: str) -> list[str]:
+    return [line.strip() for line in (DATA / name).read_text().splitlines() if line.strip()]
+
+
+# --- Counts and values: what Prometheus shows matches the traffic sent -------------------------
+
+
+def test_prometheus_scrapes_every_ray_node_target(prometheus):
+    targets = prometheus.client.get("/api/v1/targets").json()["data"]["activeTargets"]
+    expected = yaml.safe_load(SERVICE_DISCOVERY.read_text())[0]["targets"]
+    deadline = time.monotonic() + 30
+    while {t["health"] for t in targets} != {"up"} and time.monotonic() < deadline:
+        time.sleep(1)
+        targets = prometheus.client.get("/api/v1/targets").json()["data"]["activeTargets"]
+    assert sorted(t["labels"]["instance"] for t in targets) == sorted(expected)
+    assert {t["health"] for t in targets} == {"up"}
+
+
+def test_counts_match_the_traffic_sent(prometheus, drift_app, chelsea_jpeg):
+    exprs = {
+        "ok": f'sum(ray_maas_http_requests_total{{route="{VISION_ROUTE}", status="200"}})',
+        "bad": f'sum(ray_maas_http_requests_total{{route="{VISION_ROUTE}", status="422"}})',
+        "bad_by_type": f'sum(ray_maas_http_errors_total{{route="{VISION_ROUTE}", error_type="invalid_image"}})',
+        "inferences": 'sum(ray_maas_model_confidence_ratio_count{deployment="VisionClassifier"})',
+        "cats": f'sum(ray_maas_model_predictions_total{{deployment="VisionClassifier", class_index="{EGYPTIAN_CAT}"}})',
+        "images": f'sum(ray_maas_input_image_bytes_count{{route="{VISION_ROUTE}"}})',
+        "texts": 'sum(ray_maas_model_input_tokens_count{deployment="TextEncoder"})',
+        "fusion_errors": 'sum(ray_maas_model_errors_total{deployment="FusionScorer", error_type="InvalidInput"})',
+        "serve_requests": 'sum(ray_serve_num_http_requests_total{application="multimodal"})',
+    }
+    before = {name: prometheus.stable(expr) for name, expr in exprs.items()}
+
+    cats, bad_images, texts = 12, 3, 5
+    cat = {"image": b64(chelsea_jpeg), "top_k": 1}
+    assert post_all(drift_app, VISION_ROUTE, [cat] * cats) == [200] * cats
+    assert post_all(drift_app, VISION_ROUTE, [{"image": b64(b"not an image")}] * bad_images) == [422] * bad_images
+    sentences = [{"texts": [s]} for s in lines("english_heldout.txt")[:texts]]
+    assert post_all(drift_app, "/v1/text/embed", sentences) == [200] * texts
+    expected = {
+        "ok": cats,
+        "bad": bad_images,
+        "bad_by_type": bad_images,
+        "inferences": cats,  # the histogram's count is the number of images classified
+        "cats": cats,
+        "images": cats,  # undecodable uploads are not counted as images
+        "texts": texts,
+    }
+
+    def check(expected: dict) -> None:
+        for name, delta in expected.items():
+            seen = prometheus.wait_for(exprs[name], lambda v, d=delta, n=name: v >= before[n] + d) - before[name]
+            assert seen == delta, f"{name}: Prometheus saw {seen}, sent {delta} ({exprs[name]})"
+
+    check(expected)
+    # An error raised inside a model deployment is counted there, by exception type.
+    zero_weights = {"text": "a cat", "labels": ["cat", "dog"], "vision_weight": 0, "text_weight": 0}
+    assert post_all(drift_app, "/v1/multimodal/analyze", [zero_weights]) == [422]
+    check({"fusion_errors": 1})
+    # Ray Serve's own metrics count the same requests at the proxy.
+    sent = cats + bad_images + texts + 1
+    served = prometheus.wait_for(exprs["serve_requests"], lambda v: v >= before["serve_requests"] + sent)
+    assert served - before["serve_requests"] >= sent
+
+
+def test_latency_batch_and_health_values_are_plausible(prometheus, drift_app):
+    route = f'route="{VISION_ROUTE}"'
+    p50 = prometheus.query(
+        f"histogram_quantile(0.5, sum by (le) (ray_maas_http_request_duration_seconds_bucket{{{route}}}))"
+    )
+    assert 0.001 <= p50 <= 10, p50
+    inference_p50 = prometheus.query(
+        'histogram_quantile(0.5, sum by (le) (ray_maas_model_inference_seconds_bucket{deployment="VisionClassifier"}))'
+    )
+    assert 0.001 <= inference_p50 <= p50, (inference_p50, p50)
+    mean_batch = prometheus.query(
+        'sum(ray_maas_model_batched_items_total{deployment="VisionClassifier"}) / '
+        'sum(ray_maas_model_batches_total{deployment="VisionClassifier"})'
+    )
+    assert 1 <= mean_batch <= 8, mean_batch  # max_batch_size in serve_config.yaml
+    healthy = prometheus.wait_for(
+        'sum(ray_serve_deployment_replica_healthy{application="multimodal"})', lambda v: v >= VISION_REPLICAS + 3
+    )
+    assert healthy >= VISION_REPLICAS + 3  # vision x2, text, fusion, ingress
+
+
+# --- Drift: in-distribution traffic stays under the thresholds; a shifted stream crosses them ----
+
+
+def test_in_distribution_traffic_stays_under_the_thresholds(drift_app):
+    for status in drift_statuses("VisionClassifier", VISION_REPLICAS) + drift_statuses("TextEncoder", 1):
+        assert status["status"] == "collecting", status
+
+    # Real photographs (new random crops of the reference photos) and ordinary English sentences
+    # that are not in the reference set.
+    # Sent until every replica's window holds min_samples (the router splits traffic unevenly).
+    photos = [jpeg(image) for image in augmented(skimage_photos(), 40, seed=7)]
+    np.random.default_rng(7).shuffle(photos)  # a stream of mixed scenes, not one scene after another
+    sent = 0
+    while any(s["status"] == "collecting" for s in drift_statuses("VisionClassifier", VISION_REPLICAS)):
+        assert sent < len(photos), "the drift windows did not fill"
+        chunk = [{"image": p, "top_k": 1} for p in photos[sent : sent + 100]]
+        assert set(post_all(drift_app, VISION_ROUTE, chunk)) == {200}
+        sent += len(chunk)
+    english = [{"texts": [s]} for s in lines("english_heldout.txt")]
+    assert set(post_all(drift_app, "/v1/text/embed", english, concurrency=4)) == {200}
+
+    for status in drift_statuses("VisionClassifier", VISION_REPLICAS):
+        assert status["status"] == "ok", status
+        assert set(status["scores"]) == {"confidence_psi", "class_psi"}
+        assert all(status["scores"][m] < status["thresholds"][m] for m in status["scores"]), status
+    (text,) = drift_statuses("TextEncoder", 1)
+    assert text["status"] == "ok", text
+    assert text["scores"]["embedding_cosine_shift"] < TEXT_DRIFT["thresholds"]["embedding_cosine_shift"]
+
+    models = {m["deployment"]: m for m in httpx.get(f"{drift_app}/v1/models").json()["models"]}
+    assert models["vision"]["drift"]["status"] == "ok"
+    assert models["vision"]["drift"]["reference"]["model"] == models["vision"]["name"]
+    assert models["text"]["drift"]["status"] == "ok"
+    assert models["fusion"]["drift"]["status"] == "disabled"
+
+
+def test_a_shifted_stream_crosses_the_thresholds_within_one_window(prometheus, drift_app):
+    window = VISION_DRIFT["window_size"]
+    shifted = shifted_images(VISION_REPLICAS * window)
+    sent = 0
+    while sent < len(shifted):
+        chunk = shifted[sent : sent + 40]
+        assert set(post_all(drift_app, VISION_ROUTE, [{"image": p, "top_k": 1} for p in chunk])) == {200}
+        sent += len(chunk)
+        statuses = drift_statuses("VisionClassifier", VISION_REPLICAS)
+        if all(s["status"] == "drift" for s in statuses):
+            break
+    assert all(s["status"] == "drift" for s in statuses), statuses
+    assert sent <= VISION_REPLICAS * window  # each replica saw at most one window of shifted images
+    for status in statuses:
+        assert "confidence_psi" in status["drifted"], status
+
+    foreign = lines("german.txt") + lines("logs.txt")  # other languages, machine logs and code
+    sent = 0
+    while sent < TEXT_DRIFT["window_size"]:
+        batch = [{"texts": [s]} for s in foreign[sent : sent + 10]]
+        assert set(post_all(drift_app, "/v1/text/embed", batch, concurrency=4)) == {200}
+        sent += len(batch)
+        (text,) = drift_statuses("TextEncoder", 1)
+        if text["status"] == "drift":
+            break
+    assert text["status"] == "drift", text
+    assert text["drifted"] == ["embedding_cosine_shift"]
+
+    # The gauges reach Prometheus, and the drift alert's expression matches them (pending: for 10m).
+    crossed = prometheus.wait_for(
+        "count(ray_maas_model_drift_score > on (application, deployment, replica, model, version, measure) "
+        "ray_maas_model_drift_threshold_score)",
+        lambda v: v >= VISION_REPLICAS + 1,
+    )
+    assert crossed >= VISION_REPLICAS + 1
+    pending = prometheus.wait_for('count(ALERTS{alertname="MaasModelDrift"})', lambda v: v >= 1)
+    assert pending >= 1
+
+
+# --- The dashboard and the alerts use only metrics that exist ----------------------------------
+
+
+def test_every_metric_in_the_dashboard_and_alerts_is_in_a_real_scrape(prometheus):
+    names = prometheus.metric_names()
+    missing = sorted(catalog.referenced_metrics() - names)
+    assert not missing, f"referenced by monitoring/ but not scraped: {missing}"
