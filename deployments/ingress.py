@@ -20,7 +20,6 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
-from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -75,18 +74,18 @@ class RequestMetricsMiddleware:
                 status = message["status"]
             await send(message)
 
-        error_type = None
         try:
             await self.app(scope, receive, send_and_record_status)
-        except BackPressureError:
-            status, error_type = 503, "backpressure"  # Serve answers it with its backpressure_config
-            raise
         except Exception:
-            status, error_type = 500, "internal_error"
+            status = 500
             raise
         finally:
             route = getattr(scope.get("route"), "path", "unmatched")
-            error_type = error_type or scope.get("state", {}).get("error_type")
+            error_type = None
+            if status >= 400:
+                # Our handlers record the type of their first detail entry; responses Serve makes
+                # itself (backpressure 503s, handled inside the app) are typed by status.
+                error_type = scope.get("state", {}).get("error_type") or f"http_{status}"
             request_metrics().observe_request(route, status, time.perf_counter() - start, error_type)
 
 
