@@ -61,11 +61,12 @@ def drive(url: str, images: list[str], texts: list[str], seconds: float, clients
     deadline = time.monotonic() + seconds
 
     def client(index: int) -> None:
-        pick = itertools.count(index * 7)
+        rng = random.Random(index)  # every client draws its own inputs, as independent users would
         with httpx.Client(base_url=url, timeout=60) as http:
-            while time.monotonic() < deadline:
-                n = next(pick)
-                image, text = images[n % len(images)], texts[n % len(texts)]
+            for n in itertools.count(index):
+                if time.monotonic() >= deadline:
+                    break
+                image, text = rng.choice(images), rng.choice(texts)
                 route, body = [
                     ("/v1/vision/classify", {"image": image, "top_k": 3}),
                     ("/v1/text/embed", {"texts": [text]}),
