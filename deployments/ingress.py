@@ -237,15 +237,21 @@ class Ingress:
         self.text = text
         self.fusion = fusion
         self._image_spec: ImageSpec | None = None
+        self._image_spec_version: str | None = None  # the vision model version the geometry belongs to
         self.metrics = request_metrics()
 
     async def _pixels(self, route: str, image_b64: str | None, image_bytes: bytes | None) -> np.ndarray:
         """Decode, validate and prepare an image for the vision model (geometry only)."""
         if self._image_spec is None:
-            self._image_spec = await self.vision.image_spec.remote()
+            self._image_spec, self._image_spec_version = await self.vision.geometry.remote()
         image = await asyncio.to_thread(_decode_and_prepare, image_b64, image_bytes, self._image_spec)
         self.metrics.observe_image(route, image.size_bytes, image.source_pixels, image.seconds)
         return image.pixels
+
+    def _seen_vision_version(self, version: str) -> None:
+        """A live model update can change the geometry: ask again once another version answers."""
+        if version != self._image_spec_version:
+            self._image_spec = None
 
     @app.get("/healthz", response_model=schemas.Health)
     async def healthz(self) -> schemas.Health:
@@ -267,6 +273,7 @@ class Ingress:
         body, upload = await _read_body(request, schemas.VisionClassifyRequest, multipart=True)
         pixels = await self._pixels("/v1/vision/classify", body.image, upload)
         result = await self.vision.classify.remote(pixels, body.top_k, body.embed)
+        self._seen_vision_version(result.version)
         return schemas.VisionClassifyResponse(
             labels=_label_scores(result.labels),
             embedding=result.embedding.tolist() if result.embedding is not None else None,
@@ -327,6 +334,7 @@ class Ingress:
         vision_branch = None
         if vision is not None:
             image = await vision
+            self._seen_vision_version(image.version)
             vision_branch = schemas.VisionBranch(
                 classes=_label_scores(image.labels),
                 labels=ranked(result.vision_scores),

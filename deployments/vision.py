@@ -14,10 +14,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torchvision
+from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
-from deployments.imaging import ImageSpec, Interpolation
+from deployments.imaging import ImageSpec, Interpolation, prepare
 from deployments.runtime import (
     ModelSettings,
     configure_threads,
@@ -225,7 +226,7 @@ class VisionClassifier:
 
     Takes prepared ``(crop, crop, 3)`` uint8 images (see ``imaging.prepare``);
     the ingress decodes and validates the upload and asks ``image_spec()`` for
-    the geometry once. Every batch is measured (``monitoring.metrics``) and its
+    the geometry once per model version. Every batch is measured (``monitoring.metrics``) and its
     predictions feed the replica's drift window (``monitoring.drift``).
     """
 
@@ -255,6 +256,10 @@ class VisionClassifier:
     async def image_spec(self) -> ImageSpec:
         return self.model.spec
 
+    async def geometry(self) -> tuple[ImageSpec, str]:
+        """Preprocessing geometry and the model version it belongs to (callers cache it per version)."""
+        return self.model.spec, self.model.version
+
     async def class_names(self) -> list[str]:
         return self.model.categories
 
@@ -276,6 +281,10 @@ class VisionClassifier:
         )
 
     async def classify(self, pixels: np.ndarray, top_k: int = 5, embed: bool = False) -> VisionResult:
+        crop = self.model.spec.crop_size
+        if pixels.shape[:2] != (crop, crop):
+            # Prepared for another model's geometry (a caller's cache during a model update): redo it.
+            pixels = prepare(Image.fromarray(pixels), self.model.spec)
         try:
             probs, features, batch_size = await self._classify_batch(pixels)
         except Exception as exc:
