@@ -6,6 +6,8 @@ can run beside ``make serve``.
 """
 
 import os
+import sys
+from pathlib import Path
 
 import httpx
 import pytest
@@ -25,7 +27,12 @@ def pytest_collection_modifyitems(items):
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """A local Ray with two CPUs and no GPU, like the machines this runs on."""
+    """A local Ray with two CPUs and no GPU, like the machines this runs on.
+
+    Started with the virtualenv first on PATH, as from an activated venv, so
+    that ``python`` in a job's entrypoint is the project's interpreter.
+    """
+    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     ray.init(
         num_cpus=2,
         num_gpus=0,

@@ -1,0 +1,1 @@
+"""Offline work submitted to the cluster as Ray jobs."""
