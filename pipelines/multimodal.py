@@ -8,6 +8,7 @@ autoscaling and batching live in the YAML's ``deployments`` section.
 """
 
 import logging
+import time
 
 import ray
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -34,6 +35,13 @@ class MultimodalArgs(BaseModel):
         description="Fail the deploy unless the cluster has GPUs. Set by the GPU profile, whose "
         "replicas would otherwise wait forever for a GPU that does not exist.",
     )
+    gpu_wait_s: float = Field(
+        0.0,
+        ge=0.0,
+        le=3600.0,
+        description="With require_gpus: how long to wait for a GPU node to join before failing (on clusters "
+        "whose GPU workers start after the head, such as the cluster launcher's or KubeRay's).",
+    )
 
 
 def build_app(args: MultimodalArgs | dict | None = None) -> Application:
@@ -43,7 +51,7 @@ def build_app(args: MultimodalArgs | dict | None = None) -> Application:
     except ValidationError as exc:
         raise ConfigError(f"invalid application args:\n{exc}") from None
     if args.require_gpus:
-        _check_gpus()
+        _check_gpus(args.gpu_wait_s)
 
     vision = VisionClassifier.bind(args.vision)
     text = TextEncoder.bind(args.text)
@@ -51,13 +59,17 @@ def build_app(args: MultimodalArgs | dict | None = None) -> Application:
     return Ingress.bind(vision, text, fusion)
 
 
-def _check_gpus() -> None:
+def _check_gpus(wait_s: float) -> None:
     if not ray.is_initialized():
         return
-    gpus = ray.cluster_resources().get("GPU", 0)
+    deadline = time.monotonic() + wait_s
+    while (gpus := ray.cluster_resources().get("GPU", 0)) <= 0 and time.monotonic() < deadline:
+        logger.info("No GPU in the cluster yet; waiting up to %.0f s more for a GPU node.", deadline - time.monotonic())
+        time.sleep(min(10.0, max(0.0, deadline - time.monotonic())))
     if gpus <= 0:
+        waited = f" (waited {wait_s:.0f} s for a GPU node to join)" if wait_s else ""
         raise ConfigError(
-            "this config asks for GPUs (require_gpus: true) but the Ray cluster has none, so its "
+            f"this config asks for GPUs (require_gpus: true) but the Ray cluster has none{waited}, so its "
             "replicas would never start. Deploy serve_config.yaml (the CPU profile) instead, or add "
             "GPU nodes."
         )

@@ -71,6 +71,7 @@ def test_profiles_differ_only_in_gpu_shares():
         deployment["ray_actor_options"]["num_gpus"] = deployments(cpu)[name]["ray_actor_options"].get("num_gpus", 0)
         deployment["ray_actor_options"].pop("label_selector", None)  # keeps CPU work off GPU nodes
     gpu["applications"][0]["args"]["require_gpus"] = False
+    del gpu["applications"][0]["args"]["gpu_wait_s"]
     assert cpu == gpu
 
 
