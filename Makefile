@@ -22,10 +22,11 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 ## Start the default app on a local Ray at http://127.0.0.1:8000 (Ctrl-C stops it).
+## The venv goes first on PATH, so `python` in `ray job submit` entrypoints is the project's.
 serve: install
 	@echo "Starting $(CONFIG) on a local Ray; the API will be at http://127.0.0.1:8000 (docs at /docs)."
 	@echo "Try: curl -s http://127.0.0.1:8000/healthz"
-	$(BIN)/serve run $(CONFIG)
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/serve run $(CONFIG)
 
 ## Run the whole suite: unit tests, then integration tests on a real local Ray.
 test: install
