@@ -42,7 +42,7 @@ def cluster():
     gpu_node = cluster.add_node(num_cpus=2, num_gpus=1, labels={"node-kind": "gpu"})
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, log_to_driver=False)
-    yield {"head": cluster.head_node.node_id, "gpu": gpu_node.node_id}
+    yield {"head": cluster.head_node.node_id, "gpu": gpu_node.node_id, "cluster": cluster, "gpu_node": gpu_node}
     serve.shutdown()
     ray.shutdown()
     cluster.shutdown()
