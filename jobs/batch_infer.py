@@ -80,7 +80,7 @@ class Job:
         self.versions: set[str] = set()
         self.limit = asyncio.Semaphore(args.concurrency)
 
-    async def image(self, record: Record) -> dict:
+    async def run_image(self, record: Record) -> dict:
         if self.spec is None:
             self.spec, _ = await self.vision.geometry.remote()
         raw = await asyncio.to_thread(Path(record.source).read_bytes)
@@ -89,7 +89,7 @@ class Job:
         self.versions.add(f"{result.model} {result.version}")
         return {"labels": [{"label": label, "score": score} for label, score in result.labels]}
 
-    async def text(self, record: Record) -> dict:
+    async def run_text(self, record: Record) -> dict:
         item = record.source
         text = item.get("text") if isinstance(item, dict) else None
         if not isinstance(text, str) or not text.strip():
@@ -108,7 +108,7 @@ class Job:
         """(result, None) or (None, error) for one record; a failing record never stops the job."""
         async with self.limit:
             try:
-                work = self.image if self.args.images else self.text
+                work = self.run_image if self.args.images else self.run_text
                 return {"id": record.id, **await work(record)}, None
             except (MaasError, ValueError, OSError) as exc:
                 reason = exc.message if isinstance(exc, MaasError) else str(exc)

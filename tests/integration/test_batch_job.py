@@ -104,3 +104,22 @@ def test_a_stopped_job_resumes_without_losing_or_repeating_records(jobs, image_f
         str(p.relative_to(image_folder)) for p in image_folder.rglob("*") if p.is_file()
     )
     assert not list(out.rglob("*.tmp"))
+
+
+def test_job_embeds_a_jsonl_file_and_reports_malformed_lines(jobs, tmp_path):
+    sentences = (ROOT / "monitoring" / "samples" / "english.txt").read_text().splitlines()[:5]
+    lines = [json.dumps({"id": f"s{i}", "text": s}) for i, s in enumerate(sentences)]
+    lines += ["{not json", json.dumps({"id": "no-text", "body": "missing the text field"})]
+    source = tmp_path / "texts.jsonl"
+    source.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    job_id = submit(jobs, f"--texts {source} --out {out}")
+    status = wait(jobs, job_id, {JobStatus.SUCCEEDED, JobStatus.FAILED})
+    assert status == JobStatus.SUCCEEDED, jobs.get_job_logs(job_id)[-3000:]
+
+    results = read_parts(out / "results")
+    assert [r["id"] for r in results] == [f"s{i}" for i in range(5)]
+    assert all(len(r["embedding"]) == 384 for r in results)
+    errors = {e["id"]: e["reason"] for e in read_parts(out / "errors")}
+    assert set(errors) == {str(len(sentences) + 1), "no-text"}  # the bad line is named by its line number
+    assert all("'text'" in reason for reason in errors.values())
