@@ -28,10 +28,12 @@ serve: install
 	@echo "Try: curl -s http://127.0.0.1:8000/healthz"
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/serve run $(CONFIG)
 
-## Run the whole suite: unit tests, then integration tests on a real local Ray.
+## Run the whole suite: unit tests, integration tests on a real local Ray, then multi-node clusters
+## (each in its own pytest process: one driver joins one cluster).
 test: install
 	$(BIN)/python -m pytest tests/unit tests/integration
 	$(BIN)/python -m pytest tests/multinode
+	$(BIN)/python -m pytest tests/nodescaling
 
 ## Load-test the raw models, a single-process server and the cluster; writes docs/BENCHMARKS.md.
 bench: install

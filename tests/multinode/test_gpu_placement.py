@@ -5,12 +5,14 @@ import pytest
 from ray.util.state import list_actors
 
 from tests.conftest import b64
-from tests.multinode.conftest import HTTP_PORT, VISION_REPLICAS
+from tests.multinode.conftest import DASHBOARD_PORT, HTTP_PORT, VISION_REPLICAS
 from tests.serving import APP, replica_infos
 
 
 def replica_nodes(deployment: str) -> list[str]:
-    actors = list_actors(filters=[("state", "=", "ALIVE")], detail=True, limit=1000)
+    # With an address, the state API does not go looking for (possibly several) local Rays.
+    address = f"http://127.0.0.1:{DASHBOARD_PORT}"
+    actors = list_actors(address=address, filters=[("state", "=", "ALIVE")], detail=True, limit=1000)
     return [a.node_id for a in actors if a.class_name == f"ServeReplica:{APP}:{deployment}"]
 
 
