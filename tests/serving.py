@@ -53,13 +53,19 @@ def mark_integration(items) -> None:
         item.add_marker(pytest.mark.integration)
 
 
-def replica_infos(deployment: str, replicas: int, attempts: int = 400) -> dict[str, dict]:
-    """``info()`` of every replica of a deployment, keyed by replica id (asked until all have answered)."""
+def replica_infos(deployment: str, replicas: int, timeout_s: float = 60) -> dict[str, dict]:
+    """``info()`` of every replica of a deployment, keyed by replica id (asked until all have answered).
+
+    Keeps asking for up to ``timeout_s``: right after a deploy, a handle's router
+    can briefly know fewer replicas than are running.
+    """
     handle = serve.get_deployment_handle(deployment, app_name=APP)
     seen: dict[str, dict] = {}
-    for _ in range(attempts):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
         info = handle.info.remote().result()
         seen[info["placement"]["replica"]] = info
         if len(seen) == replicas:
             return seen
-    pytest.fail(f"only {len(seen)} of {replicas} {deployment} replicas answered info()")
+        time.sleep(0.02)
+    pytest.fail(f"only {len(seen)} of {replicas} {deployment} replicas answered info() in {timeout_s} s")
