@@ -1,6 +1,7 @@
 """Deploying the app onto a test cluster the way the README does: ``serve deploy`` of a YAML."""
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -69,3 +70,33 @@ def replica_infos(deployment: str, replicas: int, timeout_s: float = 60) -> dict
             return seen
         time.sleep(0.02)
     pytest.fail(f"only {len(seen)} of {replicas} {deployment} replicas answered info() in {timeout_s} s")
+
+
+def gpu_profile(http_port: int, vision_replicas: int, require_gpus: bool = True) -> dict:
+    """serve_config.gpu.yaml with a fixed number of vision replicas, and text on the CPU so only vision needs a GPU."""
+    config = load_config("serve_config.gpu.yaml", http_port)
+    (app,) = config["applications"]
+    app["args"]["require_gpus"] = require_gpus
+    deployments = {d["name"]: d for d in app["deployments"]}
+    vision = deployments["VisionClassifier"]
+    vision.pop("autoscaling_config")
+    vision["num_replicas"] = vision_replicas
+    vision["ray_actor_options"]["num_cpus"] = 0.25
+    deployments["TextEncoder"]["ray_actor_options"]["num_gpus"] = 0
+    return config
+
+
+def prometheus_tool(name: str) -> str:
+    """Path of ``prometheus`` or ``promtool`` (Debian's prometheus package).
+
+    Missing: skipped with the reason .ci/run gives when it could not install
+    the package, a failure in CI otherwise (CI installs it), else skipped.
+    """
+    path = shutil.which(name)
+    if path is None:
+        if reason := os.environ.get("MAAS_PROMETHEUS_UNAVAILABLE"):
+            pytest.skip(f"{name} could not be installed: {reason}")
+        if os.environ.get("CI"):
+            pytest.fail(f"{name} is not on PATH; .ci/run installs Debian's prometheus package, which provides it")
+        pytest.skip(f"{name} is not installed (apt-get install prometheus)")
+    return path

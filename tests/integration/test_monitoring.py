@@ -9,7 +9,6 @@ Prometheus's HTTP API what it saw.
 
 import io
 import os
-import shutil
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -25,7 +24,7 @@ from monitoring import catalog
 from monitoring.profile import augmented, skimage_photos
 from tests.conftest import b64
 from tests.integration.conftest import deploy, shipped_config
-from tests.serving import ROOT, replica_infos
+from tests.serving import ROOT, prometheus_tool, replica_infos
 
 PROMETHEUS_PORT = int(os.environ.get("MAAS_TEST_PROMETHEUS_PORT", "9095"))
 SERVICE_DISCOVERY = Path("/tmp/ray/prom_metrics_service_discovery.json")
@@ -76,13 +75,7 @@ class Prometheus:
 
 @pytest.fixture(scope="module")
 def prometheus(app_url, tmp_path_factory):
-    binary = shutil.which("prometheus")
-    if binary is None:
-        if reason := os.environ.get("MAAS_PROMETHEUS_UNAVAILABLE"):
-            pytest.skip(f"prometheus could not be installed: {reason}")
-        if os.environ.get("CI"):
-            pytest.fail("prometheus is not installed; .ci/run installs Debian's prometheus package")
-        pytest.skip("prometheus is not installed (apt-get install prometheus)")
+    binary = prometheus_tool("prometheus")
     config = yaml.safe_load((ROOT / "monitoring" / "prometheus.yml").read_text())
     (sd_file,) = config["scrape_configs"][0]["file_sd_configs"][0]["files"]
     assert Path(sd_file) == SERVICE_DISCOVERY and SERVICE_DISCOVERY.exists(), "Ray did not write its SD file"

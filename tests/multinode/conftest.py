@@ -48,20 +48,8 @@ def cluster():
     cluster.shutdown()
 
 
-def gpu_profile() -> dict:
-    """serve_config.gpu.yaml with a fixed four vision replicas, and text on the CPU so vision has the GPU."""
-    config = serving.load_config("serve_config.gpu.yaml", HTTP_PORT)
-    deployments = {d["name"]: d for d in config["applications"][0]["deployments"]}
-    vision = deployments["VisionClassifier"]
-    vision.pop("autoscaling_config")
-    vision["num_replicas"] = VISION_REPLICAS
-    vision["ray_actor_options"]["num_cpus"] = 0.25
-    deployments["TextEncoder"]["ray_actor_options"]["num_gpus"] = 0
-    return config
-
-
 @pytest.fixture(scope="session")
 def app(cluster, tmp_path_factory) -> dict:
-    config = gpu_profile()
+    config = serving.gpu_profile(HTTP_PORT, VISION_REPLICAS)
     serving.deploy(config, tmp_path_factory.mktemp("serve") / "gpu.yaml", DASHBOARD_PORT)
     return config

@@ -259,24 +259,15 @@ def wait_for_active(address: str, expected: dict[str, int], timeout_s: float = 6
 
 
 def gpu_profile(vision_replicas: int) -> dict:
-    """serve_config.gpu.yaml with a fixed number of vision replicas, and text on the CPU so only vision needs a GPU.
+    """The test GPU profile (tests/serving.py) with ``require_gpus`` off.
 
-    ``require_gpus`` is off: with it on, the app builder waits for a GPU node
-    before any replica exists, so no replica asks for a GPU, and the autoscaler,
-    which launches nodes only for resources that something asks for, launches
-    none. Here the vision replicas themselves wait for a GPU, and their request
-    is what brings a GPU worker up.
+    With it on, the app builder waits for a GPU node before any replica
+    exists, so no replica asks for a GPU, and the autoscaler, which launches
+    nodes only for resources that something asks for, launches none. Here the
+    vision replicas themselves wait for a GPU, and their request is what
+    brings a GPU worker up.
     """
-    config = serving.load_config("serve_config.gpu.yaml", HTTP_PORT)
-    (app,) = config["applications"]
-    app["args"]["require_gpus"] = False
-    deployments = {d["name"]: d for d in app["deployments"]}
-    vision = deployments["VisionClassifier"]
-    vision.pop("autoscaling_config")
-    vision["num_replicas"] = vision_replicas
-    vision["ray_actor_options"]["num_cpus"] = 0.25
-    deployments["TextEncoder"]["ray_actor_options"]["num_gpus"] = 0
-    return config
+    return serving.gpu_profile(HTTP_PORT, vision_replicas, require_gpus=False)
 
 
 @pytest.fixture(scope="session")

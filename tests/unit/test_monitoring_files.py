@@ -1,30 +1,20 @@
 """The Prometheus config, alert rules and Grafana dashboard in monitoring/ are valid and query real metrics."""
 
 import json
-import os
 import re
-import shutil
 import subprocess
 
-import pytest
 import yaml
 
 from monitoring import catalog
+from tests.serving import prometheus_tool
 
 ROOT = catalog.MONITORING_DIR.parent
 ALERTS_TEST = catalog.MONITORING_DIR / "alerts_test.yml"
 
 
 def promtool() -> str:
-    """Path of promtool; a missing promtool fails in CI (which installs it) and skips elsewhere."""
-    path = shutil.which("promtool")
-    if path is None:
-        if reason := os.environ.get("MAAS_PROMETHEUS_UNAVAILABLE"):
-            pytest.skip(f"promtool could not be installed: {reason}")
-        if os.environ.get("CI"):
-            pytest.fail("promtool not on PATH: CI installs Debian's prometheus package, which provides it")
-        pytest.skip("promtool not installed: apt-get install prometheus")
-    return path
+    return prometheus_tool("promtool")
 
 
 def run_promtool(*args: str) -> None:
