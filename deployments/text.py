@@ -203,10 +203,9 @@ class TextEncoder:
     def reconfigure(self, user_config: dict) -> None:
         settings = ModelSettings.model_validate(user_config or {})
         settings.apply(self._embed_batch)
-        if settings.drift != self.settings.drift:
-            self.drift = DriftMonitor(settings.drift, self.model.name, self.model.version)
         self.settings = settings
-        self.metrics.set_drift(self.drift.window(), self.drift.scores, self.drift.thresholds)
+        self.drift = self.drift.with_config(settings.drift)
+        self.metrics.set_drift(self.drift)
 
     async def info(self) -> dict:
         return replica_info(
@@ -259,7 +258,7 @@ class TextEncoder:
 
     def _watch(self, vectors: np.ndarray) -> None:
         self.drift.observe_embeddings(vectors)
-        self.metrics.set_drift(self.drift.window(), self.drift.scores, self.drift.thresholds)
+        self.metrics.set_drift(self.drift)
 
     @contextlib.contextmanager
     def _errors_counted(self):

@@ -225,7 +225,7 @@ class VisionClassifier:
     """Serve deployment of ``VisionModel``; requests are batched across callers.
 
     Takes prepared ``(crop, crop, 3)`` uint8 images (see ``imaging.prepare``);
-    the ingress decodes and validates the upload and asks ``image_spec()`` for
+    the ingress decodes and validates the upload and asks ``geometry()`` for
     the geometry once per model version. Every batch is measured (``monitoring.metrics``) and its
     predictions feed the replica's drift window (``monitoring.drift``).
     """
@@ -248,13 +248,9 @@ class VisionClassifier:
     def reconfigure(self, user_config: dict) -> None:
         settings = ModelSettings.model_validate(user_config or {})
         settings.apply(self._classify_batch)
-        if settings.drift != self.settings.drift:
-            self.drift = DriftMonitor(settings.drift, self.model.name, self.model.version)
         self.settings = settings
-        self.metrics.set_drift(self.drift.window(), self.drift.scores, self.drift.thresholds)
-
-    async def image_spec(self) -> ImageSpec:
-        return self.model.spec
+        self.drift = self.drift.with_config(settings.drift)
+        self.metrics.set_drift(self.drift)
 
     async def geometry(self) -> tuple[ImageSpec, str]:
         """Preprocessing geometry and the model version it belongs to (callers cache it per version)."""
@@ -303,5 +299,5 @@ class VisionClassifier:
         for index, score in zip(top, confidence):
             self.metrics.observe_prediction(int(index), float(score))
         self.drift.observe_predictions(confidence, top)
-        self.metrics.set_drift(self.drift.window(), self.drift.scores, self.drift.thresholds)
+        self.metrics.set_drift(self.drift)
         return [(p, f, len(pixels)) for p, f in zip(probs, features)]

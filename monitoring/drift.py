@@ -193,6 +193,7 @@ class DriftMonitor:
 
     def __init__(self, config: DriftConfig, model: str, version: str):
         self.config = config
+        self.model, self.version = model, version
         self.profile: ReferenceProfile | None = None
         self.problem = ""
         if config.enabled:
@@ -210,6 +211,10 @@ class DriftMonitor:
         self._classes: deque[int] = deque(maxlen=config.window_size)
         self._embeddings: deque[np.ndarray] = deque(maxlen=config.window_size)
         self.scores: dict[str, float] = {}
+
+    def with_config(self, config: DriftConfig) -> "DriftMonitor":
+        """This monitor if the settings are unchanged, else a fresh one (an empty window) with the new settings."""
+        return self if config == self.config else DriftMonitor(config, self.model, self.version)
 
     @property
     def active(self) -> bool:

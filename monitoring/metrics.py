@@ -17,8 +17,12 @@ from bucket midpoints, so ``_count`` and buckets (quantiles) are exact and
 """
 
 import functools
+from typing import TYPE_CHECKING
 
 from ray.serve import metrics
+
+if TYPE_CHECKING:
+    from monitoring.drift import DriftMonitor
 
 PREFIX = "maas_"
 EXPORTED_PREFIX = "ray_" + PREFIX  # what Prometheus sees
@@ -147,11 +151,12 @@ class ModelMetrics:
     def observe_error(self, error: BaseException) -> None:
         self.errors.inc(tags={"error_type": type(error).__name__})
 
-    def set_drift(self, window: int, scores: dict[str, float], thresholds: dict[str, float]) -> None:
-        self.drift_window.set(window)
-        for measure, value in scores.items():
+    def set_drift(self, monitor: "DriftMonitor") -> None:
+        """Export a replica's drift window fill, scores and thresholds."""
+        self.drift_window.set(monitor.window())
+        for measure, value in monitor.scores.items():
             self.drift_score.set(value, tags={"measure": measure})
-        for measure, value in thresholds.items():
+        for measure, value in monitor.thresholds.items():
             self.drift_threshold.set(value, tags={"measure": measure})
 
 

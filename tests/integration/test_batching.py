@@ -28,7 +28,7 @@ def text(app_url):
 
 
 def test_vision_batches_equal_single_requests(vision):
-    spec = vision.image_spec.remote().result()
+    spec, _ = vision.geometry.remote().result()
     images = [prepare(Image.fromarray(getattr(skimage.data, name)()), spec) for name in PHOTOS]
     singles = [vision.classify.remote(image, 5).result() for image in images]
 
