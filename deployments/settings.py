@@ -24,6 +24,10 @@ class Limits(BaseSettings):
     max_image_pixels: int = Field(40_000_000, gt=0)
     """Largest accepted width x height; checked from the header before decoding,
     so decompression bombs are refused without being expanded."""
+    max_aspect_ratio: float = Field(20.0, ge=1)
+    """Largest accepted ratio of an image's long side to its short side; checked
+    from the header before decoding. A 1x40000 strip is within the pixel limit
+    but is no photograph, and resizing its short side to 256 would multiply it."""
     max_text_chars: int = Field(4096, gt=0)
     """Longest accepted text. The text model itself reads at most its own token
     window (256 tokens for MiniLM); longer inputs are truncated there."""

@@ -2,9 +2,11 @@
 
 import base64
 import io
+import re
 
 import numpy as np
 import pytest
+import skimage.color
 import skimage.data
 from PIL import Image
 
@@ -42,3 +44,65 @@ def truncated_jpeg(chelsea_jpeg) -> bytes:
 def pixel_bomb_png() -> bytes:
     """A tiny file that would expand to 400 million pixels."""
     return encode(Image.new("1", (20_000, 20_000)), "PNG", optimize=True)
+
+
+def exif_rotated_jpeg(pixels: np.ndarray, orientation: int) -> bytes:
+    """``pixels`` stored turned as a camera would store them, with the EXIF Orientation that shows them upright."""
+    turns = {3: 2, 6: 1, 8: -1}[orientation]  # np.rot90 turns counter-clockwise; 6 means "rotate 90 CW to view"
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return encode(np.ascontiguousarray(np.rot90(pixels, turns)), quality=95, exif=exif)
+
+
+def chelsea_grey() -> np.ndarray:
+    """Chelsea as greyscale floats in [0, 1]."""
+    return skimage.color.rgb2gray(skimage.data.chelsea())
+
+
+def many_frames_gif_bytes(frames: int = 501, size: tuple[int, int] = (2000, 2000)) -> bytes:
+    """An animated GIF of ``frames`` (odd) frames covering the canvas, black and white in turn; frame 0 is black."""
+    palette = [0, 0, 0, 255, 255, 255] + [0] * 762
+    black, white = Image.new("P", size, 0), Image.new("P", size, 1)
+    for image in (black, white):
+        image.putpalette(palette)
+    data = encode(black, "GIF", save_all=True, append_images=[white, black], optimize=False, duration=40, loop=0)
+    # Each frame starts with a Graphic Control Extension; repeat frames 1 and 2 rather than encode them all.
+    starts = [m.start() for m in re.finditer(rb"\x21\xf9\x04", data)]
+    assert len(starts) == 3, "the frames of the template GIF were not found"
+    return data[: starts[1]] + data[starts[1] : -1] * ((frames - 1) // 2) + b";"
+
+
+@pytest.fixture(scope="session")
+def thin_png() -> bytes:
+    """A 235-byte 1x40000 PNG: within the pixel limit, but 40000:1."""
+    return encode(Image.new("RGB", (1, 40000)), "PNG", optimize=True)
+
+
+@pytest.fixture(scope="session")
+def wide_png() -> bytes:
+    """A 40000x1 PNG, the thin one lying down."""
+    return encode(Image.new("RGB", (40000, 1)), "PNG", optimize=True)
+
+
+@pytest.fixture(scope="session")
+def chelsea_png16() -> bytes:
+    """Chelsea as a 16-bit greyscale PNG (Pillow mode I;16)."""
+    return encode((chelsea_grey() * 65535).round().astype(np.uint16), "PNG")
+
+
+@pytest.fixture(scope="session")
+def chelsea_png8_grey() -> bytes:
+    """The same photo as an 8-bit greyscale PNG."""
+    return encode((chelsea_grey() * 255).round().astype(np.uint8), "PNG")
+
+
+@pytest.fixture(scope="session")
+def chelsea_exif_rotated_jpeg() -> bytes:
+    """Chelsea stored turned 90 degrees, with EXIF Orientation 6 that shows her upright."""
+    return exif_rotated_jpeg(skimage.data.chelsea(), 6)
+
+
+@pytest.fixture(scope="session")
+def many_frames_gif() -> bytes:
+    """A 2.3 MB animated GIF of 501 frames of 2000x2000 (2 billion pixels in all); frame 0 is black."""
+    return many_frames_gif_bytes()
