@@ -8,6 +8,7 @@ scores any free-text labels against an image (ConSE), a text, or both.
 import asyncio
 import logging
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from deployments.errors import InvalidInput
+from deployments.errors import InvalidInput, ModelUnavailable
 from deployments.runtime import BatchingConfig, replica_info
 from deployments.scoring import (
     DEFAULT_CONSE_TOP_T,
@@ -75,6 +76,7 @@ class FusionInput:
     label_embeddings: np.ndarray  # (L, D)
     text_embedding: np.ndarray | None  # (D,)
     weights: dict[str, float]
+    class_embeddings: np.ndarray | None = None  # (C, D): the vision model's class names in the text model's space
 
 
 @dataclass
@@ -85,14 +87,17 @@ class FusionResult:
     weights: dict[str, float]
 
 
-def fuse(batch: list[FusionInput], class_embeddings: np.ndarray, config: FusionConfig) -> list[FusionResult]:
-    """Score and fuse a batch; the ConSE projection of all images is one matrix product."""
-    with_image = [i for i, item in enumerate(batch) if item.vision is not None]
+def fuse(batch: list[FusionInput], config: FusionConfig) -> list[FusionResult]:
+    """Score and fuse a batch; the ConSE projection of the images that share class embeddings is one product."""
+    groups: dict[int, list[int]] = {}
+    for i, item in enumerate(batch):
+        if item.vision is not None:
+            groups.setdefault(id(item.class_embeddings), []).append(i)
     image_embeddings = {}
-    if with_image:
-        probs = np.stack([batch[i].vision.probs for i in with_image])
-        projected = conse_embedding(probs, class_embeddings, config.top_t)
-        image_embeddings = dict(zip(with_image, projected))
+    for members in groups.values():
+        probs = np.stack([batch[i].vision.probs for i in members])
+        projected = conse_embedding(probs, batch[members[0]].class_embeddings, config.top_t)
+        image_embeddings.update(zip(members, projected))
 
     results = []
     for i, item in enumerate(batch):
@@ -114,32 +119,115 @@ def fuse(batch: list[FusionInput], class_embeddings: np.ndarray, config: FusionC
     return results
 
 
-@serve.deployment(max_ongoing_requests=32, ray_actor_options={"num_cpus": 0.1})
+class ClassEmbeddings:
+    """The ConSE class-name embeddings, one matrix per (vision version, text version, class prompt).
+
+    A request is scored with the matrix of exactly the models that answered it:
+    during a live update the old and the new version of a model serve side by
+    side. A missing matrix is made once (concurrent requests wait for the same
+    one) from that vision version's class names, embedded by that text version.
+    """
+
+    def __init__(self, vision: DeploymentHandle, text: DeploymentHandle):
+        self._vision, self._text = vision, text
+        self._matrices: OrderedDict[tuple[str, str, str], asyncio.Future] = OrderedDict()
+        self._names: dict[str, list[str]] = {}
+
+    async def get(self, vision_version: str, text_version: str, prompt: str) -> np.ndarray:
+        key = (vision_version, text_version, prompt)
+        future = self._matrices.get(key)
+        if future is None or (future.done() and future.exception() is not None):
+            future = self._store(key, asyncio.ensure_future(self._make(*key)))
+        self._matrices.move_to_end(key)
+        return await asyncio.shield(future)
+
+    async def warm(self, prompt: str) -> None:
+        """Make the matrix for the models served now (or last used) and ``prompt``, before a request needs it."""
+        if self._matrices:
+            vision_version, text_version, _ = next(reversed(self._matrices))
+            await self.get(vision_version, text_version, prompt)
+            return
+        names, vision_version = await self._vision.class_names.remote()
+        self._names[vision_version] = names
+        embeddings = await self._text.embed.remote([prompt.format(name) for name in names], monitor=False)
+        done = asyncio.get_running_loop().create_future()
+        done.set_result(embeddings.vectors)
+        self._store((vision_version, embeddings.version, prompt), done)
+
+    def _store(self, key: tuple[str, str, str], future: asyncio.Future) -> asyncio.Future:
+        self._matrices[key] = future
+        while len(self._matrices) > CLASS_EMBEDDING_VERSIONS:
+            self._matrices.popitem(last=False)
+        return future
+
+    async def _make(self, vision_version: str, text_version: str, prompt: str) -> np.ndarray:
+        start = time.perf_counter()
+        prompts = [prompt.format(name) for name in await self._class_names(vision_version)]
+        for _ in range(SAME_VERSION_ATTEMPTS):
+            embeddings = await self._text.embed.remote(prompts, monitor=False)
+            if embeddings.version == text_version:
+                logger.info(
+                    "ConSE class embeddings for vision %s and text %s made in %.1f s",
+                    vision_version,
+                    text_version,
+                    time.perf_counter() - start,
+                )
+                return embeddings.vectors
+            await asyncio.sleep(SAME_VERSION_RETRY_S)
+        raise ModelUnavailable(f"text model version {text_version} is no longer served; retry", retryable=True)
+
+    async def _class_names(self, version: str) -> list[str]:
+        for _ in range(SAME_VERSION_ATTEMPTS):
+            if version in self._names:
+                return self._names[version]
+            names, answered = await self._vision.class_names.remote()
+            self._names[answered] = names
+            if answered != version:
+                await asyncio.sleep(SAME_VERSION_RETRY_S)
+        raise ModelUnavailable(f"vision model version {version} is no longer served; retry", retryable=True)
+
+
+# Matrices kept (each 1000 classes x 384 floats, 1.5 MB): enough for the old
+# and the new version of both models during an update.
+CLASS_EMBEDDING_VERSIONS = 4
+# How often to ask a deployment again when a replica of another version answers.
+SAME_VERSION_ATTEMPTS = 20
+SAME_VERSION_RETRY_S = 0.05
+
+
+@serve.deployment(max_ongoing_requests=32, ray_actor_options={"num_cpus": 0.1}, user_config={})
 class FusionScorer:
     """Serve deployment: ConSE scoring and late fusion over the other models' outputs."""
 
-    async def __init__(self, vision: DeploymentHandle, text: DeploymentHandle):
-        self.config = FusionConfig()
-        class_names = await vision.class_names.remote()
-        prompts = [self.config.class_prompt.format(name) for name in class_names]
-        self.class_embeddings = (await text.embed.remote(prompts, monitor=False)).vectors
-        logger.info("Fusion ready: %d class-name embeddings precomputed", len(prompts))
-        self._text = text
-        self._class_names = class_names
-        self.metrics = ModelMetrics(NAME, self.version)
+    def __init__(self, vision: DeploymentHandle, text: DeploymentHandle):
+        self.config: FusionConfig | None = None
+        self.update_error: str | None = None
+        self.class_embeddings = ClassEmbeddings(vision, text)
+        self.metrics = ModelMetrics(NAME, f"conse-top{FusionConfig().top_t}")
 
     async def reconfigure(self, user_config: dict) -> None:
-        config = FusionConfig.model_validate(user_config or {})
-        if config.class_prompt != self.config.class_prompt:
-            prompts = [config.class_prompt.format(name) for name in self._class_names]
-            self.class_embeddings = (await self._text.embed.remote(prompts, monitor=False)).vectors
-        self.config = config
+        try:
+            config = FusionConfig.model_validate(user_config or {})
+            if self.config is None or config.class_prompt != self.config.class_prompt:
+                await self.class_embeddings.warm(config.class_prompt)  # at start-up: the first matrix
+        except Exception as exc:
+            if self.config is None:
+                raise  # nothing to keep serving: fail this replica's start
+            # As for the models (runtime.LiveModelDeployment): a live replica keeps its settings.
+            self.update_error = f"{type(exc).__name__}: {exc}"[:2000]
+            self.metrics.observe_update_failure(exc)
+            logger.error("Kept the current fusion settings; the new ones failed: %s", exc)
+            return
+        self.config, self.update_error = config, None
         config.batching.apply(self._fuse_batch)
         self.metrics.set_model(NAME, self.version)
 
     @property
     def version(self) -> str:
         return f"conse-top{self.config.top_t}"
+
+    async def ready(self) -> dict:
+        return {"model": NAME, "version": self.version}
 
     async def info(self) -> dict:
         return replica_info(
@@ -149,7 +237,7 @@ class FusionScorer:
             version=self.version,
             device="cpu",
             torch_threads=0,
-            details={"method": METHOD, **self.config.model_dump()},
+            details={"method": METHOD, **self.config.model_dump(), "update_error": self.update_error},
             drift={
                 "status": "disabled",
                 "message": "fusion keeps no reference profile: drift is watched on its inputs, "
@@ -166,9 +254,10 @@ class FusionScorer:
         text_weight: float | None = None,
     ) -> FusionResult:
         """Fuse one request. ``embeddings`` holds the labels' embeddings, then the text's if any."""
+        config = self.config
         weights = {
-            "vision": self.config.vision_weight if vision_weight is None else vision_weight,
-            "text": self.config.text_weight if text_weight is None else text_weight,
+            "vision": config.vision_weight if vision_weight is None else vision_weight,
+            "text": config.text_weight if text_weight is None else text_weight,
         }
         present = ["vision"] * (vision is not None) + ["text"] * with_text
         if sum(weights[name] for name in present) <= 0:
@@ -185,12 +274,16 @@ class FusionScorer:
             text_embedding=vectors[-1] if with_text else None,
             weights=weights,
         )
+        if vision is not None:
+            item.class_embeddings = await self.class_embeddings.get(
+                vision.version, embeddings.version, config.class_prompt
+            )
         return await self._fuse_batch(item)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
     async def _fuse_batch(self, items: list[FusionInput]) -> list[FusionResult]:
         start = time.perf_counter()
-        results = await asyncio.to_thread(fuse, items, self.class_embeddings, self.config)
+        results = await asyncio.to_thread(fuse, items, self.config)
         self.metrics.observe_batch(len(items), 0.0, time.perf_counter() - start)
         for result in results:
             # Labels are free text, so the class index is the winner's position in the request.

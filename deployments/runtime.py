@@ -1,16 +1,19 @@
 """Where a replica runs its model: device choice, thread count, packaged weights."""
 
+import asyncio
 import hashlib
 import importlib.metadata
 import importlib.util
 import logging
 import math
 from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from monitoring.drift import DriftConfig
+from monitoring.drift import DriftConfig, DriftMonitor
+from monitoring.metrics import ModelMetrics
 
 logger = logging.getLogger("ray.serve")
 
@@ -115,12 +118,116 @@ class BatchingConfig(BaseModel):
 
 
 class ModelSettings(BatchingConfig):
-    """A model deployment's ``user_config``: batching knobs and drift detection, both live-tunable."""
+    """A model deployment's ``user_config``: batching knobs and drift detection, both live-tunable.
+
+    Each model deployment extends it with ``model``, the model it serves.
+    """
 
     drift: DriftConfig = Field(default_factory=DriftConfig)
 
     def batching(self) -> dict:
-        return BatchingConfig.model_validate(self.model_dump(exclude={"drift"})).model_dump()
+        return BatchingConfig(
+            max_batch_size=self.max_batch_size, batch_wait_timeout_s=self.batch_wait_timeout_s
+        ).model_dump()
+
+
+class LiveModelDeployment:
+    """What the model deployments share: a model that is configuration, replaced in place.
+
+    The model a deployment serves is the ``model`` section of its own
+    ``user_config``, not an argument of the application: Serve hashes an
+    application's ``args`` into the code version of every deployment, so a
+    change there restarts all of them, while a ``user_config`` change reaches
+    only its own deployment's replicas, through ``reconfigure``. There the
+    replica loads the new model in a worker thread while the current one keeps
+    serving, then swaps them; each batch uses the model it started with.
+
+    A replica that fails to validate or load new settings keeps serving the
+    current ones and reports why (``update_error`` in ``GET /v1/models``, the
+    ``maas_model_update_failures_total`` metric, the replica log): raising there
+    would make Serve stop a healthy replica. Only a replica that has no model
+    yet fails, which fails its start and shows in ``serve status``.
+    """
+
+    settings_type: ClassVar[type[ModelSettings]]
+    task: ClassVar[str]
+
+    def __init__(self):
+        self.model: Any = None
+        self.settings: ModelSettings | None = None
+        self.torch_threads = 0
+        self.metrics: ModelMetrics | None = None
+        self.drift: DriftMonitor | None = None
+        self.update_error: str | None = None
+
+    def load_model(self, config: BaseModel) -> Any:
+        """Load the model ``config`` describes (runs in a worker thread)."""
+        raise NotImplementedError
+
+    def batch_methods(self) -> list:
+        """The ``@serve.batch`` methods the batching settings apply to."""
+        raise NotImplementedError
+
+    def model_swapped(self, model: Any) -> None:
+        """Reset state tied to the previous model (caches); called after each swap."""
+
+    async def reconfigure(self, user_config: dict) -> None:
+        try:
+            settings = self.settings_type.model_validate(user_config or {})
+            model = self.model
+            if model is None or settings.model != model.config:
+                model = await asyncio.to_thread(self._load, settings.model)
+        except Exception as exc:
+            if self.model is None:
+                raise  # nothing to keep serving: fail this replica's start
+            self.update_error = f"{type(exc).__name__}: {exc}"[:2000]
+            self.metrics.observe_update_failure(exc)
+            logger.error("Kept serving %s %s; the new settings failed: %s", self.model.name, self.model.version, exc)
+            return
+        for method in self.batch_methods():
+            settings.apply(method)
+        if model is not self.model:
+            previous, self.model = self.model, model
+            if self.metrics is None:
+                self.metrics = ModelMetrics(model.name, model.version)
+            self.metrics.set_model(model.name, model.version)
+            self.drift = DriftMonitor(settings.drift, model.name, model.version)
+            self.model_swapped(model)
+            logger.info(
+                "Serving %s %s on %s with %d torch threads%s",
+                model.name,
+                model.version,
+                model.device,
+                self.torch_threads,
+                f" (replaced {previous.version})" if previous is not None else "",
+            )
+        else:
+            self.drift = self.drift.with_config(settings.drift)
+        self.settings = settings
+        self.update_error = None
+        self.metrics.set_drift(self.drift)
+
+    def _load(self, config: BaseModel) -> Any:
+        self.torch_threads = configure_threads(config.torch_threads)
+        return self.load_model(config)
+
+    def info_fields(self, details: dict) -> dict:
+        """``GET /v1/models`` fields of this replica."""
+        model = self.model
+        return replica_info(
+            name=model.name,
+            task=self.task,
+            source=model.config.source,
+            version=model.version,
+            device=str(model.device),
+            torch_threads=self.torch_threads,
+            details={**details, "batching": self.settings.batching(), "update_error": self.update_error},
+            drift=self.drift.status().model_dump(),
+        )
+
+    async def ready(self) -> dict:
+        """Name and version of the model this replica serves (it answers only once one is loaded)."""
+        return {"model": self.model.name, "version": self.model.version}
 
 
 def assigned_resources() -> dict[str, float]:

@@ -8,7 +8,6 @@ text each share the same batches.
 """
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import OrderedDict
@@ -20,17 +19,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
-from deployments.runtime import (
-    ModelSettings,
-    configure_threads,
-    package_dir,
-    package_version,
-    pick_device,
-    replica_info,
-)
+from deployments.runtime import LiveModelDeployment, ModelSettings, package_dir, package_version, pick_device
 from deployments.scoring import DEFAULT_TEMPERATURE, similarity_scores, top_k
-from monitoring.drift import DriftMonitor
-from monitoring.metrics import ModelMetrics
 
 logger = logging.getLogger("ray.serve")
 
@@ -176,52 +166,45 @@ def _timed_embed(model: TextModel, texts: list[str]) -> tuple[np.ndarray, np.nda
     return vectors, lengths, tokenized - start, time.perf_counter() - tokenized
 
 
-@serve.deployment(max_ongoing_requests=32, ray_actor_options={"num_cpus": 0.5})
-class TextEncoder:
+class TextSettings(ModelSettings):
+    """``TextEncoder``'s ``user_config``: the model, its batching and its drift detection, all live."""
+
+    model: TextConfig = Field(default_factory=TextConfig)
+    max_batch_size: int = Field(16, ge=1, le=256)
+
+
+# A request's texts are embedded by one model. If a model is swapped in while
+# they are in flight, the request is embedded again, at most this many times.
+SAME_MODEL_ATTEMPTS = 3
+
+
+@serve.deployment(max_ongoing_requests=32, ray_actor_options={"num_cpus": 0.5}, user_config={})
+class TextEncoder(LiveModelDeployment):
     """Serve deployment of ``TextModel``; each text is one item of a batch.
 
     Every batch is measured (``monitoring.metrics``); the embeddings of the texts
-    callers send (not of candidate labels) feed the replica's drift window.
+    callers send (not of candidate labels) feed the replica's drift window. The
+    model comes from ``user_config.model`` and is replaced in place when it
+    changes (``LiveModelDeployment``); every response is made by one model and
+    carries its version.
     """
 
-    def __init__(self, config: TextConfig | dict | None = None):
-        config = TextConfig.model_validate(config or {})
-        self.torch_threads = configure_threads(config.torch_threads)
-        self.model = TextModel(config)
-        self.label_cache = LabelCache(config.label_cache_size)
-        self.metrics = ModelMetrics(self.model.name, self.model.version)
-        self.settings = ModelSettings(max_batch_size=16)
-        self.drift = DriftMonitor(self.settings.drift, self.model.name, self.model.version)
-        logger.info(
-            "Text model %s (%s) on %s with %d torch threads",
-            self.model.name,
-            self.model.version,
-            self.model.device,
-            self.torch_threads,
-        )
+    settings_type = TextSettings
+    task = "sentence-embedding"
 
-    def reconfigure(self, user_config: dict) -> None:
-        settings = ModelSettings.model_validate(user_config or {})
-        settings.apply(self._embed_batch)
-        self.settings = settings
-        self.drift = self.drift.with_config(settings.drift)
-        self.metrics.set_drift(self.drift)
+    def load_model(self, config: TextConfig) -> TextModel:
+        return TextModel(config)
+
+    def batch_methods(self) -> list:
+        return [self._embed_batch]
+
+    def model_swapped(self, model: TextModel) -> None:
+        self.label_cache = LabelCache(model.config.label_cache_size)  # vectors of the previous model are stale
 
     async def info(self) -> dict:
-        return replica_info(
-            name=self.model.name,
-            task="sentence-embedding",
-            source=self.model.config.source,
-            version=self.model.version,
-            device=str(self.model.device),
-            torch_threads=self.torch_threads,
-            details={
-                "dim": self.model.dim,
-                "max_tokens": self.model.max_tokens,
-                "batching": self.settings.batching(),
-                "label_cache": self.label_cache.stats(),
-            },
-            drift=self.drift.status().model_dump(),
+        model = self.model
+        return self.info_fields(
+            {"dim": model.dim, "max_tokens": model.max_tokens, "label_cache": self.label_cache.stats()}
         )
 
     async def embed(self, texts: list[str], monitor: bool = True) -> TextEmbeddings:
@@ -230,55 +213,70 @@ class TextEncoder:
         ``monitor=False`` keeps the texts out of the drift window (for texts that
         are not traffic, such as class names embedded at start-up).
         """
-        with self._errors_counted():
-            rows = await asyncio.gather(*(self._embed_batch(text) for text in texts))
-        vectors = np.stack(rows) if rows else np.zeros((0, self.model.dim), np.float32)
+        vectors, model = await self._same_model(lambda: [self._embed_batch(text) for text in texts])
         if monitor:
-            self._watch(vectors)
-        return TextEmbeddings(vectors=vectors, model=self.model.name, version=self.model.version)
+            self._watch(vectors, model)
+        return TextEmbeddings(vectors=vectors, model=model.name, version=model.version)
 
     async def embed_labels(self, labels: list[str], text: str | None = None) -> TextEmbeddings:
         """Embeddings of candidate labels (from the label cache when seen before), then of ``text`` if given."""
-        with self._errors_counted():
-            rows = await asyncio.gather(
-                *(self._label_vector(label) for label in labels),
-                *([self._embed_batch(text)] if text is not None else []),
-            )
-        if text is not None:
-            self._watch(rows[-1][None, :])
-        return TextEmbeddings(vectors=np.stack(rows), model=self.model.name, version=self.model.version)
+        vectors, model = await self._embed_labels(labels, text)
+        return TextEmbeddings(vectors=vectors, model=model.name, version=model.version)
 
     async def classify(self, text: str, labels: list[str]) -> TextRanking:
-        embeddings = await self.embed_labels(labels, text)
-        ranked = zero_shot(embeddings.vectors, labels, self.model.config.temperature)
+        vectors, model = await self._embed_labels(labels, text)
+        ranked = zero_shot(vectors, labels, model.config.temperature)
         best, score = ranked[0]
         # Zero-shot labels are free text, so the class index is the winner's position in the request.
         self.metrics.observe_prediction(labels.index(best), score)
-        return TextRanking(labels=ranked, model=self.model.name, version=self.model.version)
+        return TextRanking(labels=ranked, model=model.name, version=model.version)
 
-    def _watch(self, vectors: np.ndarray) -> None:
-        self.drift.observe_embeddings(vectors)
-        self.metrics.set_drift(self.drift)
+    async def _embed_labels(self, labels: list[str], text: str | None) -> tuple[np.ndarray, "TextModel"]:
+        vectors, model = await self._same_model(
+            lambda: [
+                *(self._label_vector(label) for label in labels),
+                *([self._embed_batch(text)] if text is not None else []),
+            ]
+        )
+        if text is not None:
+            self._watch(vectors[-1][None, :], model)
+        return vectors, model
 
-    @contextlib.contextmanager
-    def _errors_counted(self):
-        try:
-            yield
-        except Exception as exc:
-            self.metrics.observe_error(exc)
-            raise
+    async def _same_model(self, calls) -> tuple[np.ndarray, "TextModel"]:
+        """Run embedding calls (a fresh list of awaitables per attempt) until one model made every row."""
+        for _ in range(SAME_MODEL_ATTEMPTS):
+            try:
+                rows = await asyncio.gather(*calls())
+            except Exception as exc:
+                self.metrics.observe_error(exc)
+                raise
+            models = {id(model): model for _, model in rows}
+            if len(models) <= 1:
+                model = rows[0][1] if rows else self.model
+                vectors = np.stack([vector for vector, _ in rows]) if rows else np.zeros((0, model.dim), np.float32)
+                return vectors, model
+        raise RuntimeError(f"the text model changed {SAME_MODEL_ATTEMPTS} times during one request")
 
-    async def _label_vector(self, label: str) -> np.ndarray:
-        vector = self.label_cache.get(label)
-        if vector is None:
-            vector = await self._embed_batch(label)
-            self.label_cache.put(label, vector)
-        return vector
+    def _watch(self, vectors: np.ndarray, model: "TextModel") -> None:
+        if model is self.model:
+            self.drift.observe_embeddings(vectors)
+            self.metrics.set_drift(self.drift)
+
+    async def _label_vector(self, label: str) -> tuple[np.ndarray, "TextModel"]:
+        model, cache = self.model, self.label_cache
+        vector = cache.get(label)
+        if vector is not None:
+            return vector, model
+        vector, used = await self._embed_batch(label)
+        if used is model:
+            cache.put(label, vector)
+        return vector, used
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
-    async def _embed_batch(self, texts: list[str]) -> list[np.ndarray]:
-        vectors, lengths, tokenize_s, inference_s = await asyncio.to_thread(_timed_embed, self.model, texts)
+    async def _embed_batch(self, texts: list[str]) -> list[tuple[np.ndarray, "TextModel"]]:
+        model = self.model  # the whole batch runs on one model, even if another is swapped in meanwhile
+        vectors, lengths, tokenize_s, inference_s = await asyncio.to_thread(_timed_embed, model, texts)
         self.metrics.observe_batch(len(texts), tokenize_s, inference_s)
         for length in lengths:
             self.metrics.input_tokens.observe(int(length))
-        return list(vectors)
+        return [(vector, model) for vector in vectors]

@@ -20,16 +20,13 @@ from ray import serve
 
 from deployments.imaging import ImageSpec, Interpolation, prepare
 from deployments.runtime import (
+    LiveModelDeployment,
     ModelSettings,
-    configure_threads,
     file_digest,
     package_dir,
     package_version,
     pick_device,
-    replica_info,
 )
-from monitoring.drift import DriftMonitor
-from monitoring.metrics import ModelMetrics
 
 logger = logging.getLogger("ray.serve")
 
@@ -212,92 +209,83 @@ def _huggingface_model(source: str) -> tuple[torch.nn.Module, list[str], ImageSp
 
 
 def _timed_predict(model: VisionModel, pixels: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, float, float]:
-    """Probabilities and features of a batch, with its preprocessing and inference times in seconds."""
+    """Probabilities and features of a batch, with its preprocessing and inference times in seconds.
+
+    An image prepared for another model's geometry (a caller's cache while a
+    model is being replaced) is prepared again for this one.
+    """
     start = time.perf_counter()
+    crop = model.spec.crop_size
+    pixels = [p if p.shape[:2] == (crop, crop) else prepare(Image.fromarray(p), model.spec) for p in pixels]
     batch = model.preprocess(pixels)
     prepared = time.perf_counter()
     probs, features = model.forward(batch)
     return probs, features, prepared - start, time.perf_counter() - prepared
 
 
-@serve.deployment(max_ongoing_requests=16, ray_actor_options={"num_cpus": 0.5})
-class VisionClassifier:
+class VisionSettings(ModelSettings):
+    """``VisionClassifier``'s ``user_config``: the model, its batching and its drift detection, all live."""
+
+    model: VisionConfig = Field(default_factory=VisionConfig)
+
+
+@serve.deployment(max_ongoing_requests=16, ray_actor_options={"num_cpus": 0.5}, user_config={})
+class VisionClassifier(LiveModelDeployment):
     """Serve deployment of ``VisionModel``; requests are batched across callers.
 
     Takes prepared ``(crop, crop, 3)`` uint8 images (see ``imaging.prepare``);
     the ingress decodes and validates the upload and asks ``geometry()`` for
     the geometry once per model version. Every batch is measured (``monitoring.metrics``) and its
-    predictions feed the replica's drift window (``monitoring.drift``).
+    predictions feed the replica's drift window (``monitoring.drift``). The model
+    comes from ``user_config.model`` and is replaced in place when it changes
+    (``LiveModelDeployment``).
     """
 
-    def __init__(self, config: VisionConfig | dict | None = None):
-        config = VisionConfig.model_validate(config or {})
-        self.torch_threads = configure_threads(config.torch_threads)
-        self.model = VisionModel(config)
-        self.metrics = ModelMetrics(self.model.name, self.model.version)
-        self.settings = ModelSettings()
-        self.drift = DriftMonitor(self.settings.drift, self.model.name, self.model.version)
-        logger.info(
-            "Vision model %s (%s) on %s with %d torch threads",
-            self.model.name,
-            self.model.version,
-            self.model.device,
-            self.torch_threads,
-        )
+    settings_type = VisionSettings
+    task = "image-classification"
 
-    def reconfigure(self, user_config: dict) -> None:
-        settings = ModelSettings.model_validate(user_config or {})
-        settings.apply(self._classify_batch)
-        self.settings = settings
-        self.drift = self.drift.with_config(settings.drift)
-        self.metrics.set_drift(self.drift)
+    def load_model(self, config: VisionConfig) -> VisionModel:
+        return VisionModel(config)
+
+    def batch_methods(self) -> list:
+        return [self._classify_batch]
 
     async def geometry(self) -> tuple[ImageSpec, str]:
         """Preprocessing geometry and the model version it belongs to (callers cache it per version)."""
-        return self.model.spec, self.model.version
+        model = self.model
+        return model.spec, model.version
 
-    async def class_names(self) -> list[str]:
-        return self.model.categories
+    async def class_names(self) -> tuple[list[str], str]:
+        """The model's class names and the version they belong to."""
+        model = self.model
+        return model.categories, model.version
 
     async def info(self) -> dict:
-        return replica_info(
-            name=self.model.name,
-            task="image-classification",
-            source=self.model.config.source,
-            version=self.model.version,
-            device=str(self.model.device),
-            torch_threads=self.torch_threads,
-            details={
-                "classes": len(self.model.categories),
-                "embedding_dim": self.model.embedding_dim,
-                "weights": self.model.config.weights,
-                "batching": self.settings.batching(),
-            },
-            drift=self.drift.status().model_dump(),
+        model = self.model
+        return self.info_fields(
+            {"classes": len(model.categories), "embedding_dim": model.embedding_dim, "weights": model.config.weights}
         )
 
     async def classify(self, pixels: np.ndarray, top_k: int = 5, embed: bool = False) -> VisionResult:
-        crop = self.model.spec.crop_size
-        if pixels.shape[:2] != (crop, crop):
-            # Prepared for another model's geometry (a caller's cache during a model update): redo it.
-            pixels = prepare(Image.fromarray(pixels), self.model.spec)
         try:
-            probs, features, batch_size = await self._classify_batch(pixels)
+            probs, features, batch_size, model = await self._classify_batch(pixels)
         except Exception as exc:
             self.metrics.observe_error(exc)
             raise
-        result = self.model.result(probs, features, top_k, embed)
+        result = model.result(probs, features, top_k, embed)
         result.batch_size = batch_size
         return result
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
-    async def _classify_batch(self, pixels: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray, int]]:
-        probs, features, preprocess_s, inference_s = await asyncio.to_thread(_timed_predict, self.model, pixels)
+    async def _classify_batch(self, pixels: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray, int, VisionModel]]:
+        model = self.model  # the whole batch runs on one model, even if another is swapped in meanwhile
+        probs, features, preprocess_s, inference_s = await asyncio.to_thread(_timed_predict, model, pixels)
         top = probs.argmax(axis=1)
         confidence = probs[np.arange(len(top)), top]
         self.metrics.observe_batch(len(pixels), preprocess_s, inference_s)
         for index, score in zip(top, confidence):
             self.metrics.observe_prediction(int(index), float(score))
-        self.drift.observe_predictions(confidence, top)
-        self.metrics.set_drift(self.drift)
-        return [(p, f, len(pixels)) for p, f in zip(probs, features)]
+        if model is self.model:
+            self.drift.observe_predictions(confidence, top)
+            self.metrics.set_drift(self.drift)
+        return [(p, f, len(pixels), model) for p, f in zip(probs, features)]

@@ -110,6 +110,12 @@ class ModelMetrics:
             description="Calls into the model deployment that raised, by exception type.",
             tag_keys=(*tags, "error_type"),
         )
+        self.update_failures = metrics.Counter(
+            PREFIX + "model_update_failures_total",
+            description="Live model updates (user_config changes) a replica refused or failed to load; "
+            "it kept serving its current model.",
+            tag_keys=(*tags, "error_type"),
+        )
         self.drift_score = metrics.Gauge(
             PREFIX + "model_drift_score",
             description="Drift of live traffic against the reference profile (see monitoring/README.md).",
@@ -128,7 +134,8 @@ class ModelMetrics:
         self._all = [
             self.inference_seconds, self.preprocess_seconds, self.batch_size, self.batches, self.batched_items,
             self.confidence,
-            self.predictions, self.input_tokens, self.errors, self.drift_score, self.drift_threshold,
+            self.predictions, self.input_tokens, self.errors, self.update_failures, self.drift_score,
+            self.drift_threshold,
             self.drift_window,
         ]  # fmt: skip
         self.set_model(model, version)
@@ -150,6 +157,9 @@ class ModelMetrics:
 
     def observe_error(self, error: BaseException) -> None:
         self.errors.inc(tags={"error_type": type(error).__name__})
+
+    def observe_update_failure(self, error: BaseException) -> None:
+        self.update_failures.inc(tags={"error_type": type(error).__name__})
 
     def set_drift(self, monitor: "DriftMonitor") -> None:
         """Export a replica's drift window fill, scores and thresholds."""

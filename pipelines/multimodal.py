@@ -3,22 +3,28 @@
 The Serve YAML points at ``build_app`` with ``import_path:
 pipelines.multimodal:build_app``; its ``args`` section is validated as
 ``MultimodalArgs`` when the app is built, so a typo fails the deploy with a
-message naming the field, before any replica starts. Replica resources,
-autoscaling and batching live in the YAML's ``deployments`` section.
+message naming the field, before any replica starts.
+
+``args`` holds only what concerns the whole application: Serve hashes it into
+the code version of every deployment, so changing it replaces every replica.
+Each deployment's own settings (which model it serves, batching, drift,
+fusion weights, the ingress's limits) are in its ``user_config`` in the YAML's
+``deployments`` section, with its resources and autoscaling: a change there
+reaches only that deployment, in place.
 """
 
 import logging
 import time
 
 import ray
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from ray.serve import Application
 
 from deployments.errors import ConfigError
 from deployments.fusion import FusionScorer
 from deployments.ingress import Ingress
-from deployments.text import TextConfig, TextEncoder
-from deployments.vision import VisionClassifier, VisionConfig
+from deployments.text import TextEncoder
+from deployments.vision import VisionClassifier
 
 logger = logging.getLogger("ray.serve")
 
@@ -28,8 +34,6 @@ class MultimodalArgs(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    vision: VisionConfig = Field(default_factory=VisionConfig)
-    text: TextConfig = Field(default_factory=TextConfig)
     require_gpus: bool = Field(
         False,
         description="Fail the deploy unless the cluster has GPUs. Set by the GPU profile, whose "
@@ -43,6 +47,17 @@ class MultimodalArgs(BaseModel):
         "whose GPU workers start after the head, such as the cluster launcher's or KubeRay's).",
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _models_moved(cls, args: dict) -> dict:
+        for key, deployment in (("vision", "VisionClassifier"), ("text", "TextEncoder")):
+            if isinstance(args, dict) and key in args:
+                raise ValueError(
+                    f"args.{key} moved: set it as `model:` in the user_config of the {deployment} deployment, "
+                    "where a change updates only that deployment"
+                )
+        return args
+
 
 def build_app(args: MultimodalArgs | dict | None = None) -> Application:
     """Bind the vision, text, fusion and ingress deployments into one application."""
@@ -53,8 +68,8 @@ def build_app(args: MultimodalArgs | dict | None = None) -> Application:
     if args.require_gpus:
         _check_gpus(args.gpu_wait_s)
 
-    vision = VisionClassifier.bind(args.vision)
-    text = TextEncoder.bind(args.text)
+    vision = VisionClassifier.bind()
+    text = TextEncoder.bind()
     fusion = FusionScorer.bind(vision, text)
     return Ingress.bind(vision, text, fusion)
 

@@ -14,6 +14,13 @@ from ray import serve
 ROOT = Path(__file__).resolve().parents[1]
 APP = "multimodal"
 DEPLOY_TIMEOUT_S = 400
+# As `make serve`, cluster.yaml and the image set it: Serve's HTTP proxy loads deployments/proxy.py.
+PROXY_HARDENING = {"RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "deployments.proxy:hardening"}
+
+
+def harden_proxies() -> None:
+    """Make the Ray started next from this process load the proxy hardening (its processes inherit this env)."""
+    os.environ.update(PROXY_HARDENING)
 
 
 def load_config(name: str, http_port: int) -> dict:
@@ -72,6 +79,14 @@ def replica_infos(deployment: str, replicas: int, timeout_s: float = 60) -> dict
     pytest.fail(f"only {len(seen)} of {replicas} {deployment} replicas answered info() in {timeout_s} s")
 
 
+def replica_actors(deployment: str) -> dict[str, int]:
+    """Process id of each live replica actor of a deployment, by actor id (from Ray's state API)."""
+    from ray.util.state import list_actors
+
+    actors = list_actors(filters=[("class_name", "=", f"ServeReplica:{APP}:{deployment}"), ("state", "=", "ALIVE")])
+    return {actor.actor_id: actor.pid for actor in actors}
+
+
 def gpu_profile(http_port: int, vision_replicas: int, require_gpus: bool = True) -> dict:
     """serve_config.gpu.yaml with a fixed number of vision replicas, and text on the CPU so only vision needs a GPU."""
     config = load_config("serve_config.gpu.yaml", http_port)
@@ -83,20 +98,26 @@ def gpu_profile(http_port: int, vision_replicas: int, require_gpus: bool = True)
     vision["num_replicas"] = vision_replicas
     vision["ray_actor_options"]["num_cpus"] = 0.25
     deployments["TextEncoder"]["ray_actor_options"]["num_gpus"] = 0
+    # Placement and node loss need one replica of the rest; two each (for updates) only slow the start.
+    for name in ("TextEncoder", "FusionScorer"):
+        deployments[name]["autoscaling_config"] |= {"min_replicas": 1, "max_replicas": 1}
+    deployments["Ingress"]["num_replicas"] = 1
     return config
 
 
 def prometheus_tool(name: str) -> str:
     """Path of ``prometheus`` or ``promtool`` (Debian's prometheus package).
 
-    Missing: skipped with the reason .ci/run gives when it could not install
-    the package, a failure in CI otherwise (CI installs it), else skipped.
+    Missing: skipped with the reason ``make test`` recorded when it could not
+    install the package (tests/install_tools.sh), a failure under CI otherwise,
+    else skipped.
     """
     path = shutil.which(name)
     if path is None:
-        if reason := os.environ.get("MAAS_PROMETHEUS_UNAVAILABLE"):
-            pytest.skip(f"{name} could not be installed: {reason}")
+        report = Path(os.environ.get("MAAS_TEST_TOOLS_MISSING", ROOT / ".venv" / ".test-tools-missing"))
+        if report.is_file():
+            pytest.skip(f"{name} could not be installed: {report.read_text().strip()}")
         if os.environ.get("CI"):
-            pytest.fail(f"{name} is not on PATH; .ci/run installs Debian's prometheus package, which provides it")
-        pytest.skip(f"{name} is not installed (apt-get install prometheus)")
+            pytest.fail(f"{name} is not on PATH; `make test` installs Debian's prometheus package, which provides it")
+        pytest.skip(f"{name} is not installed (apt-get install prometheus, or run `make test`)")
     return path

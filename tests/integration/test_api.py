@@ -121,8 +121,10 @@ def test_models_lists_each_model_with_its_source_version_device_and_resources(cl
         assert "GPU" not in models[name]["resources"]
         assert models[name]["torch_threads"] >= 1
     # The reservations in force are the ones serve_config.yaml asks for.
-    assert models["vision"]["resources"]["CPU"] == 0.5
-    assert models["text"]["resources"]["CPU"] == 0.25
+    assert models["vision"]["resources"]["CPU"] == 0.4
+    assert models["text"]["resources"]["CPU"] == 0.2
+    # No server directories: the drift profile is named relative to the package.
+    assert models["vision"]["drift"]["reference"]["path"] == "monitoring/profiles/mobilenet_v2.json"
 
 
 def test_openapi_docs_are_served(client):

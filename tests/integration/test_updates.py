@@ -1,8 +1,9 @@
-"""Model updates under load drop nothing: a live user_config change, then a new model version.
+"""Updates under load drop nothing: live settings, new model versions, new fusion weights, a whole new app.
 
-Both go through ``serve deploy`` of an edited Serve YAML, as an operator would
-do it, while clients keep sending vision and multimodal requests. Every
-request must succeed, and the API must report the new version afterwards.
+Each goes through ``serve deploy`` of an edited Serve YAML, as an operator
+would do it, while clients keep sending vision, text and multimodal requests.
+Every request must succeed, no deployment may be left without a running
+replica at any moment, and the API must report the new settings afterwards.
 """
 
 import threading
@@ -15,36 +16,63 @@ from ray import serve
 
 from tests.conftest import b64
 from tests.integration.conftest import deploy, shipped_config
-from tests.serving import APP, replica_infos
+from tests.serving import APP, replica_actors, replica_infos
 
 CLIENTS = 6
-NEW_VERSION = "mobilenet_v2-2026.11"
 UPDATE_TIMEOUT_S = 240
+DEPLOYMENTS = ("VisionClassifier", "TextEncoder", "FusionScorer", "Ingress")
+REPLACEMENT_ARGS = {"gpu_wait_s": 1}
 
 
 class SteadyLoad:
-    """Closed-loop clients that record the status (and vision model version) of every response."""
+    """Closed-loop clients that record the status (and model version) of every response.
 
-    def __init__(self, url: str, image: bytes):
+    Meanwhile a watcher records the fewest RUNNING replicas each deployment had.
+    """
+
+    def __init__(self, url: str, image: bytes, clients: int = CLIENTS):
         self.url = url
         self.vision = {"image": b64(image), "top_k": 1}
         self.multimodal = {"image": b64(image), "text": "a cat on a sofa", "labels": ["cat", "car"]}
-        self.results: list[tuple[float, int, str | None]] = []
+        self.text = {"text": "a cat on a sofa", "labels": ["animals", "vehicles"]}
+        self.results: list[tuple[float, str, int, str | None]] = []  # (time, route, status, version)
+        self.multimodal_weights: list[dict] = []
+        self.fewest_running = dict.fromkeys(DEPLOYMENTS, 1_000)
+        self.observations = dict.fromkeys(DEPLOYMENTS, 0)
+        self.watch_errors: list[str] = []
         self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._client, args=(i,)) for i in range(CLIENTS)]
+        self._threads = [threading.Thread(target=self._client, args=(i,)) for i in range(clients)]
+        self._threads.append(threading.Thread(target=self._watch))
 
     def _client(self, index: int) -> None:
         with httpx.Client(base_url=self.url, timeout=60) as client:
             n = index
             while not self._stop.is_set():
                 n += 1
-                if n % 2:
-                    response = client.post("/v1/vision/classify", json=self.vision)
-                    version = response.json().get("version") if response.status_code == 200 else None
-                else:
-                    response = client.post("/v1/multimodal/analyze", json=self.multimodal)
-                    version = None
-                self.results.append((time.monotonic(), response.status_code, version))
+                route, payload = [
+                    ("/v1/vision/classify", self.vision),
+                    ("/v1/multimodal/analyze", self.multimodal),
+                    ("/v1/text/classify", self.text),
+                ][n % 3]
+                response = client.post(route, json=payload)
+                body = response.json() if response.status_code == 200 else {}
+                if route == "/v1/multimodal/analyze" and body:
+                    self.multimodal_weights.append(body["weights"])
+                self.results.append((time.monotonic(), route, response.status_code, body.get("version")))
+
+    def _watch(self) -> None:
+        while not self._stop.is_set():
+            try:
+                deployments = serve.status().applications[APP].deployments
+            except Exception as exc:  # noqa: BLE001 - an unreadable status fails the test, below
+                self.watch_errors.append(repr(exc))
+                deployments = {}
+            for name in DEPLOYMENTS:
+                if name in deployments:  # absent while Serve builds a new version of the app
+                    running = deployments[name].replica_states.get("RUNNING", 0)
+                    self.fewest_running[name] = min(self.fewest_running[name], running)
+                    self.observations[name] += 1
+            time.sleep(0.2)
 
     def __enter__(self) -> "SteadyLoad":
         for thread in self._threads:
@@ -58,63 +86,125 @@ class SteadyLoad:
         for thread in self._threads:
             thread.join()
 
-    def failures(self) -> list[tuple[float, int, str | None]]:
-        return [r for r in self.results if r[1] != 200]
+    def failures(self) -> list[tuple[float, str, int, str | None]]:
+        return [r for r in self.results if r[2] != 200]
+
+    def versions(self, route: str) -> list[str]:
+        return [version for _, r, status, version in self.results if r == route and version]
+
+    def assert_nothing_failed(self) -> None:
+        failures = self.failures()
+        assert self.results and not failures, f"{len(failures)} of {len(self.results)} failed: {failures[:5]}"
+        assert not self.watch_errors, self.watch_errors[:3]
+        assert min(self.observations.values()) >= 10, f"the replicas were hardly watched: {self.observations}"
+        emptied = {name: n for name, n in self.fewest_running.items() if n < 1}
+        assert not emptied, f"deployments left without a running replica during the update: {emptied}"
 
 
-def vision_config(config: dict) -> dict:
+def deployment(config: dict, name: str) -> dict:
     (app,) = config["applications"]
-    return next(d for d in app["deployments"] if d["name"] == "VisionClassifier")
+    return next(d for d in app["deployments"] if d["name"] == name)
 
 
-def vision_replica_count() -> int:
-    return serve.status().applications[APP].deployments["VisionClassifier"].replica_states.get("RUNNING", 0)
+def running_replicas(name: str) -> int:
+    return serve.status().applications[APP].deployments[name].replica_states.get("RUNNING", 0)
+
+
+def wait_for_version(name: str, version: str) -> None:
+    deadline = time.monotonic() + UPDATE_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if {i["version"] for i in replica_infos(name, running_replicas(name)).values()} == {version}:
+            return
+        time.sleep(1)
+    pytest.fail(f"{name} replicas did not all reach version {version}")
+
+
+def roll_out_model_version(app_url: str, image: bytes, folder, name: str, version: str) -> SteadyLoad:
+    """Deploy ``version`` of deployment ``name``'s model under steady load; the load, checked for failures."""
+    config = shipped_config()
+    deployment(config, name)["user_config"]["model"]["version"] = version
+    with SteadyLoad(app_url, image) as load:
+        deploy(config, folder / f"{name}-{version}.yaml")
+        wait_for_version(name, version)
+    load.assert_nothing_failed()
+    return load
 
 
 @pytest.fixture(scope="module")
 def folder(app_url, tmp_path_factory):
     path = tmp_path_factory.mktemp("updates")
     yield path
-    deploy(shipped_config(), path / "shipped.yaml")  # back to the shipped version for later modules
+    # Back to the shipped settings for later modules, but for the args the replacement test changed:
+    # gpu_wait_s does nothing without require_gpus, and restoring it would replace every replica again.
+    config = shipped_config()
+    config["applications"][0]["args"] |= REPLACEMENT_ARGS
+    deploy(config, path / "shipped.yaml")
 
 
 def test_live_user_config_change_under_load_fails_no_request(folder, app_url, chelsea_jpeg):
     config = shipped_config()
-    vision_config(config)["user_config"]["max_batch_size"] = 4
+    deployment(config, "VisionClassifier")["user_config"]["max_batch_size"] = 4
     with SteadyLoad(app_url, chelsea_jpeg) as load:
         deploy(config, folder / "batch4.yaml")
-    assert load.results and not load.failures(), f"{len(load.failures())} of {len(load.results)} failed"
-    replicas = replica_infos("VisionClassifier", vision_replica_count())
+    load.assert_nothing_failed()
+    replicas = replica_infos("VisionClassifier", running_replicas("VisionClassifier"))
     assert {info["details"]["batching"]["max_batch_size"] for info in replicas.values()} == {4}
 
 
-def test_new_model_version_rolls_out_under_load_and_fails_no_request(folder, app_url, chelsea_jpeg):
-    before = httpx.get(f"{app_url}/v1/models").json()["models"]
-    old_version = next(m["version"] for m in before if m["deployment"] == "vision")
-    assert old_version != NEW_VERSION
+def test_new_vision_model_rolls_out_under_load_and_fails_no_request(folder, app_url, chelsea_jpeg):
+    new_version = "mobilenet_v2-2026.11"
+    old_version = replica_infos("VisionClassifier", 1).popitem()[1]["version"]
+    untouched = {name: replica_actors(name) for name in ("TextEncoder", "FusionScorer", "Ingress")}
 
-    config = shipped_config()
-    (app,) = config["applications"]
-    app["args"]["vision"]["version"] = NEW_VERSION  # a new deployment version: replicas are replaced
-    with SteadyLoad(app_url, chelsea_jpeg) as load:
-        deploy(config, folder / "new_version.yaml")
-        deadline = time.monotonic() + UPDATE_TIMEOUT_S
-        while time.monotonic() < deadline:
-            versions = {i["version"] for i in replica_infos("VisionClassifier", vision_replica_count()).values()}
-            if versions == {NEW_VERSION}:
-                break
-            time.sleep(1)
-
-    failures = load.failures()
-    assert not failures, f"{len(failures)} of {len(load.results)} requests failed: {failures[:5]}"
-    versions_seen = [version for _, _, version in load.results if version]
-    assert old_version in versions_seen and NEW_VERSION in versions_seen
-    assert versions_seen[-1] == NEW_VERSION  # the last answers come from the new version
+    load = roll_out_model_version(app_url, chelsea_jpeg, folder, "VisionClassifier", new_version)
+    versions_seen = load.versions("/v1/vision/classify")
+    assert old_version in versions_seen and new_version in versions_seen
+    assert versions_seen[-1] == new_version  # the last answers come from the new version
+    assert {name: replica_actors(name) for name in untouched} == untouched  # only vision was touched
 
     after = {m["deployment"]: m for m in httpx.get(f"{app_url}/v1/models").json()["models"]}
-    assert after["vision"]["version"] == NEW_VERSION
+    assert after["vision"]["version"] == new_version
     cat = httpx.post(f"{app_url}/v1/vision/classify", json={"image": b64(chelsea_jpeg), "top_k": 1}).json()
-    assert cat["labels"][0]["label"] == "Egyptian cat" and cat["version"] == NEW_VERSION
+    assert cat["labels"][0]["label"] == "Egyptian cat" and cat["version"] == new_version
+
+
+def test_new_text_model_rolls_out_under_load_and_fails_no_request(folder, app_url, chelsea_jpeg):
+    new_version = "all-MiniLM-L6-v2-2026.11"
+    load = roll_out_model_version(app_url, chelsea_jpeg, folder, "TextEncoder", new_version)
+    versions_seen = load.versions("/v1/text/classify")
+    assert versions_seen[0] != new_version and versions_seen[-1] == new_version
+    multimodal = httpx.post(
+        f"{app_url}/v1/multimodal/analyze",
+        json={"image": b64(chelsea_jpeg), "labels": ["a photo of a cat", "a cup of coffee", "a rocket launch"]},
+    ).json()
+    assert multimodal["fused"][0]["label"] == "a photo of a cat"  # ConSE with the new text model's embeddings
+
+
+def test_new_fusion_weights_apply_under_load_and_fail_no_request(folder, app_url, chelsea_jpeg):
+    config = shipped_config()
+    user_config = deployment(config, "FusionScorer")["user_config"]
+    user_config["vision_weight"], user_config["text_weight"] = 0.8, 0.2
+    with SteadyLoad(app_url, chelsea_jpeg) as load:
+        deploy(config, folder / "new_weights.yaml")
+
+    load.assert_nothing_failed()
+    weights = load.multimodal_weights
+    assert weights[0] == {"vision": 0.5, "text": 0.5}
+    assert weights[-1] == pytest.approx({"vision": 0.8, "text": 0.2})
+
+
+def test_replacing_every_replica_under_load_fails_no_request(folder, app_url, chelsea_jpeg):
+    """A change to the app's args (or its code) replaces all four deployments' replicas, surge first."""
+    before = {name: set(replica_actors(name)) for name in DEPLOYMENTS}
+    config = shipped_config()
+    config["applications"][0]["args"] |= REPLACEMENT_ARGS  # any args change gives every deployment a new version
+    # Three clients: on two cores, eight replica starts under heavier load take minutes.
+    with SteadyLoad(app_url, chelsea_jpeg, clients=3) as load:
+        deploy(config, folder / "new_args.yaml")
+
+    load.assert_nothing_failed()
+    for name, replicas in before.items():
+        assert not replicas & set(replica_actors(name)), f"{name} was not replaced"
 
 
 def test_vision_replica_redoes_preprocessing_prepared_for_another_geometry(app_url):

@@ -8,12 +8,15 @@ from ray.serve.schema import ServeDeploySchema
 
 from deployments.errors import ConfigError
 from deployments.fusion import FusionConfig
-from deployments.runtime import ModelSettings
+from deployments.ingress import IngressConfig
+from deployments.text import TextSettings
+from deployments.vision import VisionSettings
 from pipelines.multimodal import MultimodalArgs, build_app
 
 ROOT = Path(__file__).resolve().parents[2]
 PROFILES = {"cpu": ROOT / "serve_config.yaml", "gpu": ROOT / "serve_config.gpu.yaml"}
-USER_CONFIGS = {"VisionClassifier": ModelSettings, "TextEncoder": ModelSettings, "FusionScorer": FusionConfig}
+MODEL_CONFIGS = {"VisionClassifier": VisionSettings, "TextEncoder": TextSettings, "FusionScorer": FusionConfig}
+USER_CONFIGS = {**MODEL_CONFIGS, "Ingress": IngressConfig}
 
 
 def load(profile: str) -> dict:
@@ -43,13 +46,13 @@ def test_args_and_user_configs_validate(profile):
 def test_batches_can_fill(profile):
     """Serve caps what a replica holds at max_ongoing_requests; a larger batch never forms."""
     for name, deployment in deployments(load(profile)).items():
-        if name in USER_CONFIGS:
+        if name in MODEL_CONFIGS:
             assert deployment["user_config"]["max_batch_size"] <= deployment["max_ongoing_requests"], name
 
 
 @pytest.mark.parametrize("profile", PROFILES)
 def test_every_model_deployment_autoscales(profile):
-    for name in USER_CONFIGS:
+    for name in MODEL_CONFIGS:
         autoscaling = deployments(load(profile))[name]["autoscaling_config"]
         assert 1 <= autoscaling["min_replicas"] <= autoscaling["max_replicas"]
 
@@ -75,23 +78,70 @@ def test_profiles_differ_only_in_gpu_shares():
     assert cpu == gpu
 
 
-def test_cpu_reservations_fit_a_two_core_node_at_max_replicas():
-    total = 0.0
+def test_cpu_reservations_leave_room_for_a_surge_replica_at_max_replicas():
+    """A rolling replacement starts a new replica before stopping an old one; it must fit on a 2-core node."""
+    total, largest = 0.0, 0.0
     for deployment in deployments(load("cpu")).values():
         replicas = deployment.get("autoscaling_config", {}).get("max_replicas", deployment.get("num_replicas", 1))
         total += replicas * deployment["ray_actor_options"]["num_cpus"]
-    assert total <= 2.0
+        largest = max(largest, deployment["ray_actor_options"]["num_cpus"])
+    assert total + largest <= 2.0
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_every_deployment_keeps_two_replicas_so_an_update_leaves_one_serving(profile):
+    """Serve reconfigures one replica at a time and routes nothing to it meanwhile."""
+    for name, deployment in deployments(load(profile)).items():
+        replicas = deployment.get("autoscaling_config", {}).get("min_replicas", deployment.get("num_replicas"))
+        assert replicas >= 2, name
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_no_deployment_stops_a_replica_before_its_replacement_runs(profile):
+    for name, deployment in deployments(load(profile)).items():
+        assert deployment.get("max_surge_percent", 0) > 0, name
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_ingress_deadline_and_drain_follow_the_proxy_timeout(profile):
+    config = load(profile)
+    timeout = config["http_options"]["request_timeout_s"]
+    ingress = deployments(config)["Ingress"]
+    assert ingress["user_config"]["request_timeout_s"] == timeout
+    assert ingress["graceful_shutdown_timeout_s"] > timeout  # a replaced ingress finishes what it holds
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_admission_fits_the_ingress_with_room_for_health_checks(profile):
+    ingress = deployments(load(profile))["Ingress"]
+    admitted = sum(ingress["user_config"]["admission"].values())
+    assert admitted + 16 <= ingress["max_ongoing_requests"]
+
+
+def test_models_are_configured_per_deployment_not_in_the_app_args():
+    """Serve hashes args into every deployment's version: a model change there would restart all of them."""
+    for profile in PROFILES:
+        config = load(profile)
+        assert set(config["applications"][0]["args"]) <= {"require_gpus", "gpu_wait_s"}
+        assert deployments(config)["VisionClassifier"]["user_config"]["model"]["source"].startswith("package:")
+        assert deployments(config)["TextEncoder"]["user_config"]["model"]["source"].startswith("package:")
 
 
 def test_bad_builder_args_fail_with_the_field_named():
-    with pytest.raises(ConfigError, match="vision.sourse"):
-        build_app({"vision": {"sourse": "typo"}})
+    with pytest.raises(ConfigError, match="require_gpu"):
+        build_app({"require_gpu": True})
+    with pytest.raises(ConfigError, match="args.vision moved.*user_config of the VisionClassifier"):
+        build_app({"vision": {"source": "package:x"}})
 
 
 def test_bad_user_config_names_the_field():
     with pytest.raises(ValueError, match="class_prompt"):
         FusionConfig(class_prompt="no slot")
     with pytest.raises(ValueError, match="max_batch_size"):
-        ModelSettings(max_batch_size=0)
+        VisionSettings(max_batch_size=0)
     with pytest.raises(ValueError, match="drift.window_size"):
-        ModelSettings.model_validate({"drift": {"window_size": 1}})
+        VisionSettings.model_validate({"drift": {"window_size": 1}})
+    with pytest.raises(ValueError, match="model.sourse"):
+        TextSettings.model_validate({"model": {"sourse": "typo"}})
+    with pytest.raises(ValueError, match="unknown routes"):
+        IngressConfig.model_validate({"admission": {"/v1/nothing": 3}})
