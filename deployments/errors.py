@@ -23,6 +23,9 @@ class MaasError(Exception):
         loc = ["body", self.field] if self.field else ["body"]
         return [{"loc": loc, "msg": self.message, "type": self.error_type}]
 
+    def headers(self) -> dict[str, str] | None:
+        return None
+
 
 class InvalidInput(MaasError):
     """The request is well-formed but a value in it is unusable."""
@@ -49,6 +52,36 @@ class UnsupportedMediaType(MaasError):
 
     status_code = HTTPStatus.UNSUPPORTED_MEDIA_TYPE
     error_type = "unsupported_media_type"
+
+
+class RetryLater(MaasError):
+    """The service cannot take this request now; the same request may succeed after ``Retry-After``."""
+
+    status_code = HTTPStatus.SERVICE_UNAVAILABLE
+    error_type = "unavailable"
+
+    def __init__(self, message: str, *, retry_after_s: int = 1, retryable: bool = False):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+        self.retryable = retryable  # whether the ingress may make the same model calls again at once
+
+    def detail(self) -> list[dict]:
+        return [{"loc": [], "msg": self.message, "type": self.error_type}]
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)}
+
+
+class Overloaded(RetryLater):
+    """More requests are in flight than the service admits; refused before any work was done."""
+
+    error_type = "overloaded"
+
+
+class ModelUnavailable(RetryLater):
+    """A model deployment the request needs has no replica able to answer within the request's deadline."""
+
+    error_type = "model_unavailable"
 
 
 class ConfigError(ValueError):

@@ -1,47 +1,129 @@
 """The HTTP API: every request and response body as a pydantic model.
 
 Limits come from ``deployments.settings`` and are written into the types, so
-they show up in the OpenAPI docs at ``/docs`` and are enforced by validation.
+they show up in the OpenAPI docs at ``/docs`` and are enforced by the same
+validation: what the schema calls valid is accepted, and what it calls invalid
+is refused (the API is fuzzed against its own schema in the test suite).
 Request models are flat (no nested models) so one schema describes both the
 JSON body and the multipart form of a route.
 """
 
-from typing import Annotated
+import functools
+import json
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, model_validator
 
 from deployments.settings import limits
 
 _L = limits()
 
+# A text must contain a character that is not whitespace (as ``str.isspace()``
+# defines it). Texts are used as sent, not stripped, so the length limit is the
+# length the client sent. The class is spelled out character by character
+# because regex engines disagree on ``\s`` (Python's includes U+001C-U+001F,
+# ECMA's and Rust's do not), and the schema must mean the same to every client.
+WHITESPACE = r"\t\n\x0b\x0c\r\x1c-\x1f \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+NOT_BLANK = f"[^{WHITESPACE}]"
+
 Text = Annotated[
     str,
-    StringConstraints(strip_whitespace=True, min_length=1, max_length=_L.max_text_chars),
-    Field(description="Non-empty text."),
+    StringConstraints(min_length=1, max_length=_L.max_text_chars, pattern=NOT_BLANK),
+    Field(description="Text with at least one character that is not whitespace."),
 ]
 Label = Annotated[
     str,
-    StringConstraints(strip_whitespace=True, min_length=1, max_length=_L.max_label_chars),
+    StringConstraints(min_length=1, max_length=_L.max_label_chars, pattern=NOT_BLANK),
     Field(description="A candidate label, free text (for example 'a photo of a cat')."),
 ]
+
+
+def _distinct(labels: list[str]) -> list[str]:
+    if len(set(labels)) != len(labels):
+        raise ValueError("labels must be distinct")
+    return labels
+
+
 Labels = Annotated[
     list[Label],
-    Field(min_length=1, max_length=_L.max_labels, description="Candidate labels to rank."),
+    Field(
+        min_length=1,
+        max_length=_L.max_labels,
+        description="Candidate labels to rank, each different from the others.",
+        json_schema_extra={"uniqueItems": True},
+    ),
+    AfterValidator(_distinct),
 ]
-TopK = Annotated[int, Field(ge=1, le=_L.max_top_k, description="How many labels to return.")]
+
+
+def _integral(value: Any) -> Any:
+    """JSON Schema counts 5.0 as an integer; so does this API."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+# Constraints before the validator: after it, pydantic writes them into the schema as `ge`/`le`, not `minimum`.
+TopK = Annotated[
+    int, Field(ge=1, le=_L.max_top_k, description="How many labels to return."), BeforeValidator(_integral)
+]
+# An 8x8 red PNG: a real image, so the schema's example is a request that works.
+EXAMPLE_IMAGE = (
+    "iVBORw0KGgoAAAANSUhEUgAAAAgAAAAICAIAAABLbSncAAAAFUlEQVR42mM8ISfHgA0wMeAAg1MCANDKARQfGKMRAAAAAElFTkSuQmCC"
+)
+# Base64 of the largest accepted image, plus room for a data URL prefix.
+MAX_IMAGE_B64_CHARS = 4 * -(-_L.max_image_bytes // 3) + 128
 ImageB64 = Annotated[
     str,
     Field(
+        min_length=1,
+        max_length=MAX_IMAGE_B64_CHARS,
         description="The image file (JPEG, PNG, WebP, BMP, GIF or TIFF), base64-encoded. "
-        "A data URL prefix is accepted.",
-        examples=["iVBORw0KGgo..."],
+        "A data URL prefix is accepted. Larger than the image limit: 413; not a decodable image: 422.",
+        examples=[EXAMPLE_IMAGE],
+        json_schema_extra={"contentEncoding": "base64"},
     ),
 ]
+# What the multipart reader puts in the image field when the image came as a file.
+IMAGE_PLACEHOLDER = "(multipart upload)"
 Weight = Annotated[float, Field(ge=0.0, le=1.0)]
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Strict: a value of the wrong JSON type ("5" for an integer, 0 for a boolean) is refused, as the schema says.
+    model_config = ConfigDict(extra="forbid", strict=True, regex_engine="python-re")
+
+    @classmethod
+    def from_form(cls, fields: dict[str, Any]) -> "_Request":
+        """Validate multipart form fields, which are all text: numbers, booleans and null in their JSON spelling.
+
+        ``top_k=5``, ``embed=true``, ``vision_weight=0.5``, ``text_weight=null``;
+        anything else in such a field is refused by validation with the type it should have.
+        """
+        scalars = _scalar_fields(cls)
+        return cls.model_validate({name: _json_scalar(v) if name in scalars else v for name, v in fields.items()})
+
+
+@functools.cache
+def _scalar_fields(model: type[BaseModel]) -> frozenset[str]:
+    """Fields whose schema allows no string: their form values are read as JSON."""
+
+    def allows_text(schema: dict) -> bool:
+        return schema.get("type") in ("string", "array") or any(allows_text(s) for s in schema.get("anyOf", ()))
+
+    return frozenset(n for n, s in model.model_json_schema()["properties"].items() if not allows_text(s))
+
+
+def _json_scalar(value: Any) -> Any:
+    if not isinstance(value, str):
+        return value
+    try:
+        parsed = json.loads(value, parse_constant=_refuse)  # no NaN or Infinity
+    except ValueError:
+        return value
+    return parsed if parsed is None or isinstance(parsed, (bool, int, float)) else value
+
+
+def _refuse(constant: str) -> None:
+    raise ValueError(constant)
 
 
 class _Response(BaseModel):
@@ -72,8 +154,55 @@ class TextClassifyRequest(_Request):
     labels: Labels
 
 
+def _present(field: str) -> dict:
+    return {"required": [field], "properties": {field: {"type": "string"}}}
+
+
+def form_schema(model: type[BaseModel]) -> dict:
+    """The schema of a route's multipart form: the JSON schema with the image as a file upload."""
+    schema = model.model_json_schema()
+    schema["properties"]["image"] = {
+        "type": "string",
+        "format": "binary",
+        "minLength": 1,
+        "maxLength": _L.max_image_bytes,
+        "description": "The image file (JPEG, PNG, WebP, BMP, GIF or TIFF).",
+    }
+
+    def file_rules(node: Any) -> Any:
+        # A form field cannot be null, so "the image is present" is all the rules need to say about a file.
+        if node == _present("image"):
+            return {"required": ["image"]}
+        if isinstance(node, dict):
+            return {key: file_rules(value) if key != "properties" else value for key, value in node.items()}
+        return [file_rules(item) for item in node] if isinstance(node, list) else node
+
+    return file_rules(schema)
+
+
+def _not_zero(field: str) -> dict:
+    """The field is absent, null, or a positive number (written without `not`, which fuzzers handle poorly)."""
+    return {"properties": {field: {"anyOf": [{"type": "null"}, {"type": "number", "exclusiveMinimum": 0}]}}}
+
+
 class MultimodalRequest(_Request):
-    """Score labels against an image, a text, or both, and fuse the rankings."""
+    """Score labels against an image, a text, or both, and fuse the rankings.
+
+    At least one of ``image`` and ``text``; and the weights of the modalities
+    sent may not all be 0 (a weight of a modality not sent is ignored).
+    """
+
+    # The same rules as `_check`, in the schema.
+    model_config = ConfigDict(
+        json_schema_extra={
+            "allOf": [
+                {"anyOf": [_present("image"), _present("text")]},
+                {"anyOf": [_present("image"), _not_zero("text_weight")]},
+                {"anyOf": [_present("text"), _not_zero("vision_weight")]},
+                {"anyOf": [_not_zero("vision_weight"), _not_zero("text_weight")]},
+            ],
+        }
+    )
 
     image: ImageB64 | None = None
     text: Text | None = None
@@ -86,12 +215,18 @@ class MultimodalRequest(_Request):
         None, description="Weight of the text's label scores in the fusion (default from config)."
     )
 
-    @field_validator("labels")
-    @classmethod
-    def _distinct(cls, labels: list[str]) -> list[str]:
-        if len(set(labels)) != len(labels):
-            raise ValueError("labels must be distinct")
-        return labels
+    @model_validator(mode="after")
+    def _check(self) -> "MultimodalRequest":
+        if self.image is None and self.text is None:
+            raise ValueError("send an image, a text, or both")
+        sent = {"vision_weight": self.image is not None, "text_weight": self.text is not None}
+        weights = {name: getattr(self, name) for name, present in sent.items() if present}
+        if all(weight == 0 for weight in weights.values()):
+            raise ValueError(
+                f"the fusion weights of the modalities sent ({', '.join(weights)}) are 0; "
+                "give at least one of them a positive weight"
+            )
+        return self
 
 
 # --- responses --------------------------------------------------------------
@@ -171,4 +306,27 @@ class ModelsResponse(_Response):
 
 
 class Health(_Response):
-    status: str
+    status: Literal["ok"]
+
+
+class DeploymentReadiness(_Response):
+    ready: bool
+    model: str | None = Field(None, description="The model a replica that answered serves.")
+    version: str | None = None
+    message: str | None = Field(None, description="Why the deployment is not ready.")
+
+
+class Readiness(_Response):
+    status: Literal["ready", "not_ready"]
+    deployments: dict[str, DeploymentReadiness]
+
+
+class ErrorDetail(_Response):
+    loc: list[str | int] = Field(description="Where the problem is: ['body', field, ...], or [] for the request.")
+    msg: str = Field(description="What was wrong, for a human.")
+    type: str = Field(description="A stable error type, e.g. invalid_image, payload_too_large, overloaded.")
+    ctx: dict | None = Field(None, description="The rule's parameters, for validation errors (e.g. the limit).")
+
+
+class ErrorResponse(_Response):
+    detail: list[ErrorDetail]
