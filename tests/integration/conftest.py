@@ -33,6 +33,7 @@ def ray_cluster():
     that ``python`` in a job's entrypoint is the project's interpreter.
     """
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    serving.harden_proxies()
     ray.init(
         num_cpus=2,
         num_gpus=0,

@@ -29,6 +29,7 @@ def pytest_collection_modifyitems(items):
 
 @pytest.fixture(scope="session")
 def cluster():
+    serving.harden_proxies()
     cluster = Cluster(
         initialize_head=True,
         head_node_args={

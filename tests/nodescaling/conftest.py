@@ -201,6 +201,7 @@ def cluster():
     env = {
         **os.environ,
         "RAY_AUTH_MODE": "token",
+        **serving.PROXY_HARDENING,
         # Lets the fake provider run, and gives the head the node id the provider expects.
         "RAY_FAKE_CLUSTER": "1",
         "AUTOSCALER_UPDATE_INTERVAL_S": "1",

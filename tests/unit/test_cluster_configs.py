@@ -159,6 +159,20 @@ def test_cluster_ships_the_token_and_starts_every_node_with_token_auth():
         assert "RAY_AUTH_MODE=token" in starts[0], key
 
 
+def test_every_way_to_start_ray_loads_the_proxy_hardening():
+    """The proxy callback only works from the environment of the process that starts Ray."""
+    setting = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=deployments.proxy:hardening"
+    config = cluster()
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        (start,) = [w for w in invocations(config[key], "ray") if "start" in w]
+        assert setting in start, key
+    assert f"ENV {setting}" in (ROOT / "kubernetes" / "Dockerfile").read_text()
+    assert setting in (ROOT / "Makefile").read_text()
+    from deployments.proxy import hardening
+
+    assert callable(hardening)
+
+
 def test_cluster_head_deploys_a_serve_config_from_the_repo():
     commands = cluster()["head_start_ray_commands"]
     (deploy,) = [w for w in invocations(commands, "serve") if "deploy" in w]

@@ -1,0 +1,323 @@
+"""Hardening of Ray Serve's HTTP proxy against slow and untrusted clients.
+
+Turn it on by setting, in the environment of every process that starts Ray
+(the shell that runs ``serve run``, each ``ray start``, or the Ray container of
+a KubeRay head group, and of any worker group that runs proxies)::
+
+    RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=deployments.proxy:hardening
+
+and, where the defaults do not suit, in the same place:
+
+* ``MAAS_HTTP_HEADER_TIMEOUT_S`` (default 10): time to deliver a request head;
+* ``MAAS_HTTP_MAX_HEADER_BYTES`` (default 65536): largest request head;
+* ``MAAS_MAX_REQUEST_TIMEOUT_S`` (default 30): largest client-sent
+  ``x-request-timeout-seconds``; keep it equal to the Serve config's
+  ``http_options.request_timeout_s``.
+
+The proxy actor inherits that environment from its raylet; an application's
+``runtime_env`` never reaches it. ``deployments`` must be importable there (the
+Makefile and ``kubernetes/Dockerfile`` install the project). Serve calls
+``hardening()`` once when the proxy starts and wraps its ASGI app in the
+middleware it returns, outside Serve's own ``RequestIdMiddleware``.
+
+What it does:
+
+* **Header-read deadline.** uvicorn has no timeout for reading a request head:
+  it arms ``timeout_keep_alive`` only after a response, so a client that sends
+  its headers one byte a second, or nothing at all, holds a connection forever.
+  Serve builds the ``uvicorn.Config`` itself and passes on no timeout but
+  ``keep_alive_timeout_s``, and a proxy callback is the only code of ours that
+  runs in the proxy process, so ``hardening()`` wraps ``connection_made``,
+  ``data_received`` and ``connection_lost`` of uvicorn's ``H11Protocol`` and
+  ``HttpToolsProtocol`` (uvicorn's ``http="auto"``, which Serve uses, picks
+  httptools when installed, else h11). A connection must deliver a complete
+  request head within ``MAAS_HTTP_HEADER_TIMEOUT_S`` of connecting, or of the
+  first byte of its next request on a kept-alive connection; otherwise it gets
+  ``408 Request Timeout`` with ``connection: close`` (like nginx's
+  ``client_header_timeout``) and is closed. An idle kept-alive connection is
+  left to uvicorn's keep-alive timeout. The wrappers rely on the protocol
+  attributes ``loop``, ``transport``, ``flow`` and ``cycle`` (with
+  ``response_complete`` and ``more_body``); ``tests/unit/test_proxy.py`` runs
+  real uvicorn servers with both classes, so a uvicorn release that changes
+  them fails there.
+* **Header-size cap.** h11 refuses a head over 16 KiB with a 400 by itself;
+  httptools has no limit at all and builds long header values by repeated
+  concatenation, so within the deadline a client could still send gigabytes at
+  quadratic CPU cost. A head still incomplete after
+  ``MAAS_HTTP_MAX_HEADER_BYTES`` (checked after each read, so by up to one read
+  over) gets ``431`` and is closed, and bytes of a pipelined next request that
+  arrive while a response is in flight pause reading (as uvicorn's h11 protocol
+  does). The body is not bounded here: Serve's
+  ``http_options.request_timeout_s`` covers the whole request, body reads
+  included; an integration test against a real proxy is to verify that.
+* **Client headers Serve trusts too far** (:class:`ClientHeaderFilter`). Serve
+  echoes a client's ``X-Request-ID`` at any length and content, and lets a
+  client's ``x-request-timeout-seconds`` raise, or (with a value <= 0) disable,
+  the operator's ``request_timeout_s``.
+
+Slow clients cut off by the deadline are counted in the Ray metric
+``maas_http_slow_client_disconnects_total`` (scraped as ``ray_maas_...``).
+"""
+
+import functools
+import logging
+import re
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from starlette.middleware import Middleware
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+logger = logging.getLogger("ray.serve")
+
+REQUEST_ID_HEADER = b"x-request-id"
+REQUEST_TIMEOUT_HEADER = b"x-request-timeout-seconds"
+MAX_REQUEST_ID_CHARS = 64
+REQUEST_ID_PATTERN = re.compile(rb"[A-Za-z0-9._:-]{1,%d}" % MAX_REQUEST_ID_CHARS)
+SLOW_CLIENT_DISCONNECTS_METRIC = "maas_http_slow_client_disconnects_total"
+
+
+class ProxySettings(BaseSettings):
+    """Limits the HTTP proxy enforces on clients, read from ``MAAS_*`` environment variables."""
+
+    model_config = SettingsConfigDict(env_prefix="MAAS_", frozen=True)
+
+    http_header_timeout_s: float = Field(10.0, gt=0, allow_inf_nan=False)
+    """Time a connection has to deliver a complete request head."""
+    http_max_header_bytes: int = Field(64 * 1024, gt=0)
+    """Largest request head (request line and headers) accepted."""
+    max_request_timeout_s: float = Field(30.0, gt=0, allow_inf_nan=False)
+    """Largest ``x-request-timeout-seconds`` a client may send; must equal the
+    Serve config's ``http_options.request_timeout_s``."""
+
+
+def hardening() -> list[Middleware]:
+    """Serve's HTTP proxy callback: installs the header deadline and returns the header filter.
+
+    Safe to call more than once: uvicorn is patched once per process, and a
+    later call only updates the limits from the environment.
+    """
+    settings = ProxySettings()
+    install_header_deadline(settings.http_header_timeout_s, settings.http_max_header_bytes)
+    return [Middleware(ClientHeaderFilter, max_request_timeout_s=settings.max_request_timeout_s)]
+
+
+class ClientHeaderFilter:
+    """ASGI middleware that drops client headers Serve would otherwise trust.
+
+    * ``x-request-id`` longer than 64 characters, empty, or with characters
+      outside ``[A-Za-z0-9._:-]``: Serve then generates its own id and returns it.
+    * ``x-request-timeout-seconds`` unless it is a number with
+      ``0 < value <= max_request_timeout_s``: a client may ask for a shorter
+      deadline, never a longer or disabled one.
+
+    Header values are never logged. The body passes through untouched.
+    """
+
+    def __init__(self, app: ASGIApp, max_request_timeout_s: float) -> None:
+        self.app = app
+        self.max_request_timeout_s = max_request_timeout_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] in ("http", "websocket"):
+            headers = scope["headers"]
+            for name, value in headers:
+                if (name == REQUEST_ID_HEADER or name == REQUEST_TIMEOUT_HEADER) and not self.is_acceptable(
+                    name, value
+                ):
+                    scope = {**scope, "headers": [(n, v) for n, v in headers if self.is_acceptable(n, v)]}
+                    break
+        await self.app(scope, receive, send)
+
+    def is_acceptable(self, name: bytes, value: bytes) -> bool:
+        """Whether the header ``name: value`` (ASGI form: lower-case name, bytes) may reach Serve."""
+        if name == REQUEST_ID_HEADER:
+            return REQUEST_ID_PATTERN.fullmatch(value) is not None
+        if name == REQUEST_TIMEOUT_HEADER:
+            try:
+                timeout_s = float(value)
+            except ValueError:
+                return False
+            # NaN fails both comparisons, infinity the second.
+            return 0 < timeout_s <= self.max_request_timeout_s
+        return True
+
+
+def _plain_response(status: bytes, text: bytes) -> bytes:
+    return b"".join(
+        [
+            b"HTTP/1.1 " + status + b"\r\n",
+            b"content-type: text/plain; charset=utf-8\r\n",
+            b"content-length: " + str(len(text)).encode() + b"\r\n",
+            b"connection: close\r\n\r\n",
+            text,
+        ]
+    )
+
+
+REQUEST_TIMEOUT_RESPONSE = _plain_response(b"408 Request Timeout", b"Request header not received in time.\n")
+HEADER_TOO_LARGE_RESPONSE = _plain_response(b"431 Request Header Fields Too Large", b"Request header too large.\n")
+
+WRAPPED_METHODS = ("connection_made", "data_received", "connection_lost")
+ORIGINAL_METHODS_ATTR = "_maas_original_methods"
+"""Class attribute of a patched protocol class: its unwrapped methods, by name."""
+
+_header_timeout_s = ProxySettings.model_fields["http_header_timeout_s"].default
+_max_header_bytes = ProxySettings.model_fields["http_max_header_bytes"].default
+_slow_client_counter: Any = None
+
+
+def uvicorn_http_protocol_classes() -> list[type]:
+    """uvicorn's HTTP/1.1 protocol classes that its ``http="auto"`` may pick."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    classes: list[type] = [H11Protocol]
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    except ImportError:  # no httptools: "auto" picks h11
+        pass
+    else:
+        classes.append(HttpToolsProtocol)
+    return classes
+
+
+def install_header_deadline(timeout_s: float, max_header_bytes: int) -> list[type]:
+    """Wrap uvicorn's HTTP protocol classes (once) and set the head deadline and size cap.
+
+    Returns the patched classes. Their original methods stay in the class
+    attribute named by ``ORIGINAL_METHODS_ATTR``.
+    """
+    global _header_timeout_s, _max_header_bytes
+    _header_timeout_s = timeout_s
+    _max_header_bytes = max_header_bytes
+    classes = uvicorn_http_protocol_classes()
+    for cls in classes:
+        # Checked in the class's own namespace, so a reloaded module does not wrap twice.
+        if ORIGINAL_METHODS_ATTR in vars(cls):
+            continue
+        originals = {name: getattr(cls, name) for name in WRAPPED_METHODS}
+        cls.connection_made = _wrap_connection_made(originals["connection_made"])
+        cls.data_received = _wrap_data_received(originals["data_received"])
+        cls.connection_lost = _wrap_connection_lost(originals["connection_lost"])
+        # Per-connection state, defaulted on the class so connections opened before the patch work too.
+        cls._maas_header_deadline = None
+        cls._maas_header_bytes = 0
+        setattr(cls, ORIGINAL_METHODS_ATTR, originals)
+    logger.info(
+        "HTTP request heads limited to %g s and %d bytes on %s.",
+        timeout_s,
+        max_header_bytes,
+        ", ".join(cls.__name__ for cls in classes),
+    )
+    return classes
+
+
+def uninstall_header_deadline() -> None:
+    """Restore uvicorn's original protocol methods (for tests)."""
+    for cls in uvicorn_http_protocol_classes():
+        originals = vars(cls).get(ORIGINAL_METHODS_ATTR)
+        if originals is None:
+            continue
+        for name, method in originals.items():
+            setattr(cls, name, method)
+        for attr in (ORIGINAL_METHODS_ATTR, "_maas_header_deadline", "_maas_header_bytes"):
+            delattr(cls, attr)
+
+
+def _wrap_connection_made(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def connection_made(self, transport) -> None:
+        original(self, transport)
+        self._maas_header_deadline = self.loop.call_later(_header_timeout_s, _on_header_deadline, self)
+        self._maas_header_bytes = 0
+
+    return connection_made
+
+
+def _wrap_data_received(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def data_received(self, data: bytes) -> None:
+        cycle = self.cycle
+        # In a request: until its response is complete and, for a response sent before the body was read
+        # (a 413, say), until the rest of that body has been received and discarded.
+        if cycle is not None and (not cycle.response_complete or cycle.more_body):
+            request_fully_read = not cycle.more_body
+            original(self, data)
+            # Bytes after a fully read request start a pipelined next one: stop reading until the response is
+            # done (uvicorn resumes then), so they cannot pile up in the parser uncounted.
+            if request_fully_read and not self.transport.is_closing():
+                self.flow.pause_reading()
+            return
+
+        # Between requests, or inside a request head.
+        deadline = self._maas_header_deadline
+        if deadline is None:
+            deadline = self._maas_header_deadline = self.loop.call_later(_header_timeout_s, _on_header_deadline, self)
+            self._maas_header_bytes = 0
+        original(self, data)
+        cycle = self.cycle
+        if (cycle is not None and not cycle.response_complete) or self.transport.get_protocol() is not self:
+            # The head is complete (a request is running) or the connection became a WebSocket.
+            deadline.cancel()
+            self._maas_header_deadline = None
+            return
+        self._maas_header_bytes += len(data)
+        if self._maas_header_bytes > _max_header_bytes:
+            _reject(self, HEADER_TOO_LARGE_RESPONSE)
+
+    return data_received
+
+
+def _wrap_connection_lost(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def connection_lost(self, exc: Exception | None) -> None:
+        deadline = self._maas_header_deadline
+        if deadline is not None:
+            deadline.cancel()
+            self._maas_header_deadline = None
+        original(self, exc)
+
+    return connection_lost
+
+
+def _reject(protocol: Any, response: bytes) -> bool:
+    """Answer ``response`` and close the connection; False if it was already closing."""
+    deadline = protocol._maas_header_deadline
+    if deadline is not None:
+        deadline.cancel()
+        protocol._maas_header_deadline = None
+    transport = protocol.transport
+    if transport.is_closing():
+        return False
+    transport.write(response)
+    transport.close()
+    return True
+
+
+def _on_header_deadline(protocol: Any) -> None:
+    protocol._maas_header_deadline = None
+    cycle = protocol.cycle
+    # Never write over a response in flight; the wrappers cancel the timer before one starts.
+    if cycle is not None and not cycle.response_complete:
+        return
+    if _reject(protocol, REQUEST_TIMEOUT_RESPONSE):
+        _count_slow_client_disconnect()
+
+
+def _count_slow_client_disconnect() -> None:
+    global _slow_client_counter
+    # The proxy has ray imported already; elsewhere, importing it only to learn that it is not running costs seconds.
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return
+    if _slow_client_counter is None:
+        from ray.util import metrics
+
+        _slow_client_counter = metrics.Counter(
+            SLOW_CLIENT_DISCONNECTS_METRIC,
+            description="HTTP connections closed with a 408 because the request head was not received in time.",
+        )
+    _slow_client_counter.inc()
