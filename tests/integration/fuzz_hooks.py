@@ -1,0 +1,116 @@
+"""Schemathesis hooks for fuzzing the live API (tests/integration/test_fuzzing.py).
+
+A schema can say that ``image`` is base64 or a file, not that it decodes to a
+photo; and a multipart form carries every value as text, which schemathesis
+judges before serialising (it labels a form "invalid" by the JSON type of a
+value that reaches the server as text, and sometimes labels a form by the
+wrong mode altogether). These hooks give it what it cannot know, and nothing
+more:
+
+- JSON requests it generates as valid get a real photograph in ``image``
+  (otherwise: base64 of random text, rightly refused with 422);
+- a multipart request is judged as the server receives it (``wire_form``):
+  every value as the text that was sent, read back as JSON in the fields that
+  take no text (the form encoding the API documents), the file by its size,
+  checked against the route's form schema with a JSON Schema validator. A
+  "valid" form that is invalid on the wire, or whose file is not an image
+  Pillow can decode, may be refused; an "invalid" form that is valid on the
+  wire may be accepted. Neither is a failure.
+
+Every other failure stands.
+"""
+
+import base64
+import io
+import json
+
+import jsonschema_rs
+import schemathesis
+import skimage.data
+from PIL import Image
+from schemathesis.core.failures import AcceptedNegativeData
+from schemathesis.openapi.checks import RejectedPositiveData
+from schemathesis.transport.serialization import Binary
+
+MULTIPART = "multipart/form-data"
+
+
+def _photo() -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(skimage.data.coffee()).resize((120, 80)).save(buffer, "JPEG", quality=85)
+    return buffer.getvalue()
+
+
+PHOTO = _photo()
+
+
+@schemathesis.hook
+def before_call(ctx, case, **kwargs):
+    meta = case.meta
+    if meta is None or not meta.generation.mode.is_positive or not isinstance(case.body, dict):
+        return
+    if case.media_type == "application/json" and "image" in case.body:
+        case.body = {**case.body, "image": base64.b64encode(PHOTO).decode()}  # a new dict: cases can share theirs
+
+
+@schemathesis.hook
+def filter_failure(ctx, failure, case, response) -> bool:
+    """False to drop a failure on a multipart form that is only one because of how it was judged (see above)."""
+    if case.media_type != MULTIPART or not isinstance(case.body, dict):
+        return True
+    if isinstance(failure, RejectedPositiveData):
+        return _valid_on_wire(case) and _decodes(case.body.get("image"))
+    if isinstance(failure, AcceptedNegativeData):
+        return not _valid_on_wire(case)
+    return True
+
+
+def _valid_on_wire(case) -> bool:
+    body = case.operation.get_body_for_media_type(MULTIPART)
+    return jsonschema_rs.validator_for(body.raw_schema).is_valid(wire_form(case.body, body.raw_schema))
+
+
+def wire_form(fields: dict, schema: dict) -> dict:
+    """A generated form as the server reads it: text fields as sent, other fields' text read as JSON, files by size."""
+    form = {}
+    for name, value in fields.items():
+        if isinstance(value, (Binary, bytes)):
+            form[name] = "x" * len(value.data if isinstance(value, Binary) else value)  # only its length matters
+            continue
+        texts = [_sent(item) for item in value] if isinstance(value, list) else [_sent(value)]
+        if not texts:
+            continue  # an empty list sends no field at all
+        if _takes_text(schema["properties"].get(name, {})):
+            form[name] = texts if schema["properties"][name].get("type") == "array" else texts[-1]
+        else:
+            form[name] = [_json(text) for text in texts] if len(texts) != 1 else _json(texts[0])
+    return form
+
+
+def _sent(value) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _json(text: str):
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _decodes(file) -> bool:
+    if file is None:
+        return True
+    data = file.data if isinstance(file, Binary) else file.encode() if isinstance(file, str) else bytes(file)
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+    except Exception:  # noqa: BLE001 - anything Pillow cannot decode
+        return False
+    return True
+
+
+def _takes_text(schema: dict) -> bool:
+    if schema.get("type") == "array":
+        return _takes_text(schema.get("items", {}))
+    return schema.get("type") == "string" or any(_takes_text(option) for option in schema.get("anyOf", ()))
