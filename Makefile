@@ -22,16 +22,21 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 ## Start the default app on a local Ray at http://127.0.0.1:8000 (Ctrl-C stops it).
-## The venv goes first on PATH, so `python` in `ray job submit` entrypoints is the project's.
+## The venv goes first on PATH, so `python` in `ray job submit` entrypoints is the project's;
+## Serve's HTTP proxy loads the project's hardening (deployments/proxy.py).
 serve: install
 	@echo "Starting $(CONFIG) on a local Ray; the API will be at http://127.0.0.1:8000 (docs at /docs)."
-	@echo "Try: curl -s http://127.0.0.1:8000/healthz"
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/serve run $(CONFIG)
+	@echo "Try: curl -s http://127.0.0.1:8000/readyz"
+	PATH="$(abspath $(BIN)):$$PATH" RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=deployments.proxy:hardening \
+	  $(BIN)/serve run $(CONFIG)
 
 ## Run the whole suite: unit tests, integration tests on a real local Ray, then multi-node clusters
-## (each in its own pytest process: one driver joins one cluster).
+## (each in its own pytest process: one driver joins one cluster). Installs Debian's prometheus for
+## the monitoring tests where this user can (root or passwordless sudo); where not, they skip and say why.
+TOOLS_MISSING := $(VENV)/.test-tools-missing
 test: install
-	$(BIN)/python -m pytest tests/unit tests/integration
+	@tests/install_tools.sh $(TOOLS_MISSING)
+	MAAS_TEST_TOOLS_MISSING=$(TOOLS_MISSING) $(BIN)/python -m pytest tests/unit tests/integration
 	$(BIN)/python -m pytest tests/multinode
 	$(BIN)/python -m pytest tests/nodescaling
 
