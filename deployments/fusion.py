@@ -120,55 +120,67 @@ def fuse(batch: list[FusionInput], config: FusionConfig) -> list[FusionResult]:
 
 
 class ClassEmbeddings:
-    """The ConSE class-name embeddings, one matrix per (vision version, text version, class prompt).
+    """The ConSE class-name embeddings, one matrix per (vision classes, text version, class prompt).
 
     A request is scored with the matrix of exactly the models that answered it:
     during a live update the old and the new version of a model serve side by
-    side. A missing matrix is made once (concurrent requests wait for the same
-    one) from that vision version's class names, embedded by that text version.
+    side. The matrix depends on the vision model only through its class names,
+    so a new vision version with the same classes (new weights, say) reuses it;
+    a new text version needs its own. A missing matrix is made once (concurrent
+    requests wait for the same one): the class names embedded by that text version.
     """
 
     def __init__(self, vision: DeploymentHandle, text: DeploymentHandle):
         self._vision, self._text = vision, text
-        self._matrices: OrderedDict[tuple[str, str, str], asyncio.Future] = OrderedDict()
-        self._names: dict[str, list[str]] = {}
+        self._matrices: OrderedDict[tuple[int, str, str], asyncio.Future] = OrderedDict()
+        self._classes: dict[str, tuple[int, list[str]]] = {}  # vision version -> (key of its names, names)
+        self._latest: tuple[str, str] | None = None  # the (vision, text) versions last asked for
 
     async def get(self, vision_version: str, text_version: str, prompt: str) -> np.ndarray:
-        key = (vision_version, text_version, prompt)
+        self._latest = (vision_version, text_version)
+        names_key, names = await self._class_names(vision_version)
+        key = (names_key, text_version, prompt)
         future = self._matrices.get(key)
         if future is None or (future.done() and future.exception() is not None):
-            future = self._store(key, asyncio.ensure_future(self._make(*key)))
+            future = self._store(key, asyncio.ensure_future(self._make(names, text_version, prompt)))
         self._matrices.move_to_end(key)
         return await asyncio.shield(future)
 
     async def warm(self, prompt: str) -> None:
-        """Make the matrix for the models served now (or last used) and ``prompt``, before a request needs it."""
-        if self._matrices:
-            vision_version, text_version, _ = next(reversed(self._matrices))
-            await self.get(vision_version, text_version, prompt)
+        """Make the matrix for the models last used (or served now) and ``prompt``, before a request needs it."""
+        if self._latest is not None:
+            await self.get(*self._latest, prompt)
             return
         names, vision_version = await self._vision.class_names.remote()
-        self._names[vision_version] = names
+        names_key = self._remember(vision_version, names)
         embeddings = await self._text.embed.remote([prompt.format(name) for name in names], monitor=False)
         done = asyncio.get_running_loop().create_future()
         done.set_result(embeddings.vectors)
-        self._store((vision_version, embeddings.version, prompt), done)
+        self._store((names_key, embeddings.version, prompt), done)
+        self._latest = (vision_version, embeddings.version)
 
-    def _store(self, key: tuple[str, str, str], future: asyncio.Future) -> asyncio.Future:
+    def _store(self, key: tuple[int, str, str], future: asyncio.Future) -> asyncio.Future:
         self._matrices[key] = future
         while len(self._matrices) > CLASS_EMBEDDING_VERSIONS:
             self._matrices.popitem(last=False)
         return future
 
-    async def _make(self, vision_version: str, text_version: str, prompt: str) -> np.ndarray:
+    def _remember(self, version: str, names: list[str]) -> int:
+        names_key = hash(tuple(names))
+        self._classes[version] = (names_key, names)
+        while len(self._classes) > CLASS_EMBEDDING_VERSIONS:
+            self._classes.pop(next(iter(self._classes)))
+        return names_key
+
+    async def _make(self, names: list[str], text_version: str, prompt: str) -> np.ndarray:
         start = time.perf_counter()
-        prompts = [prompt.format(name) for name in await self._class_names(vision_version)]
+        prompts = [prompt.format(name) for name in names]
         for _ in range(SAME_VERSION_ATTEMPTS):
             embeddings = await self._text.embed.remote(prompts, monitor=False)
             if embeddings.version == text_version:
                 logger.info(
-                    "ConSE class embeddings for vision %s and text %s made in %.1f s",
-                    vision_version,
+                    "ConSE class embeddings of %d classes for text %s made in %.1f s",
+                    len(names),
                     text_version,
                     time.perf_counter() - start,
                 )
@@ -176,19 +188,19 @@ class ClassEmbeddings:
             await asyncio.sleep(SAME_VERSION_RETRY_S)
         raise ModelUnavailable(f"text model version {text_version} is no longer served; retry", retryable=True)
 
-    async def _class_names(self, version: str) -> list[str]:
+    async def _class_names(self, version: str) -> tuple[int, list[str]]:
         for _ in range(SAME_VERSION_ATTEMPTS):
-            if version in self._names:
-                return self._names[version]
+            if version in self._classes:
+                return self._classes[version]
             names, answered = await self._vision.class_names.remote()
-            self._names[answered] = names
+            self._remember(answered, names)
             if answered != version:
                 await asyncio.sleep(SAME_VERSION_RETRY_S)
         raise ModelUnavailable(f"vision model version {version} is no longer served; retry", retryable=True)
 
 
 # Matrices kept (each 1000 classes x 384 floats, 1.5 MB): enough for the old
-# and the new version of both models during an update.
+# and the new classes and text model during an update.
 CLASS_EMBEDDING_VERSIONS = 4
 # How often to ask a deployment again when a replica of another version answers.
 SAME_VERSION_ATTEMPTS = 20

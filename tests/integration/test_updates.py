@@ -22,6 +22,7 @@ CLIENTS = 6
 UPDATE_TIMEOUT_S = 240
 DEPLOYMENTS = ("VisionClassifier", "TextEncoder", "FusionScorer", "Ingress")
 REPLACEMENT_ARGS = {"gpu_wait_s": 1}
+DEPLOYED_ARGS: dict = {}  # args the app runs with that differ from the shipped ones
 
 
 class SteadyLoad:
@@ -35,7 +36,7 @@ class SteadyLoad:
         self.vision = {"image": b64(image), "top_k": 1}
         self.multimodal = {"image": b64(image), "text": "a cat on a sofa", "labels": ["cat", "car"]}
         self.text = {"text": "a cat on a sofa", "labels": ["animals", "vehicles"]}
-        self.results: list[tuple[float, str, int, str | None]] = []  # (time, route, status, version)
+        self.results: list[tuple[float, str, int, str | None, float]] = []  # (done, route, status, version, sent)
         self.multimodal_weights: list[dict] = []
         self.fewest_running = dict.fromkeys(DEPLOYMENTS, 1_000)
         self.observations = dict.fromkeys(DEPLOYMENTS, 0)
@@ -49,6 +50,7 @@ class SteadyLoad:
             n = index
             while not self._stop.is_set():
                 n += 1
+                start = time.monotonic()
                 route, payload = [
                     ("/v1/vision/classify", self.vision),
                     ("/v1/multimodal/analyze", self.multimodal),
@@ -58,7 +60,7 @@ class SteadyLoad:
                 body = response.json() if response.status_code == 200 else {}
                 if route == "/v1/multimodal/analyze" and body:
                     self.multimodal_weights.append(body["weights"])
-                self.results.append((time.monotonic(), route, response.status_code, body.get("version")))
+                self.results.append((time.monotonic(), route, response.status_code, body.get("version"), start))
 
     def _watch(self) -> None:
         while not self._stop.is_set():
@@ -86,11 +88,18 @@ class SteadyLoad:
         for thread in self._threads:
             thread.join()
 
-    def failures(self) -> list[tuple[float, str, int, str | None]]:
+    def wait_for_answers_sent_after(self, moment: float, route: str, count: int = 5, timeout_s: float = 60) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if sum(1 for _, r, _, _, sent in self.results if r == route and sent > moment) >= count:
+                return
+            time.sleep(0.2)
+
+    def failures(self) -> list[tuple]:
         return [r for r in self.results if r[2] != 200]
 
     def versions(self, route: str) -> list[str]:
-        return [version for _, r, status, version in self.results if r == route and version]
+        return [version for _, r, status, version, _ in self.results if r == route and version]
 
     def assert_nothing_failed(self) -> None:
         failures = self.failures()
@@ -110,12 +119,14 @@ def running_replicas(name: str) -> int:
     return serve.status().applications[APP].deployments[name].replica_states.get("RUNNING", 0)
 
 
-def wait_for_version(name: str, version: str) -> None:
+def wait_for_version(name: str, version: str, replicas: int) -> float:
+    """Until all ``replicas`` replicas of ``name`` run and report ``version``; the moment that was seen."""
     deadline = time.monotonic() + UPDATE_TIMEOUT_S
     while time.monotonic() < deadline:
-        if {i["version"] for i in replica_infos(name, running_replicas(name)).values()} == {version}:
-            return
-        time.sleep(1)
+        if running_replicas(name) == replicas:
+            if {i["version"] for i in replica_infos(name, replicas).values()} == {version}:
+                return time.monotonic()
+        time.sleep(0.5)
     pytest.fail(f"{name} replicas did not all reach version {version}")
 
 
@@ -123,9 +134,12 @@ def roll_out_model_version(app_url: str, image: bytes, folder, name: str, versio
     """Deploy ``version`` of deployment ``name``'s model under steady load; the load, checked for failures."""
     config = shipped_config()
     deployment(config, name)["user_config"]["model"]["version"] = version
+    replicas = deployment(config, name)["autoscaling_config"]["min_replicas"]
+    route = {"VisionClassifier": "/v1/vision/classify", "TextEncoder": "/v1/text/classify"}[name]
     with SteadyLoad(app_url, image) as load:
         deploy(config, folder / f"{name}-{version}.yaml")
-        wait_for_version(name, version)
+        load.updated_at = wait_for_version(name, version, replicas)
+        load.wait_for_answers_sent_after(load.updated_at, route)
     load.assert_nothing_failed()
     return load
 
@@ -134,10 +148,10 @@ def roll_out_model_version(app_url: str, image: bytes, folder, name: str, versio
 def folder(app_url, tmp_path_factory):
     path = tmp_path_factory.mktemp("updates")
     yield path
-    # Back to the shipped settings for later modules, but for the args the replacement test changed:
+    # Back to the shipped settings for later modules, but for args the replacement test changed:
     # gpu_wait_s does nothing without require_gpus, and restoring it would replace every replica again.
     config = shipped_config()
-    config["applications"][0]["args"] |= REPLACEMENT_ARGS
+    config["applications"][0]["args"] |= DEPLOYED_ARGS
     deploy(config, path / "shipped.yaml")
 
 
@@ -159,7 +173,13 @@ def test_new_vision_model_rolls_out_under_load_and_fails_no_request(folder, app_
     load = roll_out_model_version(app_url, chelsea_jpeg, folder, "VisionClassifier", new_version)
     versions_seen = load.versions("/v1/vision/classify")
     assert old_version in versions_seen and new_version in versions_seen
-    assert versions_seen[-1] == new_version  # the last answers come from the new version
+    # Every request sent once all replicas serve the new version is answered by it.
+    late = [
+        (round(sent - load.updated_at, 2), round(done - load.updated_at, 2), version)
+        for done, route, _, version, sent in load.results
+        if route == "/v1/vision/classify" and sent > load.updated_at
+    ]
+    assert late and {version for _, _, version in late} == {new_version}, late[-20:]
     assert {name: replica_actors(name) for name in untouched} == untouched  # only vision was touched
 
     after = {m["deployment"]: m for m in httpx.get(f"{app_url}/v1/models").json()["models"]}
@@ -172,7 +192,8 @@ def test_new_text_model_rolls_out_under_load_and_fails_no_request(folder, app_ur
     new_version = "all-MiniLM-L6-v2-2026.11"
     load = roll_out_model_version(app_url, chelsea_jpeg, folder, "TextEncoder", new_version)
     versions_seen = load.versions("/v1/text/classify")
-    assert versions_seen[0] != new_version and versions_seen[-1] == new_version
+    late = [v for _, route, _, v, sent in load.results if route == "/v1/text/classify" and sent > load.updated_at]
+    assert versions_seen[0] != new_version and late and set(late) == {new_version}, late[-20:]
     multimodal = httpx.post(
         f"{app_url}/v1/multimodal/analyze",
         json={"image": b64(chelsea_jpeg), "labels": ["a photo of a cat", "a cup of coffee", "a rocket launch"]},
@@ -198,6 +219,7 @@ def test_replacing_every_replica_under_load_fails_no_request(folder, app_url, ch
     before = {name: set(replica_actors(name)) for name in DEPLOYMENTS}
     config = shipped_config()
     config["applications"][0]["args"] |= REPLACEMENT_ARGS  # any args change gives every deployment a new version
+    DEPLOYED_ARGS.update(REPLACEMENT_ARGS)
     # Three clients: on two cores, eight replica starts under heavier load take minutes.
     with SteadyLoad(app_url, chelsea_jpeg, clients=3) as load:
         deploy(config, folder / "new_args.yaml")

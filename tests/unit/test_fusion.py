@@ -1,0 +1,85 @@
+"""Fusion's class-name embeddings during live updates, with fake model handles (no Ray)."""
+
+import asyncio
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+from deployments.errors import ModelUnavailable
+from deployments.fusion import ClassEmbeddings
+from deployments.text import TextEmbeddings
+
+
+@dataclass
+class Call:
+    """What ``handle.method.remote(...)`` returns: an awaitable."""
+
+    value: object
+
+    def __await__(self):
+        yield from asyncio.sleep(0.01).__await__()
+        return self.value
+
+
+class FakeVision:
+    def __init__(self, names: list[str], version: str):
+        self.names, self.version = names, version
+        self.class_names = self  # handle.class_names.remote()
+
+    def remote(self):
+        return Call((self.names, self.version))
+
+
+class FakeText:
+    def __init__(self, version: str):
+        self.version, self.calls = version, 0
+        self.embed = self  # handle.embed.remote(texts, monitor=False)
+
+    def remote(self, texts, monitor=True):
+        self.calls += 1
+        vectors = np.array([[hash((self.version, t)) % 97, len(t)] for t in texts], np.float32)
+        return Call(TextEmbeddings(vectors=vectors, model="text", version=self.version))
+
+
+def run(coroutine):
+    return asyncio.run(coroutine)
+
+
+def test_a_new_vision_version_with_the_same_classes_reuses_the_matrix():
+    vision, text = FakeVision(["cat", "dog"], "v1"), FakeText("t1")
+    cache = ClassEmbeddings(vision, text)
+
+    async def scenario():
+        first = await cache.get("v1", "t1", "{}")
+        vision.version = "v2"  # new weights, same classes
+        second = await cache.get("v2", "t1", "{}")
+        return first, second
+
+    first, second = run(scenario())
+    assert text.calls == 1 and first is second
+
+
+def test_a_new_text_version_or_prompt_gets_its_own_matrix_and_concurrent_requests_share_one():
+    vision, text = FakeVision(["cat", "dog"], "v1"), FakeText("t1")
+    cache = ClassEmbeddings(vision, text)
+
+    async def scenario():
+        together = await asyncio.gather(*(cache.get("v1", "t1", "{}") for _ in range(5)))
+        text.version = "t2"
+        newer = await cache.get("v1", "t2", "{}")
+        prompted = await cache.get("v1", "t2", "a photo of a {}")
+        return together, newer, prompted
+
+    together, newer, prompted = run(scenario())
+    assert text.calls == 3  # one per (classes, text version, prompt), not one per request
+    assert all(m is together[0] for m in together)
+    assert not np.array_equal(together[0], newer) and not np.array_equal(newer, prompted)
+
+
+def test_a_version_no_longer_served_is_a_retryable_unavailability():
+    vision, text = FakeVision(["cat"], "v2"), FakeText("t1")
+    cache = ClassEmbeddings(vision, text)
+    with pytest.raises(ModelUnavailable) as info:
+        run(cache.get("v1", "t1", "{}"))  # every vision replica already runs v2
+    assert info.value.retryable
