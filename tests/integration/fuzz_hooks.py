@@ -7,8 +7,9 @@ value that reaches the server as text, and sometimes labels a form by the
 wrong mode altogether). These hooks give it what it cannot know, and nothing
 more:
 
-- JSON requests it generates as valid get a real photograph in ``image``
-  (otherwise: base64 of random text, rightly refused with 422);
+- requests it generates as valid get a real photograph in ``image``, base64
+  in JSON and a file in a form (otherwise: random bytes, rightly refused
+  with 422, and a run whose valid requests are all refused tests nothing);
 - a multipart request is judged as the server receives it (``wire_form``):
   every value as the text that was sent, read back as JSON in the fields that
   take no text (the form encoding the API documents), the file by its size,
@@ -49,8 +50,10 @@ def before_call(ctx, case, **kwargs):
     meta = case.meta
     if meta is None or not meta.generation.mode.is_positive or not isinstance(case.body, dict):
         return
-    if case.media_type == "application/json" and "image" in case.body:
-        case.body = {**case.body, "image": base64.b64encode(PHOTO).decode()}  # a new dict: cases can share theirs
+    if "image" not in case.body:
+        return
+    photo = base64.b64encode(PHOTO).decode() if case.media_type == "application/json" else PHOTO
+    case.body = {**case.body, "image": photo}  # a new dict: cases can share theirs
 
 
 @schemathesis.hook

@@ -6,8 +6,12 @@ each rule broken once) and random generation, with all checks: no server
 error, every status and body as documented, invalid data refused, valid data
 accepted. ``fuzz_hooks`` gives schemathesis what a schema cannot say (a real
 photo for a JSON image; how a multipart form reads on the wire). The run is
-bounded in examples and time, and its summary (operations, requests, seed) is
-printed in the test log. ``MAAS_FUZZ_SEED`` and ``MAAS_FUZZ_EXAMPLES`` change
+bounded in examples, not in time: with ``--max-time`` schemathesis keeps
+fuzzing until the time is up and stops wherever that falls, so what it tried
+(and whether a phase it cut short looks as if every valid request was
+refused) would depend on the machine's speed. With a fixed seed and no time
+box every run sends the same requests. The summary (operations, requests,
+seed) is printed in the test log. ``MAAS_FUZZ_SEED`` and ``MAAS_FUZZ_EXAMPLES`` change
 the seed and the volume for a deeper local run.
 """
 
@@ -19,8 +23,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 SEED = os.environ.get("MAAS_FUZZ_SEED", "1")
-EXAMPLES = os.environ.get("MAAS_FUZZ_EXAMPLES", "30")
-MAX_S = 150  # the whole run, generation and requests, stays under 3 minutes
+EXAMPLES = os.environ.get("MAAS_FUZZ_EXAMPLES", "200")
+TIMEOUT_S = 600  # a hang guard only: the default run takes about 75 s here
 
 
 def test_every_operation_passes_every_check(app_url, capsys):
@@ -33,12 +37,11 @@ def test_every_operation_passes_every_check(app_url, capsys):
         "--max-examples", EXAMPLES,
         "--seed", SEED,
         "--workers", "1",
-        "--max-time", str(MAX_S - 10),
         "--request-timeout", "60",
         "--no-color",
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT), "SCHEMATHESIS_HOOKS": "tests.integration.fuzz_hooks"}
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=MAX_S + 30)
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
     output = result.stdout + result.stderr
     summary = output[output.rfind("SUMMARY") :] if "SUMMARY" in output else output[-3000:]
     with capsys.disabled():
@@ -46,4 +49,4 @@ def test_every_operation_passes_every_check(app_url, capsys):
     assert result.returncode == 0, output[-20000:]
     selected, total = map(int, re.search(r"Selected: (\d+)/(\d+)", summary).groups())
     assert selected == total == int(re.search(r"Tested: (\d+)", summary).group(1)) > 0, "an operation went untested"
-    assert "No issues found" in summary
+    assert "No issues found" in summary, summary  # warnings (e.g. every valid request refused) included
