@@ -26,11 +26,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from ray import serve
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import RayActorError, RayTaskError, TaskCancelledError
 from ray.serve.handle import DeploymentHandle
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import ClientDisconnect
 
 from deployments import schemas
 from deployments.admission import Admission
@@ -52,6 +53,7 @@ IMAGE_MEDIA_TYPES = ("image/jpeg", "image/png", "image/webp", "image/gif", "imag
 
 # The header Serve's proxy reads for a per-request timeout; a client may only shorten the configured one.
 TIMEOUT_HEADER = "x-request-timeout-seconds"
+RECEIVED_AT_HEADER = b"x-maas-received-at"  # set by deployments.proxy, where Serve's timeout starts
 
 DESCRIPTION = """
 Multimodal inference on Ray Serve: an ImageNet image classifier (MobileNetV2),
@@ -128,14 +130,31 @@ def request_timeout(scope: dict, configured_s: float) -> float:
     return configured_s
 
 
+def waited_at_proxy(scope: dict, timeout_s: float) -> float:
+    """Seconds since the proxy received the request (its ``x-maas-received-at``), within ``[0, timeout_s]``.
+
+    0 where the header is missing or malformed (a proxy without
+    ``deployments.proxy``). The proxy may run on another node; the clamp keeps
+    clock skew from stretching a deadline or ending it early by more than it.
+    """
+    for name, value in scope.get("headers", ()):
+        if name == RECEIVED_AT_HEADER:
+            try:
+                waited = time.time() - float(value)
+            except ValueError:
+                return 0.0
+            return min(max(waited, 0.0), timeout_s) if math.isfinite(waited) else 0.0
+    return 0.0
+
+
 class RequestMetricsMiddleware:
     """Counts and times every HTTP request by route template and status (plain ASGI, no body buffering).
 
-    Gives each request its ``Deadline`` (``request.state.deadline``) and a
-    ``Server-Timing`` header with the time spent in the ingress. A request the
-    proxy cancels is counted as ``408`` if it ran into its timeout (the proxy
-    answered the client 408) and ``499`` otherwise (the client went away, as
-    nginx logs it), never as ``500``.
+    Gives each request its ``Deadline`` (``request.state.deadline``), counted
+    from when the proxy received it, and a ``Server-Timing`` header with the
+    time spent in the ingress. A request the proxy cancels is counted as
+    ``408`` if it ran into its timeout (the proxy answered the client 408) and
+    ``499`` otherwise (the client went away, as nginx logs it), never as ``500``.
     """
 
     def __init__(self, app):
@@ -146,7 +165,8 @@ class RequestMetricsMiddleware:
             return await self.app(scope, receive, send)
         start = time.perf_counter()
         timeout_s = request_timeout(scope, scope["app"].state.request_timeout_s)
-        scope.setdefault("state", {})["deadline"] = Deadline(timeout_s)
+        waited_s = waited_at_proxy(scope, timeout_s)
+        scope.setdefault("state", {})["deadline"] = Deadline(timeout_s - waited_s)
         status = None
 
         async def send_and_record_status(message):
@@ -159,9 +179,10 @@ class RequestMetricsMiddleware:
 
         try:
             await self.app(scope, receive, send_and_record_status)
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, TaskCancelledError):
+            # The proxy cancels the request; a body read waiting on the proxy sees it as Ray's TaskCancelledError.
             if status is None:
-                status = 408 if time.perf_counter() - start >= timeout_s - 0.05 else 499
+                status = 408 if waited_s + time.perf_counter() - start >= timeout_s - 0.05 else 499
             raise
         except Exception:
             status = status or 500
@@ -217,6 +238,16 @@ def _without_input(errors: list[dict]) -> list[dict]:
             entry["ctx"] = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in ctx.items()}
         cleaned.append(entry)
     return cleaned
+
+
+@app.exception_handler(ClientDisconnect)
+async def _client_disconnected(request: Request, exc: ClientDisconnect) -> Response:
+    """The client hung up while its body was being read (Serve passes the hang-up on): 499, as nginx logs it.
+
+    Nobody reads this response; it is there so the request is counted as what it was, not as a 500.
+    """
+    request.state.error_type = "client_disconnected"
+    return Response(status_code=499)
 
 
 @app.exception_handler(RayActorError)

@@ -51,9 +51,16 @@ What it does:
   ``http_options.request_timeout_s`` covers the whole request, body reads
   included; an integration test against a real proxy is to verify that.
 * **Client headers Serve trusts too far** (:class:`ClientHeaderFilter`). Serve
-  echoes a client's ``X-Request-ID`` at any length and content, and lets a
+  echoes a client's ``X-Request-ID`` at any length and content, lets a
   client's ``x-request-timeout-seconds`` raise, or (with a value <= 0) disable,
-  the operator's ``request_timeout_s``.
+  the operator's ``request_timeout_s``, and with
+  ``x-request-disconnect-disabled: ?1`` keeps a request running on the models
+  after its client hung up.
+* **When the proxy received the request** (``x-maas-received-at``, Unix time
+  in seconds, set by the proxy only). Serve's request timeout runs from here;
+  the ingress counts its own deadline from it too, so that it gives up when
+  the proxy does (not later by the time spent queueing and routing) and can
+  tell a request the proxy timed out (408) from one whose client left (499).
 
 Slow clients cut off by the deadline are counted in the Ray metric
 ``maas_http_slow_client_disconnects_total`` (scraped as ``ray_maas_...``).
@@ -63,6 +70,7 @@ import functools
 import logging
 import re
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -75,6 +83,8 @@ logger = logging.getLogger("ray.serve")
 
 REQUEST_ID_HEADER = b"x-request-id"
 REQUEST_TIMEOUT_HEADER = b"x-request-timeout-seconds"
+DISCONNECT_DISABLED_HEADER = b"x-request-disconnect-disabled"
+RECEIVED_AT_HEADER = b"x-maas-received-at"
 MAX_REQUEST_ID_CHARS = 64
 REQUEST_ID_PATTERN = re.compile(rb"[A-Za-z0-9._:-]{1,%d}" % MAX_REQUEST_ID_CHARS)
 SLOW_CLIENT_DISCONNECTS_METRIC = "maas_http_slow_client_disconnects_total"
@@ -113,6 +123,10 @@ class ClientHeaderFilter:
     * ``x-request-timeout-seconds`` unless it is a number with
       ``0 < value <= max_request_timeout_s``: a client may ask for a shorter
       deadline, never a longer or disabled one.
+    * ``x-request-disconnect-disabled``: a client that hangs up has its
+      request cancelled.
+    * ``x-maas-received-at``: replaced by the time the proxy received the
+      request.
 
     Header values are never logged. The body passes through untouched.
     """
@@ -123,19 +137,17 @@ class ClientHeaderFilter:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] in ("http", "websocket"):
-            headers = scope["headers"]
-            for name, value in headers:
-                if (name == REQUEST_ID_HEADER or name == REQUEST_TIMEOUT_HEADER) and not self.is_acceptable(
-                    name, value
-                ):
-                    scope = {**scope, "headers": [(n, v) for n, v in headers if self.is_acceptable(n, v)]}
-                    break
+            received_at = (RECEIVED_AT_HEADER, b"%.6f" % time.time())
+            headers = [(name, value) for name, value in scope["headers"] if self.is_acceptable(name, value)]
+            scope = {**scope, "headers": [*headers, received_at]}
         await self.app(scope, receive, send)
 
     def is_acceptable(self, name: bytes, value: bytes) -> bool:
         """Whether the header ``name: value`` (ASGI form: lower-case name, bytes) may reach Serve."""
         if name == REQUEST_ID_HEADER:
             return REQUEST_ID_PATTERN.fullmatch(value) is not None
+        if name == DISCONNECT_DISABLED_HEADER or name == RECEIVED_AT_HEADER:
+            return False
         if name == REQUEST_TIMEOUT_HEADER:
             try:
                 timeout_s = float(value)

@@ -36,11 +36,11 @@ IO_TIMEOUT_S = 5.0
 CUT_OFF_BOUNDS_S = (0.8 * HEADER_TIMEOUT_S, 5 * HEADER_TIMEOUT_S)
 
 HTTP_PROTOCOLS = ["h11", "httptools"]
-SEEN_HEADERS = (b"x-request-id", b"x-request-timeout-seconds")
+SEEN_HEADERS = (b"x-request-id", b"x-request-timeout-seconds", b"x-request-disconnect-disabled", b"x-maas-received-at")
 
 
 async def echo_app(scope, receive, send):
-    """Answers the ``x-request-id`` and ``x-request-timeout-seconds`` headers it received; /slow first sleeps."""
+    """Answers the ``SEEN_HEADERS`` it received, in order; /slow first sleeps."""
     if scope["type"] == "websocket":
         await receive()
         await send({"type": "websocket.accept"})
@@ -350,7 +350,7 @@ def test_a_well_formed_request_id_reaches_the_app_and_comes_back(server, request
     with RawClient(server.port) as client:
         client.request(headers={"x-request-id": request_id})
         response = client.read_response()
-    assert json.loads(response.body) == [["x-request-id", request_id]]
+    assert dict(json.loads(response.body))["x-request-id"] == request_id
     assert response.headers["x-request-id"] == request_id
 
 
@@ -363,8 +363,8 @@ def test_a_long_or_odd_request_id_is_replaced(server, request_id):
     with RawClient(server.port) as client:
         client.request(headers={"x-request-id": request_id})
         response = client.read_response()
-    ((name, seen_id),) = json.loads(response.body)
-    assert name == "x-request-id" and seen_id != request_id
+    seen_id = dict(json.loads(response.body))["x-request-id"]
+    assert seen_id != request_id
     assert response.headers["x-request-id"] == seen_id
 
 
@@ -382,6 +382,23 @@ def test_a_disabling_longer_or_malformed_request_timeout_is_dropped(server, time
         client.request(headers={"x-request-timeout-seconds": timeout})
         seen = dict(json.loads(client.read_response().body))
     assert "x-request-timeout-seconds" not in seen
+
+
+def test_a_client_cannot_keep_its_request_running_after_hanging_up(server):
+    with RawClient(server.port) as client:
+        client.request(headers={"x-request-disconnect-disabled": "?1"})
+        seen = dict(json.loads(client.read_response().body))
+    assert "x-request-disconnect-disabled" not in seen
+
+
+@pytest.mark.parametrize("forged", [None, "0", "1e12", "yesterday"])
+def test_the_app_learns_when_the_proxy_received_the_request_and_clients_cannot_say_otherwise(server, forged):
+    before = time.time()
+    with RawClient(server.port) as client:
+        client.request(headers={} if forged is None else {"x-maas-received-at": forged})
+        seen = json.loads(client.read_response().body)
+    stamps = [float(value) for name, value in seen if name == "x-maas-received-at"]
+    assert len(stamps) == 1 and before <= stamps[0] <= time.time()
 
 
 # Wiring
