@@ -212,11 +212,13 @@ class DriftMonitor:
             try:
                 self.profile = ReferenceProfile.load(path)
             except FileNotFoundError:
-                self.problem = f"no reference profile at {_shown_path(path)}; build one with `python -m monitoring.profile`"
-            except ValueError as exc:
+                shown = _shown_path(path)
+                self.problem = f"no reference profile at {shown}; build one with `python -m monitoring.profile`"
+            except ValueError:
                 self.problem = f"reference profile {_shown_path(path)} is invalid"
             if self.profile is not None and self.profile.model != model:
-                self.problem = f"reference profile {_shown_path(path)} is for model {self.profile.model!r}, not {model!r}"
+                shown = _shown_path(path)
+                self.problem = f"reference profile {shown} is for model {self.profile.model!r}, not {model!r}"
                 self.profile = None
         self._confidences: deque[float] = deque(maxlen=config.window_size)
         self._classes: deque[int] = deque(maxlen=config.window_size)
