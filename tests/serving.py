@@ -4,6 +4,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -16,6 +17,21 @@ APP = "multimodal"
 DEPLOY_TIMEOUT_S = 400
 # As `make serve`, cluster.yaml and the image set it: Serve's HTTP proxy loads deployments/proxy.py.
 PROXY_HARDENING = {"RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "deployments.proxy:hardening"}
+
+
+_STATUS_LOCK = threading.Lock()
+
+
+def serve_status():
+    """``serve.status()``, one call at a time in this process.
+
+    Ray 2.60's ``status()`` registers the autoscaling policy's module with
+    cloudpickle for pickling by value and unregisters it again, in a set shared
+    by the whole process: two threads calling it at once (a test's replica
+    watcher and its deploy) fail with "... is not registered for pickle by value".
+    """
+    with _STATUS_LOCK:
+        return serve.status()
 
 
 def harden_proxies() -> None:
@@ -33,7 +49,7 @@ def load_config(name: str, http_port: int) -> dict:
 def deploy(config: dict, path: Path, dashboard_port: int) -> None:
     """``serve deploy`` a config and wait until the controller has applied it and the app is RUNNING."""
     path.write_text(yaml.safe_dump(config))
-    previous = serve.status().applications.get(APP)
+    previous = serve_status().applications.get(APP)
     previous_deploy_time = previous.last_deployed_time_s if previous else 0.0
     subprocess.run(
         [str(Path(sys.executable).parent / "serve"), "deploy", str(path), "-a", f"http://127.0.0.1:{dashboard_port}"],
@@ -45,7 +61,7 @@ def deploy(config: dict, path: Path, dashboard_port: int) -> None:
     )
     deadline = time.monotonic() + DEPLOY_TIMEOUT_S
     while time.monotonic() < deadline:
-        status = serve.status().applications.get(APP)
+        status = serve_status().applications.get(APP)
         if status and status.last_deployed_time_s <= previous_deploy_time:
             pass  # the controller has not applied this config yet
         elif status and status.status == "RUNNING":
@@ -53,7 +69,7 @@ def deploy(config: dict, path: Path, dashboard_port: int) -> None:
         elif status and status.status == "DEPLOY_FAILED":
             pytest.fail(f"deploy failed: {status.message}")
         time.sleep(1)
-    pytest.fail(f"app not RUNNING after {DEPLOY_TIMEOUT_S}s: {serve.status()}")
+    pytest.fail(f"app not RUNNING after {DEPLOY_TIMEOUT_S}s: {serve_status()}")
 
 
 def mark_integration(items) -> None:

@@ -59,7 +59,7 @@ def deploy(config: dict, path) -> None:
 
 def replicas(deployment: str) -> int:
     """RUNNING replicas of a deployment, from Serve's status API."""
-    return serve.status().applications[APP].deployments[deployment].replica_states.get("RUNNING", 0)
+    return serving.serve_status().applications[APP].deployments[deployment].replica_states.get("RUNNING", 0)
 
 
 @pytest.fixture(scope="session")

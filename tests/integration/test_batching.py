@@ -13,7 +13,7 @@ from deployments.imaging import prepare
 from pipelines.multimodal import build_app
 from tests.conftest import b64, encode
 from tests.integration.conftest import APP
-from tests.serving import replica_infos
+from tests.serving import replica_infos, serve_status
 
 PHOTOS = ["chelsea", "coffee", "astronaut", "rocket"]
 
@@ -54,7 +54,7 @@ def test_text_batches_equal_single_requests(text):
 
 
 def text_replicas() -> int:
-    return serve.status().applications[APP].deployments["TextEncoder"].replica_states["RUNNING"]
+    return serve_status().applications[APP].deployments["TextEncoder"].replica_states["RUNNING"]
 
 
 def label_cache_hits() -> int:

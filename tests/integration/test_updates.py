@@ -16,7 +16,7 @@ from ray import serve
 
 from tests.conftest import b64
 from tests.integration.conftest import deploy, shipped_config
-from tests.serving import APP, replica_actors, replica_infos
+from tests.serving import APP, replica_actors, replica_infos, serve_status
 
 CLIENTS = 6
 UPDATE_TIMEOUT_S = 240
@@ -65,7 +65,7 @@ class SteadyLoad:
     def _watch(self) -> None:
         while not self._stop.is_set():
             try:
-                deployments = serve.status().applications[APP].deployments
+                deployments = serve_status().applications[APP].deployments
             except Exception as exc:  # noqa: BLE001 - an unreadable status fails the test, below
                 self.watch_errors.append(repr(exc))
                 deployments = {}
@@ -116,7 +116,7 @@ def deployment(config: dict, name: str) -> dict:
 
 
 def running_replicas(name: str) -> int:
-    return serve.status().applications[APP].deployments[name].replica_states.get("RUNNING", 0)
+    return serve_status().applications[APP].deployments[name].replica_states.get("RUNNING", 0)
 
 
 def wait_for_version(name: str, version: str, replicas: int) -> float:

@@ -9,19 +9,18 @@ import threading
 import time
 
 import httpx
-from ray import serve
 
 from tests.conftest import b64
 from tests.multinode.conftest import HTTP_PORT, VISION_REPLICAS
 from tests.multinode.test_gpu_placement import replica_nodes
-from tests.serving import APP
+from tests.serving import APP, serve_status
 
 RECOVERY_TIMEOUT_S = 180
 VISION = "/v1/vision/classify"
 
 
 def running(deployment: str) -> int:
-    return serve.status().applications[APP].deployments[deployment].replica_states.get("RUNNING", 0)
+    return serve_status().applications[APP].deployments[deployment].replica_states.get("RUNNING", 0)
 
 
 def test_replicas_of_a_removed_node_restart_elsewhere_and_the_api_keeps_answering(cluster, app, chelsea_jpeg, capsys):

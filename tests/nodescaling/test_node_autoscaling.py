@@ -11,7 +11,6 @@ other.
 import httpx
 import pytest
 import ray
-from ray import serve
 
 from tests.conftest import b64
 from tests.nodescaling.conftest import (
@@ -25,7 +24,7 @@ from tests.nodescaling.conftest import (
     replica_nodes,
     wait_for_active,
 )
-from tests.serving import APP, deploy, replica_infos
+from tests.serving import APP, deploy, replica_infos, serve_status
 
 HEAD_TYPE = "ray.head.default"
 
@@ -67,7 +66,7 @@ def test_more_replicas_than_one_gpu_holds_bring_up_a_second_gpu_worker(cluster, 
     before = replica_infos("VisionClassifier", VISION_REPLICAS)
 
     deploy(gpu_profile(2 * VISION_REPLICAS), serve_dir / "gpu-8.yaml", DASHBOARD_PORT)
-    replicas = serve.status().applications[APP].deployments["VisionClassifier"].replica_states
+    replicas = serve_status().applications[APP].deployments["VisionClassifier"].replica_states
     assert replicas.get("RUNNING") == 2 * VISION_REPLICAS, replicas
 
     workers = gpu_workers()
