@@ -42,10 +42,7 @@ def classify(body: schemas.VisionClassifyRequest) -> dict:
 def analyze(body: schemas.MultimodalRequest) -> dict:
     (image,) = vision.classify([_pixels(body.image)], top_k=body.top_k)
     embeddings = text.embed([*body.labels, body.text])
-    (result,) = fuse(
-        [FusionInput(image, embeddings[:-1], embeddings[-1], {"vision": 0.5, "text": 0.5})],
-        class_embeddings,
-        fusion_config,
-    )
+    weights = {"vision": 0.5, "text": 0.5}
+    (result,) = fuse([FusionInput(image, embeddings[:-1], embeddings[-1], weights, class_embeddings)], fusion_config)
     order = np.argsort(-result.fused)
     return {"fused": [{"label": body.labels[i], "score": float(result.fused[i])} for i in order]}

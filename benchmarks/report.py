@@ -16,6 +16,7 @@ SETUPS = {
 TARGET_OF_LIMIT = 0.8
 TARGET_OVER_BASELINE = 1.5
 TARGET_OVERHEAD_MS = 15.0
+TARGET_REFUSAL_P99_MS = 100.0  # a 503 under overload, measured at the ingress
 
 
 def _rows(results: dict, setup: str, route: str) -> list[dict]:
@@ -121,6 +122,13 @@ def markdown(results: dict, plot_name: str) -> str:
             f"({h['multimodal_compute_ms_batch1']:.0f} ms) | {overhead:.0f} ms | <= {TARGET_OVERHEAD_MS:.0f} ms | "
             f"{_verdict(overhead, TARGET_OVERHEAD_MS, higher_is_better=False)} |"
         )
+    if overload := results.get("overload"):
+        p99 = overload["refused_ingress_p99_ms"]
+        lines.append(
+            f"| refusals (503 + Retry-After) at {overload['concurrency']} clients on vision: p99 at the ingress | "
+            f"{p99:.1f} ms | <= {TARGET_REFUSAL_P99_MS:.0f} ms | "
+            f"{_verdict(p99, TARGET_REFUSAL_P99_MS, higher_is_better=False)} |"
+        )
     lines += [
         f"| cold start: `serve run serve_config.yaml` to the first multimodal answer | "
         f"{results['cold_start_s']:.1f} s | | |",
@@ -134,17 +142,37 @@ def markdown(results: dict, plot_name: str) -> str:
     ]
     for route, by_batch in results["raw_rps_by_batch"].items():
         lines.append(f"| {route} | " + " | ".join(f"{v:.1f} req/s" for v in by_batch.values()) + " |")
+    if overload := results.get("overload"):
+        lines += [
+            "",
+            "## Overload",
+            "",
+            f"{overload['concurrency']} clients on the vision route, each sending again as soon as it has an "
+            "answer (ignoring `Retry-After`: the harshest load), and a `/healthz` probe every 0.5 s. Refusal "
+            "times at the ingress come from its `Server-Timing` header; at the client they include the HTTP "
+            "proxy and the wait for a CPU on a machine running everything at once.",
+            "",
+            "| served | refused | refusal p50 / p99 at the ingress | refusal p50 / p99 at the client | "
+            "served p50 | /healthz slowest | other statuses |",
+            "|---|---|---|---|---|---|---|",
+            f"| {overload['served_rps']:.1f} req/s | {overload['refused']} | "
+            f"{overload['refused_ingress_p50_ms']:.1f} / {overload['refused_ingress_p99_ms']:.1f} ms | "
+            f"{overload['refused_client_p50_ms']:.0f} / {overload['refused_client_p99_ms']:.0f} ms | "
+            f"{overload['served_p50_ms']:.0f} ms | {overload['healthz_max_ms']:.0f} ms "
+            f"({overload['healthz_probes']} probes) | {overload['other_statuses'] or 'none'} |",
+        ]
     lines += [
         "",
         "## All points",
         "",
-        "| setup | route | clients | throughput (req/s) | p50 (ms) | p95 (ms) | p99 (ms) | errors |",
-        "|---|---|---|---|---|---|---|---|",
+        "| setup | route | clients | throughput (req/s) | p50 (ms) | p95 (ms) | p99 (ms) | refused (503) | errors |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results["results"]:
         lines.append(
             f"| {SETUPS.get(r['setup'], r['setup'])} | {r['route']} | {r['concurrency']} | {r['throughput_rps']:.1f} | "
-            f"{r['p50_ms']:.0f} | {r['p95_ms']:.0f} | {r['p99_ms']:.0f} | {r['error_rate']:.1%} |"
+            f"{r['p50_ms']:.0f} | {r['p95_ms']:.0f} | {r['p99_ms']:.0f} | "
+            f"{r.get('refused_rate', 0.0):.1%} | {r['error_rate']:.1%} |"
         )
     notes = Path(__file__).with_name("NOTES.md")
     if notes.exists():

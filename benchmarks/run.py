@@ -34,7 +34,7 @@ import torch
 import yaml
 from PIL import Image
 
-from benchmarks.loadgen import run_load
+from benchmarks.loadgen import run_load, run_overload
 from benchmarks.report import write_report
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,6 +45,8 @@ BASELINE_PORT = 8100
 DURATION_S = float(os.environ.get("BENCH_DURATION_S", "8"))
 CONCURRENCY = [int(c) for c in os.environ.get("BENCH_CONCURRENCY", "1,8,32,64").split(",")]
 CONFIG = ROOT / os.environ.get("BENCH_CONFIG", "serve_config.yaml")
+# The overload point: about ten times the clients the vision route saturates with on 2 cores.
+OVERLOAD_CLIENTS = int(os.environ.get("BENCH_OVERLOAD_CLIENTS", "320"))
 ROUTES = {"vision": "/v1/vision/classify", "multimodal": "/v1/multimodal/analyze"}
 LABELS = ["a photo of a cat", "a cup of coffee", "a rocket launch"]
 
@@ -90,7 +92,7 @@ def measure_raw(requests: dict[str, dict]) -> dict:
         images = vision.classify([pixels(payload) for _ in range(batch)], top_k=5)
         embeddings = text.embed([*payload["labels"], payload["text"]] * batch).reshape(batch, len(LABELS) + 1, -1)
         weights = {"vision": 0.5, "text": 0.5}
-        fuse([FusionInput(i, e[:-1], e[-1], weights) for i, e in zip(images, embeddings)], class_embeddings, config)
+        fuse([FusionInput(i, e[:-1], e[-1], weights, class_embeddings) for i, e in zip(images, embeddings)], config)
 
     raw = {}
     for route, step in (("vision", vision_batch), ("multimodal", multimodal_batch)):
@@ -112,7 +114,11 @@ def measure_raw(requests: dict[str, dict]) -> dict:
 def start(command: list[str], env: dict | None = None, log_name: str = "server") -> subprocess.Popen:
     logfile = open(OUT / f"{log_name}.log", "w")  # noqa: SIM115 - closed with the process
     return subprocess.Popen(
-        command, cwd=ROOT, stdout=logfile, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+        command,
+        cwd=ROOT,
+        stdout=logfile,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, **(env or {})},
         start_new_session=True,
     )
 
@@ -149,7 +155,7 @@ def load_all(setup: str, base: str, requests: dict[str, dict]) -> list[dict]:
             row = {"setup": setup, "route": route, **run_load(base + path, requests[route], concurrency, DURATION_S)}
             log(
                 f"{setup} {route} c={concurrency}: {row['throughput_rps']:.1f} rps, p50 {row['p50_ms']:.0f} ms, "
-                f"p99 {row['p99_ms']:.0f} ms, errors {row['error_rate']:.1%}"
+                f"p99 {row['p99_ms']:.0f} ms, refused {row['refused_rate']:.1%}, errors {row['error_rate']:.1%}"
             )
             rows.append(row)
     return rows
@@ -166,7 +172,7 @@ def run_baseline(requests: dict[str, dict]) -> list[dict]:
         stop(process)
 
 
-def run_cluster(requests: dict[str, dict]) -> tuple[list[dict], float]:
+def run_cluster(requests: dict[str, dict]) -> tuple[list[dict], float, dict]:
     config = yaml.safe_load(CONFIG.read_text())
     config["http_options"]["port"] = CLUSTER_PORT
     folder = Path(tempfile.mkdtemp(prefix="bench-"))
@@ -184,10 +190,24 @@ def run_cluster(requests: dict[str, dict]) -> tuple[list[dict], float]:
         cold_start_s = wait_for_answer(base, ROUTES["multimodal"], requests["multimodal"], process)
         log(f"cold start: first multimodal answer {cold_start_s:.1f} s after `serve run`")
         rows = load_all("cluster-batching", base, requests)
+        overload = run_overload(
+            base + ROUTES["vision"], requests["vision"], base + "/healthz", OVERLOAD_CLIENTS, DURATION_S
+        )
+        log(
+            f"overload, {OVERLOAD_CLIENTS} clients on vision: {overload['served_rps']:.1f} rps served, "
+            f"{overload['refused']} refused, refusal p99 {overload['refused_ingress_p99_ms']:.1f} ms at the ingress "
+            f"and {overload['refused_client_p99_ms']:.0f} ms at the client, "
+            f"/healthz max {overload['healthz_max_ms']:.0f} ms"
+        )
 
         # Batching off, applied live through user_config (reconfigure), no restart.
-        subprocess.run([str(BIN / "serve"), "deploy", str(folder / "off.yaml")], cwd=ROOT, check=True,
-                       env={**os.environ, "RAY_AUTH_MODE": "token"}, capture_output=True)
+        subprocess.run(
+            [str(BIN / "serve"), "deploy", str(folder / "off.yaml")],
+            cwd=ROOT,
+            check=True,
+            env={**os.environ, "RAY_AUTH_MODE": "token"},
+            capture_output=True,
+        )
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             models = httpx.get(base + "/v1/models", timeout=30).json()["models"]
@@ -195,7 +215,7 @@ def run_cluster(requests: dict[str, dict]) -> tuple[list[dict], float]:
                 break
             time.sleep(1)
         rows += load_all("cluster-no-batching", base, requests)
-        return rows, cold_start_s
+        return rows, cold_start_s, overload
     finally:
         stop(process)
         log(f"cluster stopped ({time.monotonic() - started:.0f} s in all)")
@@ -210,7 +230,7 @@ def main() -> None:
         return
     raw = measure_raw(requests)  # its models are freed on return, before the servers start
     rows = run_baseline(requests)
-    cluster_rows, cold_start_s = run_cluster(requests)
+    cluster_rows, cold_start_s, overload = run_cluster(requests)
     results = {
         "machine": {
             "cpus": os.cpu_count(),
@@ -220,6 +240,7 @@ def main() -> None:
         },
         "duration_s_per_point": DURATION_S,
         "cold_start_s": cold_start_s,
+        "overload": overload,
         "raw_rps_by_batch": raw,
         "results": rows + cluster_rows,
     }
