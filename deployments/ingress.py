@@ -38,6 +38,7 @@ from deployments.admission import Admission
 from deployments.downstream import Deadline, api_error, call_models
 from deployments.errors import InvalidInput, MaasError, PayloadTooLarge, UnsupportedMediaType
 from deployments.imaging import ImageSpec, decode_base64, decode_image, prepare
+from deployments.proxy import RECEIVED_AT_HEADER, REQUEST_TIMEOUT_HEADER  # the proxy sets or filters them
 from deployments.scoring import top_k
 from deployments.settings import limits
 from monitoring.metrics import request_metrics
@@ -52,8 +53,6 @@ MULTIPART = "multipart/form-data"
 IMAGE_MEDIA_TYPES = ("image/jpeg", "image/png", "image/webp", "image/gif", "image/bmp", "image/tiff")
 
 # The header Serve's proxy reads for a per-request timeout; a client may only shorten the configured one.
-TIMEOUT_HEADER = "x-request-timeout-seconds"
-RECEIVED_AT_HEADER = b"x-maas-received-at"  # set by deployments.proxy, where Serve's timeout starts
 
 DESCRIPTION = """
 Multimodal inference on Ray Serve: an ImageNet image classifier (MobileNetV2),
@@ -119,7 +118,7 @@ ADMITTED_ROUTES = ("/v1/vision/classify", "/v1/multimodal/analyze", "/v1/text/em
 def request_timeout(scope: dict, configured_s: float) -> float:
     """The request's timeout: the configured one, or shorter where the client asked for less."""
     for name, value in scope.get("headers", ()):
-        if name == TIMEOUT_HEADER.encode():
+        if name == REQUEST_TIMEOUT_HEADER:
             try:
                 asked = float(value)
             except ValueError:
