@@ -13,6 +13,11 @@ and, where the defaults do not suit, in the same place:
 * ``MAAS_MAX_REQUEST_TIMEOUT_S`` (default 30): largest client-sent
   ``x-request-timeout-seconds``; keep it equal to the Serve config's
   ``http_options.request_timeout_s``.
+* ``MAAS_HTTP_ADMISSION`` (JSON object of path to limit; default
+  ``{"/v1/vision/classify": 48, "/v1/multimodal/analyze": 48,
+  "/v1/text/embed": 64, "/v1/text/classify": 64}``, ``{}`` for none):
+  requests in flight per path at this proxy;
+* ``MAAS_HTTP_RETRY_AFTER_S`` (default 1): ``Retry-After`` of its refusals.
 
 The proxy actor inherits that environment from its raylet; an application's
 ``runtime_env`` never reaches it. ``deployments`` must be importable there (the
@@ -56,6 +61,16 @@ What it does:
   the operator's ``request_timeout_s``, and with
   ``x-request-disconnect-disabled: ?1`` keeps a request running on the models
   after its client hung up.
+* **Admission** (:class:`deployments.admission.AdmissionMiddleware`). A path
+  with ``MAAS_HTTP_ADMISSION``'s limit of requests in flight at this proxy gets
+  the next one refused at once: ``503``, ``Retry-After`` and the ingress's
+  ``overloaded`` error body, before the body is read and without the hop to an
+  ingress replica. Under overload on a small node that hop (Serve's routing,
+  the Ray call, the ingress's own request handling) is most of what a refusal
+  costs, and it queues behind the admitted requests for CPU; refused here, a
+  refusal costs well under a millisecond. The ingress's own admission (per
+  replica, live-tunable) stays behind it for what several proxies send.
+  Health, readiness and the rest pass through unbounded.
 * **When the proxy received the request** (``x-maas-received-at``, Unix time
   in seconds, set by the proxy only). Serve's request timeout runs from here;
   the ingress counts its own deadline from it too, so that it gives up when
@@ -63,7 +78,8 @@ What it does:
   tell a request the proxy timed out (408) from one whose client left (499).
 
 Slow clients cut off by the deadline are counted in the Ray metric
-``maas_http_slow_client_disconnects_total`` (scraped as ``ray_maas_...``).
+``maas_http_slow_client_disconnects_total``, refusals in
+``maas_http_proxy_refusals_total`` by route (scraped as ``ray_maas_...``).
 """
 
 import functools
@@ -74,10 +90,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Receive, Scope, Send
+
+from deployments.admission import AdmissionMiddleware
 
 logger = logging.getLogger("ray.serve")
 
@@ -88,6 +106,16 @@ RECEIVED_AT_HEADER = b"x-maas-received-at"
 MAX_REQUEST_ID_CHARS = 64
 REQUEST_ID_PATTERN = re.compile(rb"[A-Za-z0-9._:-]{1,%d}" % MAX_REQUEST_ID_CHARS)
 SLOW_CLIENT_DISCONNECTS_METRIC = "maas_http_slow_client_disconnects_total"
+PROXY_REFUSALS_METRIC = "maas_http_proxy_refusals_total"
+
+
+DEFAULT_ADMISSION = {
+    # The ingress admits 24 (images) and 32 (texts) per replica, and make serve runs two ingress replicas.
+    "/v1/vision/classify": 48,
+    "/v1/multimodal/analyze": 48,
+    "/v1/text/embed": 64,
+    "/v1/text/classify": 64,
+}
 
 
 class ProxySettings(BaseSettings):
@@ -102,17 +130,41 @@ class ProxySettings(BaseSettings):
     max_request_timeout_s: float = Field(30.0, gt=0, allow_inf_nan=False)
     """Largest ``x-request-timeout-seconds`` a client may send; must equal the
     Serve config's ``http_options.request_timeout_s``."""
+    http_admission: dict[str, int] = Field(default_factory=lambda: dict(DEFAULT_ADMISSION))
+    """Requests in flight per path at this proxy (JSON object, path to limit); ``{}`` turns it off."""
+    http_retry_after_s: int = Field(1, ge=1, le=3600)
+    """``Retry-After`` of the proxy's refusals."""
+
+    @field_validator("http_admission")
+    @classmethod
+    def _paths_and_limits(cls, limits: dict[str, int]) -> dict[str, int]:
+        for path, limit in limits.items():
+            if not path.startswith("/"):
+                raise ValueError(f"admission paths start with '/': {path!r}")
+            if limit < 1:
+                raise ValueError(f"admission limits are at least 1: {path} has {limit}")
+        return limits
 
 
 def hardening() -> list[Middleware]:
-    """Serve's HTTP proxy callback: installs the header deadline and returns the header filter.
+    """Serve's HTTP proxy callback: installs the header deadline; returns admission and the header filter.
 
     Safe to call more than once: uvicorn is patched once per process, and a
     later call only updates the limits from the environment.
     """
     settings = ProxySettings()
     install_header_deadline(settings.http_header_timeout_s, settings.http_max_header_bytes)
-    return [Middleware(ClientHeaderFilter, max_request_timeout_s=settings.max_request_timeout_s)]
+    logger.info("HTTP requests in flight limited per path to %s.", settings.http_admission or "nothing (off)")
+    # Serve applies them in order, each around the last: the header filter runs first.
+    return [
+        Middleware(
+            AdmissionMiddleware,
+            limits=settings.http_admission,
+            retry_after_s=settings.http_retry_after_s,
+            on_refused=_count_refusal,
+        ),
+        Middleware(ClientHeaderFilter, max_request_timeout_s=settings.max_request_timeout_s),
+    ]
 
 
 class ClientHeaderFilter:
@@ -180,6 +232,7 @@ ORIGINAL_METHODS_ATTR = "_maas_original_methods"
 _header_timeout_s = ProxySettings.model_fields["http_header_timeout_s"].default
 _max_header_bytes = ProxySettings.model_fields["http_max_header_bytes"].default
 _slow_client_counter: Any = None
+_refusal_counter: Any = None
 
 
 def uvicorn_http_protocol_classes() -> list[type]:
@@ -319,11 +372,15 @@ def _on_header_deadline(protocol: Any) -> None:
         _count_slow_client_disconnect()
 
 
-def _count_slow_client_disconnect() -> None:
-    global _slow_client_counter
+def _ray_running() -> bool:
     # The proxy has ray imported already; elsewhere, importing it only to learn that it is not running costs seconds.
     ray = sys.modules.get("ray")
-    if ray is None or not ray.is_initialized():
+    return ray is not None and ray.is_initialized()
+
+
+def _count_slow_client_disconnect() -> None:
+    global _slow_client_counter
+    if not _ray_running():
         return
     if _slow_client_counter is None:
         from ray.util import metrics
@@ -333,3 +390,18 @@ def _count_slow_client_disconnect() -> None:
             description="HTTP connections closed with a 408 because the request head was not received in time.",
         )
     _slow_client_counter.inc()
+
+
+def _count_refusal(path: str) -> None:
+    global _refusal_counter
+    if not _ray_running():
+        return
+    if _refusal_counter is None:
+        from ray.util import metrics
+
+        _refusal_counter = metrics.Counter(
+            PROXY_REFUSALS_METRIC,
+            description="Requests the HTTP proxy refused with a 503 because their route had its limit in flight.",
+            tag_keys=("route",),
+        )
+    _refusal_counter.inc(tags={"route": path})

@@ -120,6 +120,7 @@ def middlewares():
         patch.setenv("MAAS_HTTP_HEADER_TIMEOUT_S", str(HEADER_TIMEOUT_S))
         patch.setenv("MAAS_HTTP_MAX_HEADER_BYTES", str(MAX_HEADER_BYTES))
         patch.setenv("MAAS_MAX_REQUEST_TIMEOUT_S", "30")
+        patch.setenv("MAAS_HTTP_ADMISSION", json.dumps({"/slow": 1}))
         patch.setattr(proxy, "_header_timeout_s", proxy._header_timeout_s)
         patch.setattr(proxy, "_max_header_bytes", proxy._max_header_bytes)
         try:
@@ -403,6 +404,69 @@ def test_the_app_learns_when_the_proxy_received_the_request_and_clients_cannot_s
     assert len(stamps) == 1 and before <= stamps[0] <= time.time()
 
 
+# Admission
+
+
+def test_a_path_at_its_limit_refuses_the_next_request_at_once_and_admits_again_after(server):
+    with RawClient(server.port) as first, RawClient(server.port) as second:
+        first.request("/slow")
+        time.sleep(0.2)  # the first request is in the app, holding the only slot
+        started = time.monotonic()
+        second.request("/slow", headers={"x-request-id": "second-1"})
+        refused = second.read_response()
+        refused_after_s = time.monotonic() - started
+        assert refused.status == 503
+        assert refused.headers["retry-after"] == "1"
+        assert refused.headers["x-request-id"] == "second-1"
+        assert refused.headers["server-timing"].startswith("proxy;dur=")
+        (detail,) = json.loads(refused.body)["detail"]
+        assert detail["type"] == "overloaded" and "/slow" in detail["msg"] and "limit of 1" in detail["msg"]
+        assert refused_after_s < SLOW_HANDLER_S, "the refusal waited for the admitted request"
+        assert first.read_response().status == 200
+        # The slot is free again, and the refused connection is still usable.
+        second.request("/slow")
+        assert second.read_response().status == 200
+
+
+def test_paths_without_a_limit_are_not_bounded(server):
+    with RawClient(server.port) as slow, RawClient(server.port) as other:
+        slow.request("/slow")
+        time.sleep(0.2)
+        other.request("/healthz")
+        assert other.read_response().status == 200
+        assert slow.read_response().status == 200
+
+
+def test_a_refused_request_with_a_body_leaves_the_connection_usable(server):
+    body = b"x" * 200_000
+    with RawClient(server.port) as first, RawClient(server.port) as second:
+        first.request("/slow")
+        time.sleep(0.2)
+        second.send(b"POST /slow HTTP/1.1\r\nhost: test\r\ncontent-length: %d\r\n\r\n" % len(body) + body)
+        assert second.read_response().status == 503
+        assert first.read_response().status == 200
+        second.request("/")
+        assert second.read_response().status == 200
+
+
+@pytest.mark.parametrize(
+    "value", ['{"/x": 0}', '{"x": 3}', '{"/x": "many"}', "[1]"], ids=["zero", "no-slash", "not-a-number", "not-a-map"]
+)
+def test_bad_admission_settings_are_refused_at_start(monkeypatch, value):
+    monkeypatch.setenv("MAAS_HTTP_ADMISSION", value)
+    with pytest.raises(ValueError):
+        proxy.ProxySettings()
+
+
+def test_the_default_admission_covers_every_model_route_of_the_ingress(monkeypatch):
+    from deployments.ingress import ADMITTED_ROUTES
+
+    monkeypatch.delenv("MAAS_HTTP_ADMISSION", raising=False)
+    assert set(proxy.ProxySettings().http_admission) == set(ADMITTED_ROUTES)
+    monkeypatch.setenv("MAAS_HTTP_ADMISSION", "{}")
+    assert proxy.ProxySettings().http_admission == {}
+
+
 # Wiring
 
 
@@ -435,27 +499,50 @@ def test_the_default_request_timeout_cap_matches_the_shipped_serve_configs(monke
         assert config["http_options"]["request_timeout_s"] == cap_s, name
 
 
-def test_slow_clients_are_counted_inside_ray(middlewares, monkeypatch):
+class FakeCounter:
+    created: list["FakeCounter"] = []
+
+    def __init__(self, name, description="", tag_keys=None):
+        self.name, self.description, self.tag_keys, self.counts = name, description, tag_keys, {}
+        FakeCounter.created.append(self)
+
+    def inc(self, value=1.0, tags=None):
+        key = tuple(sorted((tags or {}).items()))
+        self.counts[key] = self.counts.get(key, 0) + value
+
+
+@pytest.fixture
+def fake_counters(monkeypatch) -> list[FakeCounter]:
     import ray
     import ray.util.metrics
 
-    class FakeCounter:
-        created: list["FakeCounter"] = []
-
-        def __init__(self, name, description=""):
-            self.name, self.description, self.count = name, description, 0
-            FakeCounter.created.append(self)
-
-        def inc(self, value=1.0, tags=None):
-            self.count += value
-
+    FakeCounter.created = []
     monkeypatch.setattr(ray, "is_initialized", lambda: True)
     monkeypatch.setattr(ray.util.metrics, "Counter", FakeCounter)
     monkeypatch.setattr(proxy, "_slow_client_counter", None)
+    monkeypatch.setattr(proxy, "_refusal_counter", None)
+    return FakeCounter.created
+
+
+def test_slow_clients_are_counted_inside_ray(middlewares, fake_counters):
     with running_server(_apply_middlewares(echo_app, middlewares), "httptools") as running:
         with RawClient(running.port) as first, RawClient(running.port) as second:
             assert_request_timeout(first.read_until_closed())
             assert_request_timeout(second.read_until_closed())
-    (counter,) = FakeCounter.created
+    (counter,) = fake_counters
     assert counter.name == "maas_http_slow_client_disconnects_total" and counter.description
-    assert counter.count == 2
+    assert counter.counts == {(): 2}
+
+
+def test_refusals_are_counted_by_route_inside_ray(middlewares, fake_counters):
+    with running_server(_apply_middlewares(echo_app, middlewares), "httptools") as running:
+        with RawClient(running.port) as first, RawClient(running.port) as second:
+            first.request("/slow")
+            time.sleep(0.2)
+            for _ in range(2):
+                second.request("/slow")
+                assert second.read_response().status == 503
+            assert first.read_response().status == 200
+    (counter,) = fake_counters
+    assert counter.name == "maas_http_proxy_refusals_total" and counter.tag_keys == ("route",)
+    assert counter.counts == {(("route", "/slow"),): 2}
