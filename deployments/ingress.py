@@ -14,6 +14,7 @@ in one shape, all of them documented in the OpenAPI schema.
 import asyncio
 import logging
 import math
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from ray import serve
 from ray.exceptions import RayActorError, RayTaskError, TaskCancelledError
 from ray.serve.handle import DeploymentHandle
+from ray.serve.schema import ReplicaState
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
@@ -144,6 +146,32 @@ def waited_at_proxy(scope: dict, timeout_s: float) -> float:
                 return 0.0
             return min(max(waited, 0.0), timeout_s) if math.isfinite(waited) else 0.0
     return 0.0
+
+
+_serve_status_lock = threading.Lock()
+
+
+async def running_replicas(handles: list[DeploymentHandle], timeout_s: float) -> dict[str, int]:
+    """Replicas in state RUNNING (started, model loaded, health checks passing) per deployment of ``handles``,
+    from the Serve controller; ``{}`` if it does not answer within ``timeout_s``."""
+
+    def status():
+        # serve.status() is not thread-safe in Ray 2.60, and a call that timed out may still be running.
+        with _serve_status_lock:
+            return serve.status()
+
+    try:
+        applications = (await asyncio.wait_for(asyncio.to_thread(status), timeout=timeout_s)).applications
+    except Exception:  # noqa: BLE001 - no answer is no evidence
+        logger.warning("The Serve controller did not tell the replicas' states", exc_info=True)
+        return {}
+    running = {}
+    for handle in handles:
+        application = applications.get(handle.app_name)
+        deployment = application.deployments.get(handle.deployment_name) if application else None
+        if deployment is not None:
+            running[handle.deployment_name] = deployment.replica_states.get(ReplicaState.RUNNING, 0)
+    return running
 
 
 class RequestMetricsMiddleware:
@@ -464,19 +492,32 @@ class Ingress:
         responses={503: {"model": schemas.Readiness, "description": "Some model cannot serve yet."}},
     )
     async def readyz(self, response: Response) -> schemas.Readiness:
-        """Readiness: 200 once every model deployment has a replica with its model loaded, else 503."""
+        """Readiness: 200 once every model deployment has a replica with its model loaded, else 503.
+
+        Each model is asked directly. One that does not answer in time is asked about at the Serve controller:
+        under load its replicas' queues are full, and a model that is busy serving is ready.
+        """
         calls = {name: handle.ready.remote() for name, handle in self.models.items()}
         deadline = time.monotonic() + self.config.readiness_timeout_s
         deployments = {}
+        silent = []
         for name, call in calls.items():
             try:
                 answer = await asyncio.wait_for(call, timeout=max(0.0, deadline - time.monotonic()))
                 deployments[name] = schemas.DeploymentReadiness(ready=True, **answer)
             except TimeoutError:
-                message = f"no replica answered within {self.config.readiness_timeout_s} s"
-                deployments[name] = schemas.DeploymentReadiness(ready=False, message=message)
+                silent.append(name)
             except Exception as exc:  # noqa: BLE001 - any failure means not ready; the type says which
                 deployments[name] = schemas.DeploymentReadiness(ready=False, message=type(exc).__name__)
+        if silent:
+            running = await running_replicas([self.models[name] for name in silent], self.config.readiness_timeout_s)
+            for name in silent:
+                replicas = running.get(self.models[name].deployment_name, 0)
+                message = f"no replica answered within {self.config.readiness_timeout_s} s"
+                if replicas:
+                    message = f"busy: {message}; {replicas} replicas running"
+                deployments[name] = schemas.DeploymentReadiness(ready=replicas > 0, message=message)
+        deployments = {name: deployments[name] for name in self.models}
         ready = all(d.ready for d in deployments.values())
         response.status_code = 200 if ready else 503
         return schemas.Readiness(status="ready" if ready else "not_ready", deployments=deployments)

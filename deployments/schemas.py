@@ -313,7 +313,11 @@ class DeploymentReadiness(_Response):
     ready: bool
     model: str | None = Field(None, description="The model a replica that answered serves.")
     version: str | None = None
-    message: str | None = Field(None, description="Why the deployment is not ready.")
+    message: str | None = Field(
+        None,
+        description="Why the deployment is not ready; for a ready one, that it is busy (its replicas are running "
+        "but none answered in time).",
+    )
 
 
 class Readiness(_Response):
