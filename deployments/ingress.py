@@ -149,9 +149,11 @@ def waited_at_proxy(scope: dict, timeout_s: float) -> float:
 
 
 _serve_status_lock = threading.Lock()
+CONTROLLER_TIMEOUT_S = 5.0
+"""How long /readyz waits for the Serve controller when a model did not answer it in time."""
 
 
-async def running_replicas(handles: list[DeploymentHandle], timeout_s: float) -> dict[str, int]:
+async def running_replicas(handles: list[DeploymentHandle], timeout_s: float = CONTROLLER_TIMEOUT_S) -> dict[str, int]:
     """Replicas in state RUNNING (started, model loaded, health checks passing) per deployment of ``handles``,
     from the Serve controller; ``{}`` if it does not answer within ``timeout_s``."""
 
@@ -162,8 +164,8 @@ async def running_replicas(handles: list[DeploymentHandle], timeout_s: float) ->
 
     try:
         applications = (await asyncio.wait_for(asyncio.to_thread(status), timeout=timeout_s)).applications
-    except Exception:  # noqa: BLE001 - no answer is no evidence
-        logger.warning("The Serve controller did not tell the replicas' states", exc_info=True)
+    except Exception as exc:  # noqa: BLE001 - no answer is no evidence
+        logger.warning("The Serve controller did not tell the replicas' states (%s)", type(exc).__name__)
         return {}
     running = {}
     for handle in handles:
@@ -494,8 +496,9 @@ class Ingress:
     async def readyz(self, response: Response) -> schemas.Readiness:
         """Readiness: 200 once every model deployment has a replica with its model loaded, else 503.
 
-        Each model is asked directly. One that does not answer in time is asked about at the Serve controller:
-        under load its replicas' queues are full, and a model that is busy serving is ready.
+        Each model is asked directly, for up to ``readiness_timeout_s``. One that does not answer in time is
+        asked about at the Serve controller (up to ``CONTROLLER_TIMEOUT_S`` more): under load its replicas'
+        queues are full, and a model that is busy serving is ready.
         """
         calls = {name: handle.ready.remote() for name, handle in self.models.items()}
         deadline = time.monotonic() + self.config.readiness_timeout_s
@@ -510,7 +513,7 @@ class Ingress:
             except Exception as exc:  # noqa: BLE001 - any failure means not ready; the type says which
                 deployments[name] = schemas.DeploymentReadiness(ready=False, message=type(exc).__name__)
         if silent:
-            running = await running_replicas([self.models[name] for name in silent], self.config.readiness_timeout_s)
+            running = await running_replicas([self.models[name] for name in silent])
             for name in silent:
                 replicas = running.get(self.models[name].deployment_name, 0)
                 message = f"no replica answered within {self.config.readiness_timeout_s} s"

@@ -1,5 +1,6 @@
 """Liveness and readiness: /healthz says the ingress answers, /readyz that every model can serve."""
 
+import re
 import time
 
 import httpx
@@ -7,6 +8,7 @@ import httpx
 from tests.integration.conftest import deploy, shipped_config
 
 UNREADY_PREFIX = "/unready"
+BUSY_MESSAGE = r"busy: no replica answered within 0\.001 s; [1-9]\d* replicas running"
 
 
 def test_ready_once_every_model_has_a_replica_with_its_model_loaded(client):
@@ -58,5 +60,32 @@ def test_alive_but_not_ready_while_the_models_cannot_serve(app_url, tmp_path):
                     "message": "no replica answered within 2.0 s",
                 }
         assert httpx.get(app_url + "/readyz").status_code == 200  # the other app is unaffected
+    finally:
+        deploy(shipped_config(), tmp_path / "shipped.yaml")
+
+
+def test_a_model_too_busy_to_answer_in_time_is_still_ready(app_url, tmp_path):
+    """A model whose replicas do not answer /readyz in time (as under a burst, when their queues are full) is
+    looked up at the Serve controller: with a replica running it is ready, and its entry says it is busy."""
+    config = shipped_config()
+    ingress = next(d for d in config["applications"][0]["deployments"] if d["name"] == "Ingress")
+    ingress["user_config"]["readiness_timeout_s"] = 0.001  # no model answers that fast
+    deploy(config, tmp_path / "impatient_readiness.yaml")
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # until every ingress replica has the new setting
+            responses = [httpx.get(app_url + "/readyz", timeout=30) for _ in range(4)]
+            if all("busy" in (r.json()["deployments"]["vision"]["message"] or "") for r in responses):
+                break
+            assert time.monotonic() < deadline, responses[-1].json()
+            time.sleep(1)
+        for response in responses:
+            assert response.status_code == 200
+            body = response.json()
+            assert body["status"] == "ready"
+            for name in ("vision", "text", "fusion"):
+                entry = body["deployments"][name]
+                assert entry["ready"] is True
+                assert re.fullmatch(BUSY_MESSAGE, entry["message"]), entry
     finally:
         deploy(shipped_config(), tmp_path / "shipped.yaml")
