@@ -7,8 +7,10 @@ sized for a test (a user_config update, no restart), sends traffic, and asks
 Prometheus's HTTP API what it saw.
 """
 
+import contextlib
 import io
 import os
+import select
 import socket
 import subprocess
 import time
@@ -368,6 +370,37 @@ def test_timeouts_and_hang_ups_are_counted_as_such_not_as_500(prometheus, drift_
         for where, expr, start in zip(("ingress", "proxy"), exprs[status], before[status]):
             seen = prometheus.wait_for(expr, lambda v, s=start, e=expected: v >= s + e, timeout_s=30 if expected else 8)
             assert seen - start == expected, f"{status} at the {where}: {seen - start}, expected {expected}"
+
+
+def test_refusals_by_the_proxy_are_counted_by_route(prometheus, drift_app):
+    """The proxy answers these before Serve counts anything: its own counter is their only record.
+
+    Uploads whose body never arrives each hold a slot of the vision route until they are closed. The ingress
+    replicas admit as many as the proxy does (2 x 24 and 48), so once they are full the proxy has its limit in
+    flight and refuses the next upload itself; an ingress refusal on the way frees its proxy slot.
+    """
+    route = "/v1/vision/classify"
+    url = urlparse(drift_app)
+    refusals = f'sum(ray_maas_http_proxy_refusals_total{{route="{route}"}})'
+    before = prometheus.stable({"refusals": refusals})["refusals"]
+    head = (
+        f"POST {route} HTTP/1.1\r\nhost: maas\r\ncontent-type: application/json\r\ncontent-length: 100\r\n"
+        "x-request-timeout-seconds: 25\r\n\r\n"
+    ).encode()
+    with contextlib.ExitStack() as stack:
+        answers = []
+        for _ in range(200):
+            upload = stack.enter_context(socket.create_connection((url.hostname, url.port), timeout=30))
+            upload.sendall(head + b'{"image": "')
+            if select.select([upload], [], [], 0.2)[0]:
+                answers.append(upload.recv(65536))
+                if b"server-timing: proxy;" in answers[-1]:
+                    break
+        else:
+            pytest.fail(f"200 stalled uploads and no refusal at the proxy; answers: {[a[:40] for a in answers]}")
+    assert answers[-1].startswith(b"HTTP/1.1 503") and b"retry-after: 1" in answers[-1]
+    assert all(answer.startswith(b"HTTP/1.1 503") for answer in answers)  # the others from the ingress
+    assert prometheus.wait_for(refusals, lambda v: v >= before + 1) - before == 1
 
 
 def test_a_failed_live_update_keeps_the_model_serving_and_is_counted(prometheus, drift_app, tmp_path):
