@@ -10,7 +10,8 @@ import numpy as np
 from fastapi import FastAPI
 
 from deployments import schemas
-from deployments.fusion import FusionConfig, FusionInput, fuse
+from deployments.contracts import FusionInput
+from deployments.fusion import FusionConfig, fuse
 from deployments.imaging import decode_base64, decode_image, prepare
 from deployments.settings import limits
 from deployments.text import TextConfig, TextModel

@@ -73,7 +73,8 @@ def log(message: str) -> None:
 
 def measure_raw(requests: dict[str, dict]) -> dict:
     """Requests per second of the models in-process, decode to answer, by batch size."""
-    from deployments.fusion import FusionConfig, FusionInput, fuse
+    from deployments.contracts import FusionInput
+    from deployments.fusion import FusionConfig, fuse
     from deployments.imaging import decode_base64, decode_image, prepare
     from deployments.settings import limits
     from deployments.text import TextConfig, TextModel

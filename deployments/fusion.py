@@ -9,13 +9,13 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from deployments.contracts import FusionInput, FusionResult, TextEmbeddings, VisionResult
 from deployments.errors import InvalidInput, ModelUnavailable
 from deployments.runtime import BatchingConfig, replica_info
 from deployments.scoring import (
@@ -25,8 +25,6 @@ from deployments.scoring import (
     late_fusion,
     similarity_scores,
 )
-from deployments.text import TextEmbeddings
-from deployments.vision import VisionResult
 from monitoring.metrics import ModelMetrics
 
 logger = logging.getLogger("ray.serve")
@@ -68,23 +66,6 @@ class FusionConfig(BaseModel):
     @property
     def batching(self) -> BatchingConfig:
         return BatchingConfig(max_batch_size=self.max_batch_size, batch_wait_timeout_s=self.batch_wait_timeout_s)
-
-
-@dataclass
-class FusionInput:
-    vision: VisionResult | None
-    label_embeddings: np.ndarray  # (L, D)
-    text_embedding: np.ndarray | None  # (D,)
-    weights: dict[str, float]
-    class_embeddings: np.ndarray | None = None  # (C, D): the vision model's class names in the text model's space
-
-
-@dataclass
-class FusionResult:
-    vision_scores: np.ndarray | None  # (L,) ConSE scores of the labels against the image
-    text_scores: np.ndarray | None  # (L,) scores of the labels against the text
-    fused: np.ndarray  # (L,)
-    weights: dict[str, float]
 
 
 def fuse(batch: list[FusionInput], config: FusionConfig) -> list[FusionResult]:

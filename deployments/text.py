@@ -11,7 +11,6 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +18,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
+from deployments.contracts import TextEmbeddings, TextRanking
 from deployments.runtime import LiveModelDeployment, ModelSettings, package_dir, package_version, pick_device
 from deployments.scoring import DEFAULT_TEMPERATURE, similarity_scores, top_k
 
@@ -47,20 +47,6 @@ class TextConfig(BaseModel):
     )
     version: str | None = None
     torch_threads: int | None = Field(None, ge=1)
-
-
-@dataclass
-class TextEmbeddings:
-    vectors: np.ndarray  # (n, dim) float32, unit length
-    model: str
-    version: str
-
-
-@dataclass
-class TextRanking:
-    labels: list[tuple[str, float]]  # (label, score), best first
-    model: str
-    version: str
 
 
 class TextModel:

@@ -8,7 +8,6 @@ with ``@serve.batch`` and runs the model off the event loop.
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
+from deployments.contracts import VisionResult
 from deployments.imaging import ImageSpec, Interpolation, prepare
 from deployments.runtime import (
     LiveModelDeployment,
@@ -57,16 +57,6 @@ class VisionConfig(BaseModel):
     name: str | None = Field(None, description="Name reported by the API; derived from the source if unset.")
     version: str | None = Field(None, description="Overrides the derived version string.")
     torch_threads: int | None = Field(None, ge=1, description="Default: one per reserved CPU.")
-
-
-@dataclass
-class VisionResult:
-    labels: list[tuple[str, float]]  # top-k (class name, probability), best first
-    probs: np.ndarray  # (num_classes,) float32
-    embedding: np.ndarray | None
-    model: str
-    version: str
-    batch_size: int = 1  # how many requests shared the forward pass that produced this
 
 
 class VisionModel:

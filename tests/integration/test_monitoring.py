@@ -26,7 +26,7 @@ from PIL import Image
 from ray import serve
 from ray.exceptions import RayTaskError
 
-from deployments.text import TextEmbeddings
+from deployments.contracts import TextEmbeddings
 from monitoring import catalog
 from monitoring.profile import augmented, skimage_photos
 from tests.conftest import b64

@@ -6,9 +6,9 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
+from deployments.contracts import TextEmbeddings
 from deployments.errors import ModelUnavailable
 from deployments.fusion import ClassEmbeddings
-from deployments.text import TextEmbeddings
 
 
 @dataclass

@@ -1,0 +1,52 @@
+"""The values that cross deployment boundaries: what the vision and text replicas answer, what fusion takes
+and gives back.
+
+Model code, the fusion replica, the ingress and the batch job import them from here, so none of them has to
+import another deployment's model-loading code to speak to it. Plain dataclasses of numpy arrays and
+Python values: Ray pickles them between processes.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class VisionResult:
+    labels: list[tuple[str, float]]  # top-k (class name, probability), best first
+    probs: np.ndarray  # (num_classes,) float32
+    embedding: np.ndarray | None
+    model: str
+    version: str
+    batch_size: int = 1  # how many requests shared the forward pass that produced this
+
+
+@dataclass
+class TextEmbeddings:
+    vectors: np.ndarray  # (n, dim) float32, unit length
+    model: str
+    version: str
+
+
+@dataclass
+class TextRanking:
+    labels: list[tuple[str, float]]  # (label, score), best first
+    model: str
+    version: str
+
+
+@dataclass
+class FusionInput:
+    vision: VisionResult | None
+    label_embeddings: np.ndarray  # (L, D)
+    text_embedding: np.ndarray | None  # (D,)
+    weights: dict[str, float]
+    class_embeddings: np.ndarray | None = None  # (C, D): the vision model's class names in the text model's space
+
+
+@dataclass
+class FusionResult:
+    vision_scores: np.ndarray | None  # (L,) ConSE scores of the labels against the image
+    text_scores: np.ndarray | None  # (L,) scores of the labels against the text
+    fused: np.ndarray  # (L,)
+    weights: dict[str, float]
