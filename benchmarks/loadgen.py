@@ -2,8 +2,8 @@
 
 A client refused with ``503`` waits its ``Retry-After`` before sending again, as
 the README asks clients to; refusals are counted apart from errors. The
-overload point (``run_overload``) is the exception: its clients ignore
-``Retry-After``, the harshest load.
+overload points (``run_overload``, closed or open loop) are the exception: their
+clients ignore ``Retry-After``, the harshest load.
 """
 
 import asyncio

@@ -231,8 +231,8 @@ ORIGINAL_METHODS_ATTR = "_maas_original_methods"
 
 _header_timeout_s = ProxySettings.model_fields["http_header_timeout_s"].default
 _max_header_bytes = ProxySettings.model_fields["http_max_header_bytes"].default
-_slow_client_counter: Any = None
-_refusal_counter: Any = None
+_counters: dict[str, Any] = {}
+"""The proxy's Ray counters by name, created on first use."""
 
 
 def uvicorn_http_protocol_classes() -> list[type]:
@@ -379,29 +379,28 @@ def _ray_running() -> bool:
 
 
 def _count_slow_client_disconnect() -> None:
-    global _slow_client_counter
-    if not _ray_running():
-        return
-    if _slow_client_counter is None:
-        from ray.util import metrics
-
-        _slow_client_counter = metrics.Counter(
-            SLOW_CLIENT_DISCONNECTS_METRIC,
-            description="HTTP connections closed with a 408 because the request head was not received in time.",
-        )
-    _slow_client_counter.inc()
+    _count(
+        SLOW_CLIENT_DISCONNECTS_METRIC,
+        "HTTP connections closed with a 408 because the request head was not received in time.",
+    )
 
 
 def _count_refusal(path: str) -> None:
-    global _refusal_counter
+    _count(
+        PROXY_REFUSALS_METRIC,
+        "Requests the HTTP proxy refused with a 503 because their route had its limit in flight.",
+        {"route": path},
+    )
+
+
+def _count(name: str, description: str, tags: dict[str, str] | None = None) -> None:
+    """Add 1 to the Ray counter ``name`` (created on first use, with ``tags``' keys); nothing outside Ray."""
     if not _ray_running():
         return
-    if _refusal_counter is None:
+    counter = _counters.get(name)
+    if counter is None:
         from ray.util import metrics
 
-        _refusal_counter = metrics.Counter(
-            PROXY_REFUSALS_METRIC,
-            description="Requests the HTTP proxy refused with a 503 because their route had its limit in flight.",
-            tag_keys=("route",),
-        )
-    _refusal_counter.inc(tags={"route": path})
+        tag_keys = {"tag_keys": tuple(tags)} if tags else {}
+        counter = _counters[name] = metrics.Counter(name, description=description, **tag_keys)
+    counter.inc(tags=tags)

@@ -519,8 +519,7 @@ def fake_counters(monkeypatch) -> list[FakeCounter]:
     FakeCounter.created = []
     monkeypatch.setattr(ray, "is_initialized", lambda: True)
     monkeypatch.setattr(ray.util.metrics, "Counter", FakeCounter)
-    monkeypatch.setattr(proxy, "_slow_client_counter", None)
-    monkeypatch.setattr(proxy, "_refusal_counter", None)
+    monkeypatch.setattr(proxy, "_counters", {})
     return FakeCounter.created
 
 
