@@ -213,7 +213,7 @@ class DriftMonitor:
                 self.profile = ReferenceProfile.load(path)
             except FileNotFoundError:
                 shown = _shown_path(path)
-                self.problem = f"no reference profile at {shown}; build one with `python -m monitoring.profile`"
+                self.problem = f"no reference profile at {shown}; build one with `python -m monitoring.tools.profile`"
             except ValueError:
                 self.problem = f"reference profile {_shown_path(path)} is invalid"
             if self.profile is not None and self.profile.model != model:

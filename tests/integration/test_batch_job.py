@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from ray.job_submission import JobStatus, JobSubmissionClient
 
-from monitoring.profile import augmented, skimage_photos
+from monitoring.tools.profile import augmented, skimage_photos
 from tests.conftest import encode
 from tests.integration.conftest import DASHBOARD_PORT
 from tests.serving import ROOT

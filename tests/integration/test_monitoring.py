@@ -28,7 +28,7 @@ from ray.exceptions import RayTaskError
 
 from deployments.contracts import TextEmbeddings
 from monitoring import catalog
-from monitoring.profile import augmented, skimage_photos
+from monitoring.tools.profile import augmented, skimage_photos
 from tests.conftest import b64
 from tests.integration.conftest import deploy, shipped_config
 from tests.serving import APP, ROOT, prometheus_tool, replica_infos

@@ -1,6 +1,6 @@
 """Send demo traffic to a running app: ordinary inputs, then a shifted stream that trips drift detection.
 
-    python -m monitoring.demo --url http://127.0.0.1:8000 --normal-s 240 --shifted-s 240
+    python -m monitoring.tools.demo --url http://127.0.0.1:8000 --normal-s 240 --shifted-s 240
 
 Normal traffic: photographs (random crops of scikit-image's sample photos,
 which the shipped vision profile was built from) and ordinary English
@@ -21,9 +21,9 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from monitoring.profile import augmented, skimage_photos
+from monitoring.tools.profile import augmented, skimage_photos
 
-SAMPLES = Path(__file__).parent / "samples"  # not part of the reference profiles
+SAMPLES = Path(__file__).parents[1] / "samples"  # not part of the reference profiles
 
 
 def _jpeg(image: Image.Image) -> str:
@@ -85,7 +85,7 @@ def drive(url: str, images: list[str], texts: list[str], seconds: float, clients
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m monitoring.demo", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m monitoring.tools.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", default="http://127.0.0.1:8000")
     parser.add_argument("--normal-s", type=float, default=240)
     parser.add_argument("--shifted-s", type=float, default=240)

@@ -1,8 +1,8 @@
 """Build a drift reference profile from reference data, with the same model code the deployments serve.
 
-    python -m monitoring.profile vision --images DIR [--augment 40] [--out monitoring/profiles/mobilenet_v2.json]
-    python -m monitoring.profile vision --images skimage --augment 40
-    python -m monitoring.profile text --texts monitoring/reference/english.txt
+    python -m monitoring.tools.profile vision --images DIR [--augment 40] [--out monitoring/profiles/mobilenet_v2.json]
+    python -m monitoring.tools.profile vision --images skimage --augment 40
+    python -m monitoring.tools.profile text --texts monitoring/reference/english.txt
 
 ``--images`` is a folder of images (searched recursively), or ``skimage`` for
 scikit-image's bundled sample photographs. ``--augment N`` adds N random
@@ -106,7 +106,7 @@ def text_profile(texts: list[str], data: str, config: dict | None = None) -> Ref
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m monitoring.profile", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m monitoring.tools.profile", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="kind", required=True)
     vision = sub.add_parser("vision", help="profile of the image classifier")
     vision.add_argument("--images", required=True, help="folder of images, or 'skimage'")

@@ -1,6 +1,6 @@
 """Render the last minutes of a Prometheus server's view of the cluster to a PNG.
 
-    python -m monitoring.snapshot --prometheus http://127.0.0.1:9090 --minutes 10 --out docs/monitoring.png
+    python -m monitoring.tools.snapshot --prometheus http://127.0.0.1:9090 --minutes 10 --out docs/monitoring.png
 
 Four panels, each a PromQL range query that the Grafana dashboard also uses:
 request rate by route and status, p99 latency by route, mean confidence by
@@ -91,7 +91,7 @@ def render(prometheus: str, minutes: float, out: str, step: float = 5.0) -> None
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m monitoring.snapshot", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m monitoring.tools.snapshot", description=__doc__.split("\n\n")[0])
     parser.add_argument("--prometheus", default="http://127.0.0.1:9090")
     parser.add_argument("--minutes", type=float, default=10)
     parser.add_argument("--out", default="docs/monitoring.png")

@@ -1,0 +1,1 @@
+"""Command-line tools of the monitoring: reference profiles, demo traffic, dashboard snapshots."""
