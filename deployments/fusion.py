@@ -11,13 +11,13 @@ import time
 from collections import OrderedDict
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from deployments.contracts import FusionInput, FusionResult, TextEmbeddings, VisionResult
 from deployments.errors import InvalidInput, ModelUnavailable
-from deployments.runtime import BatchingConfig, replica_info
+from deployments.runtime import BatchingConfig, ModelDeployment
 from deployments.scoring import (
     DEFAULT_CONSE_TOP_T,
     DEFAULT_TEMPERATURE,
@@ -25,7 +25,6 @@ from deployments.scoring import (
     late_fusion,
     similarity_scores,
 )
-from monitoring.metrics import ModelMetrics
 
 logger = logging.getLogger("ray.serve")
 
@@ -33,10 +32,8 @@ NAME = "conse-late-fusion"
 METHOD = "ConSE (Norouzi et al., 2014) image-to-text projection + weighted late fusion"
 
 
-class FusionConfig(BaseModel):
-    """How labels are scored and fused. Live-tunable through ``user_config``."""
-
-    model_config = ConfigDict(extra="forbid")
+class FusionConfig(BatchingConfig):
+    """``FusionScorer``'s ``user_config``: how labels are scored and fused, and its batching. All live."""
 
     vision_weight: float = Field(0.5, ge=0.0, description="Late-fusion weight of the image's scores.")
     text_weight: float = Field(0.5, ge=0.0, description="Late-fusion weight of the text's scores.")
@@ -62,10 +59,6 @@ class FusionConfig(BaseModel):
         if self.vision_weight + self.text_weight <= 0:
             raise ValueError("vision_weight and text_weight cannot both be 0")
         return self
-
-    @property
-    def batching(self) -> BatchingConfig:
-        return BatchingConfig(max_batch_size=self.max_batch_size, batch_wait_timeout_s=self.batch_wait_timeout_s)
 
 
 def fuse(batch: list[FusionInput], config: FusionConfig) -> list[FusionResult]:
@@ -189,54 +182,45 @@ SAME_VERSION_RETRY_S = 0.05
 
 
 @serve.deployment(max_ongoing_requests=32, ray_actor_options={"num_cpus": 0.1}, user_config={})
-class FusionScorer:
-    """Serve deployment: ConSE scoring and late fusion over the other models' outputs."""
+class FusionScorer(ModelDeployment):
+    """Serve deployment: ConSE scoring and late fusion over the other models' outputs.
+
+    Its settings (``FusionConfig``) are live like a model's (``ModelDeployment``);
+    a new ``class_prompt`` gets its class-name matrix made before it is served.
+    """
+
+    settings_type = FusionConfig
+    task = "cross-modal-scoring"
 
     def __init__(self, vision: DeploymentHandle, text: DeploymentHandle):
-        self.config: FusionConfig | None = None
-        self.update_error: str | None = None
+        super().__init__()
         self.class_embeddings = ClassEmbeddings(vision, text)
-        self.metrics = ModelMetrics(NAME, f"conse-top{FusionConfig().top_t}")
 
-    async def reconfigure(self, user_config: dict) -> None:
-        try:
-            config = FusionConfig.model_validate(user_config or {})
-            if self.config is None or config.class_prompt != self.config.class_prompt:
-                await self.class_embeddings.warm(config.class_prompt)  # at start-up: the first matrix
-        except Exception as exc:
-            if self.config is None:
-                raise  # nothing to keep serving: fail this replica's start
-            # As for the models (runtime.LiveModelDeployment): a live replica keeps its settings.
-            self.update_error = f"{type(exc).__name__}: {exc}"[:2000]
-            self.metrics.observe_update_failure(exc)
-            logger.error("Kept the current fusion settings; the new ones failed: %s", exc)
-            return
-        self.config, self.update_error = config, None
-        config.batching.apply(self._fuse_batch)
-        self.metrics.set_model(NAME, self.version)
+    def batch_methods(self) -> list:
+        return [self._fuse_batch]
 
-    @property
-    def version(self) -> str:
-        return f"conse-top{self.config.top_t}"
+    async def prepare(self, settings: FusionConfig) -> None:
+        if self.settings is None or settings.class_prompt != self.settings.class_prompt:
+            await self.class_embeddings.warm(settings.class_prompt)  # at start-up: the first matrix
 
-    async def ready(self) -> dict:
-        return {"model": NAME, "version": self.version}
+    def commit(self, prepared: None) -> None:
+        self.metrics.set_model(*self.served())
 
-    async def info(self) -> dict:
-        return replica_info(
-            name=NAME,
-            task="cross-modal-scoring",
-            source="text embeddings of the vision model's class names",
-            version=self.version,
-            device="cpu",
-            torch_threads=0,
-            details={"method": METHOD, **self.config.model_dump(), "update_error": self.update_error},
-            drift={
+    def served(self) -> tuple[str, str]:
+        return NAME, f"conse-top{self.settings.top_t}"
+
+    def describe(self) -> dict:
+        return {
+            "source": "text embeddings of the vision model's class names",
+            "device": "cpu",
+            "torch_threads": 0,
+            "details": {"method": METHOD, **self.settings.model_dump()},
+            "drift": {
                 "status": "disabled",
                 "message": "fusion keeps no reference profile: drift is watched on its inputs, "
                 "by the vision and text deployments",
             },
-        )
+        }
 
     async def fuse(
         self,
@@ -247,36 +231,36 @@ class FusionScorer:
         text_weight: float | None = None,
     ) -> FusionResult:
         """Fuse one request. ``embeddings`` holds the labels' embeddings, then the text's if any."""
-        config = self.config
-        weights = {
-            "vision": config.vision_weight if vision_weight is None else vision_weight,
-            "text": config.text_weight if text_weight is None else text_weight,
-        }
-        present = ["vision"] * (vision is not None) + ["text"] * with_text
-        if sum(weights[name] for name in present) <= 0:
-            self.metrics.errors.inc(tags={"error_type": InvalidInput.__name__})
-            raise InvalidInput(
-                f"the fusion weights of the modalities sent ({', '.join(present)}) sum to 0; "
-                "give at least one of them a positive weight",
-                field=f"{present[0]}_weight",
+        with self.counted():
+            settings = self.settings
+            weights = {
+                "vision": settings.vision_weight if vision_weight is None else vision_weight,
+                "text": settings.text_weight if text_weight is None else text_weight,
+            }
+            present = ["vision"] * (vision is not None) + ["text"] * with_text
+            if sum(weights[name] for name in present) <= 0:
+                raise InvalidInput(
+                    f"the fusion weights of the modalities sent ({', '.join(present)}) sum to 0; "
+                    "give at least one of them a positive weight",
+                    field=f"{present[0]}_weight",
+                )
+            vectors = embeddings.vectors
+            item = FusionInput(
+                vision=vision,
+                label_embeddings=vectors[:-1] if with_text else vectors,
+                text_embedding=vectors[-1] if with_text else None,
+                weights=weights,
             )
-        vectors = embeddings.vectors
-        item = FusionInput(
-            vision=vision,
-            label_embeddings=vectors[:-1] if with_text else vectors,
-            text_embedding=vectors[-1] if with_text else None,
-            weights=weights,
-        )
-        if vision is not None:
-            item.class_embeddings = await self.class_embeddings.get(
-                vision.version, embeddings.version, config.class_prompt
-            )
-        return await self._fuse_batch(item)
+            if vision is not None:
+                item.class_embeddings = await self.class_embeddings.get(
+                    vision.version, embeddings.version, settings.class_prompt
+                )
+            return await self._fuse_batch(item)
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
+    @serve.batch(**FusionConfig.batch_defaults())
     async def _fuse_batch(self, items: list[FusionInput]) -> list[FusionResult]:
         start = time.perf_counter()
-        results = await asyncio.to_thread(fuse, items, self.config)
+        results = await asyncio.to_thread(fuse, items, self.settings)
         self.metrics.observe_batch(len(items), 0.0, time.perf_counter() - start)
         for result in results:
             # Labels are free text, so the class index is the winner's position in the request.

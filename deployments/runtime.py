@@ -1,11 +1,14 @@
-"""Where a replica runs its model: device choice, thread count, packaged weights."""
+"""Where a replica runs its model (device choice, thread count, packaged weights), and the base of the model
+deployments: live settings, error counting, readiness and ``GET /v1/models`` info."""
 
 import asyncio
+import contextlib
 import hashlib
 import importlib.metadata
 import importlib.util
 import logging
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -101,6 +104,11 @@ def file_digest(path: Path, length: int = 12) -> str:
 class BatchingConfig(BaseModel):
     """Live batching knobs of a model deployment, set through the Serve YAML's ``user_config``.
 
+    Every model deployment's settings extend it. Its ``@serve.batch`` methods
+    take their arguments from ``batch_defaults()`` of that settings class, so
+    the code's default and the settings' default are one value; ``reconfigure``
+    then applies the live ones (the YAML's) before the first request.
+
     Keep ``max_batch_size`` at or below the deployment's ``max_ongoing_requests``
     (requests for the vision model, texts for the text model): a replica never
     holds more than that many requests, so a larger batch can never fill.
@@ -111,6 +119,15 @@ class BatchingConfig(BaseModel):
     max_batch_size: int = Field(8, ge=1, le=256)
     batch_wait_timeout_s: float = Field(0.005, ge=0.0, le=1.0)
 
+    @classmethod
+    def batch_defaults(cls) -> dict:
+        """``@serve.batch`` arguments: this settings class's batching defaults."""
+        return {name: cls.model_fields[name].default for name in BatchingConfig.model_fields}
+
+    def batching(self) -> dict:
+        """The batching knobs alone, as ``GET /v1/models`` reports them."""
+        return {name: getattr(self, name) for name in BatchingConfig.model_fields}
+
     def apply(self, batch_method) -> None:
         """Apply to a ``@serve.batch`` method of a live replica."""
         batch_method.set_max_batch_size(self.max_batch_size)
@@ -118,21 +135,101 @@ class BatchingConfig(BaseModel):
 
 
 class ModelSettings(BatchingConfig):
-    """A model deployment's ``user_config``: batching knobs and drift detection, both live-tunable.
+    """A loaded model's ``user_config``: batching knobs and drift detection, both live-tunable.
 
-    Each model deployment extends it with ``model``, the model it serves.
+    Each ``LiveModelDeployment`` extends it with ``model``, the model it serves.
     """
 
     drift: DriftConfig = Field(default_factory=DriftConfig)
 
-    def batching(self) -> dict:
-        return BatchingConfig(
-            max_batch_size=self.max_batch_size, batch_wait_timeout_s=self.batch_wait_timeout_s
-        ).model_dump()
+
+class ModelDeployment:
+    """What every model deployment has: live settings, metrics, readiness and ``GET /v1/models`` info.
+
+    ``reconfigure`` validates ``user_config`` into ``settings_type``, lets the
+    subclass ``prepare`` for it (load a model, say) while the current settings
+    keep serving, applies the batching knobs to ``batch_methods()``, and then
+    ``commit``s: the subclass starts serving what it prepared.
+
+    A replica whose new settings fail to validate or prepare keeps serving the
+    current ones and reports why (``update_error`` in ``GET /v1/models``, the
+    ``maas_model_update_failures_total`` metric, the replica log): raising there
+    would make Serve stop a healthy replica. Only a replica that has no settings
+    yet fails, which fails its start and shows in ``serve status``.
+
+    Calls that raise are counted in ``maas_model_errors_total`` by exception
+    type: each public inference method runs its body in ``with self.counted():``.
+    """
+
+    settings_type: ClassVar[type[BatchingConfig]]
+    task: ClassVar[str]
+
+    def __init__(self):
+        self.settings: BatchingConfig | None = None
+        self.update_error: str | None = None
+        # Labelled with the model and version served by each ``commit``, before anything is recorded.
+        self.metrics = ModelMetrics(model="", version="")
+
+    async def prepare(self, settings: BatchingConfig) -> Any:
+        """Get ready to serve ``settings`` while the current ones serve; raise to refuse them."""
+
+    def commit(self, prepared: Any) -> None:
+        """Serve ``self.settings`` (just set) and what ``prepare`` returned; label the metrics. Must not raise."""
+        raise NotImplementedError
+
+    def batch_methods(self) -> list:
+        """The ``@serve.batch`` methods the batching settings apply to."""
+        return []
+
+    def served(self) -> tuple[str, str]:
+        """Name and version of what this replica serves now."""
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        """This deployment's own ``GET /v1/models`` fields: ``source``, ``device``, ``torch_threads``,
+        ``details`` and ``drift`` (``replica_info``'s arguments)."""
+        raise NotImplementedError
+
+    async def reconfigure(self, user_config: dict) -> None:
+        try:
+            settings = self.settings_type.model_validate(user_config or {})
+            prepared = await self.prepare(settings)
+        except Exception as exc:
+            if self.settings is None:
+                raise  # nothing to keep serving: fail this replica's start
+            self.update_error = f"{type(exc).__name__}: {exc}"[:2000]
+            self.metrics.observe_update_failure(exc)
+            logger.error("Kept serving %s %s; the new settings failed: %s", *self.served(), exc)
+            return
+        for method in self.batch_methods():
+            settings.apply(method)
+        self.settings, self.update_error = settings, None
+        self.commit(prepared)
+
+    async def ready(self) -> dict:
+        """Name and version of what this replica serves (it answers only once it serves something)."""
+        name, version = self.served()
+        return {"model": name, "version": version}
+
+    async def info(self) -> dict:
+        """``GET /v1/models`` fields of this replica."""
+        name, version = self.served()
+        fields = self.describe()
+        fields["details"] = {**fields["details"], "update_error": self.update_error}
+        return replica_info(name=name, task=self.task, version=version, **fields)
+
+    @contextlib.contextmanager
+    def counted(self) -> Iterator[None]:
+        """Count an exception raised in the block (``maas_model_errors_total``, by type), and let it go on."""
+        try:
+            yield
+        except Exception as exc:
+            self.metrics.observe_error(exc)
+            raise
 
 
-class LiveModelDeployment:
-    """What the model deployments share: a model that is configuration, replaced in place.
+class LiveModelDeployment(ModelDeployment):
+    """A model deployment whose model is configuration, replaced in place.
 
     The model a deployment serves is the ``model`` section of its own
     ``user_config``, not an argument of the application: Serve hashes an
@@ -140,56 +237,45 @@ class LiveModelDeployment:
     change there restarts all of them, while a ``user_config`` change reaches
     only its own deployment's replicas, through ``reconfigure``. There the
     replica loads the new model in a worker thread while the current one keeps
-    serving, then swaps them; each batch uses the model it started with.
-
-    A replica that fails to validate or load new settings keeps serving the
-    current ones and reports why (``update_error`` in ``GET /v1/models``, the
-    ``maas_model_update_failures_total`` metric, the replica log): raising there
-    would make Serve stop a healthy replica. Only a replica that has no model
-    yet fails, which fails its start and shows in ``serve status``.
+    serving, then swaps them; each batch uses the model it started with. A
+    model that fails to load is refused like any bad update (``ModelDeployment``).
     """
 
     settings_type: ClassVar[type[ModelSettings]]
-    task: ClassVar[str]
 
     def __init__(self):
+        super().__init__()
         self.model: Any = None
-        self.settings: ModelSettings | None = None
         self.torch_threads = 0
-        self.metrics: ModelMetrics | None = None
         self.drift: DriftMonitor | None = None
-        self.update_error: str | None = None
 
     def load_model(self, config: BaseModel) -> Any:
         """Load the model ``config`` describes (runs in a worker thread)."""
         raise NotImplementedError
 
-    def batch_methods(self) -> list:
-        """The ``@serve.batch`` methods the batching settings apply to."""
-        raise NotImplementedError
-
     def model_swapped(self, model: Any) -> None:
         """Reset state tied to the previous model (caches); called after each swap."""
 
-    async def reconfigure(self, user_config: dict) -> None:
-        try:
-            settings = self.settings_type.model_validate(user_config or {})
-            model = self.model
-            if model is None or settings.model != model.config:
-                model = await asyncio.to_thread(self._load, settings.model)
-        except Exception as exc:
-            if self.model is None:
-                raise  # nothing to keep serving: fail this replica's start
-            self.update_error = f"{type(exc).__name__}: {exc}"[:2000]
-            self.metrics.observe_update_failure(exc)
-            logger.error("Kept serving %s %s; the new settings failed: %s", self.model.name, self.model.version, exc)
-            return
-        for method in self.batch_methods():
-            settings.apply(method)
-        if model is not self.model:
+    def model_details(self) -> dict:
+        """Facts about the model for ``details`` in ``GET /v1/models`` (classes, dimensions, ...)."""
+        return {}
+
+    async def prepare(self, settings: ModelSettings) -> Any:
+        """The model to serve: the current one if ``settings.model`` did not change, else the new one, loaded."""
+        if self.model is not None and settings.model == self.model.config:
+            return self.model
+        return await asyncio.to_thread(self._load, settings.model)
+
+    def _load(self, config: BaseModel) -> Any:
+        self.torch_threads = configure_threads(config.torch_threads)
+        return self.load_model(config)
+
+    def commit(self, model: Any) -> None:
+        settings = self.settings
+        if model is self.model:
+            self.drift = self.drift.with_config(settings.drift)
+        else:
             previous, self.model = self.model, model
-            if self.metrics is None:
-                self.metrics = ModelMetrics(model.name, model.version)
             self.metrics.set_model(model.name, model.version)
             self.drift = DriftMonitor(settings.drift, model.name, model.version)
             self.model_swapped(model)
@@ -201,33 +287,20 @@ class LiveModelDeployment:
                 self.torch_threads,
                 f" (replaced {previous.version})" if previous is not None else "",
             )
-        else:
-            self.drift = self.drift.with_config(settings.drift)
-        self.settings = settings
-        self.update_error = None
         self.metrics.set_drift(self.drift)
 
-    def _load(self, config: BaseModel) -> Any:
-        self.torch_threads = configure_threads(config.torch_threads)
-        return self.load_model(config)
+    def served(self) -> tuple[str, str]:
+        return self.model.name, self.model.version
 
-    def info_fields(self, details: dict) -> dict:
-        """``GET /v1/models`` fields of this replica."""
+    def describe(self) -> dict:
         model = self.model
-        return replica_info(
-            name=model.name,
-            task=self.task,
-            source=model.config.source,
-            version=model.version,
-            device=str(model.device),
-            torch_threads=self.torch_threads,
-            details={**details, "batching": self.settings.batching(), "update_error": self.update_error},
-            drift=self.drift.status().model_dump(),
-        )
-
-    async def ready(self) -> dict:
-        """Name and version of the model this replica serves (it answers only once one is loaded)."""
-        return {"model": self.model.name, "version": self.model.version}
+        return {
+            "source": model.config.source,
+            "device": str(model.device),
+            "torch_threads": self.torch_threads,
+            "details": {**self.model_details(), "batching": self.settings.batching()},
+            "drift": self.drift.status().model_dump(),
+        }
 
 
 def assigned_resources() -> dict[str, float]:

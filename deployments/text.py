@@ -187,11 +187,8 @@ class TextEncoder(LiveModelDeployment):
     def model_swapped(self, model: TextModel) -> None:
         self.label_cache = LabelCache(model.config.label_cache_size)  # vectors of the previous model are stale
 
-    async def info(self) -> dict:
-        model = self.model
-        return self.info_fields(
-            {"dim": model.dim, "max_tokens": model.max_tokens, "label_cache": self.label_cache.stats()}
-        )
+    def model_details(self) -> dict:
+        return {"dim": self.model.dim, "max_tokens": self.model.max_tokens, "label_cache": self.label_cache.stats()}
 
     async def embed(self, texts: list[str], monitor: bool = True) -> TextEmbeddings:
         """Embeddings ``(len(texts), dim)``; every text joins the replica's shared batches.
@@ -199,23 +196,26 @@ class TextEncoder(LiveModelDeployment):
         ``monitor=False`` keeps the texts out of the drift window (for texts that
         are not traffic, such as class names embedded at start-up).
         """
-        vectors, model = await self._same_model(lambda: [self._embed_batch(text) for text in texts])
-        if monitor:
-            self._watch(vectors, model)
-        return TextEmbeddings(vectors=vectors, model=model.name, version=model.version)
+        with self.counted():
+            vectors, model = await self._same_model(lambda: [self._embed_batch(text) for text in texts])
+            if monitor:
+                self._watch(vectors, model)
+            return TextEmbeddings(vectors=vectors, model=model.name, version=model.version)
 
     async def embed_labels(self, labels: list[str], text: str | None = None) -> TextEmbeddings:
         """Embeddings of candidate labels (from the label cache when seen before), then of ``text`` if given."""
-        vectors, model = await self._embed_labels(labels, text)
-        return TextEmbeddings(vectors=vectors, model=model.name, version=model.version)
+        with self.counted():
+            vectors, model = await self._embed_labels(labels, text)
+            return TextEmbeddings(vectors=vectors, model=model.name, version=model.version)
 
     async def classify(self, text: str, labels: list[str]) -> TextRanking:
-        vectors, model = await self._embed_labels(labels, text)
-        ranked = zero_shot(vectors, labels, model.config.temperature)
-        best, score = ranked[0]
-        # Zero-shot labels are free text, so the class index is the winner's position in the request.
-        self.metrics.observe_prediction(labels.index(best), score)
-        return TextRanking(labels=ranked, model=model.name, version=model.version)
+        with self.counted():
+            vectors, model = await self._embed_labels(labels, text)
+            ranked = zero_shot(vectors, labels, model.config.temperature)
+            best, score = ranked[0]
+            # Zero-shot labels are free text, so the class index is the winner's position in the request.
+            self.metrics.observe_prediction(labels.index(best), score)
+            return TextRanking(labels=ranked, model=model.name, version=model.version)
 
     async def _embed_labels(self, labels: list[str], text: str | None) -> tuple[np.ndarray, "TextModel"]:
         vectors, model = await self._same_model(
@@ -231,11 +231,7 @@ class TextEncoder(LiveModelDeployment):
     async def _same_model(self, calls) -> tuple[np.ndarray, "TextModel"]:
         """Run embedding calls (a fresh list of awaitables per attempt) until one model made every row."""
         for _ in range(SAME_MODEL_ATTEMPTS):
-            try:
-                rows = await asyncio.gather(*calls())
-            except Exception as exc:
-                self.metrics.observe_error(exc)
-                raise
+            rows = await asyncio.gather(*calls())
             models = {id(model): model for _, model in rows}
             if len(models) <= 1:
                 model = rows[0][1] if rows else self.model
@@ -258,7 +254,7 @@ class TextEncoder(LiveModelDeployment):
             cache.put(label, vector)
         return vector, used
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    @serve.batch(**TextSettings.batch_defaults())
     async def _embed_batch(self, texts: list[str]) -> list[tuple[np.ndarray, "TextModel"]]:
         model = self.model  # the whole batch runs on one model, even if another is swapped in meanwhile
         vectors, lengths, tokenize_s, inference_s = await asyncio.to_thread(_timed_embed, model, texts)

@@ -250,23 +250,18 @@ class VisionClassifier(LiveModelDeployment):
         model = self.model
         return model.categories, model.version
 
-    async def info(self) -> dict:
+    def model_details(self) -> dict:
         model = self.model
-        return self.info_fields(
-            {"classes": len(model.categories), "embedding_dim": model.embedding_dim, "weights": model.config.weights}
-        )
+        return {"classes": len(model.categories), "embedding_dim": model.embedding_dim, "weights": model.config.weights}
 
     async def classify(self, pixels: np.ndarray, top_k: int = 5, embed: bool = False) -> VisionResult:
-        try:
+        with self.counted():
             probs, features, batch_size, model = await self._classify_batch(pixels)
-        except Exception as exc:
-            self.metrics.observe_error(exc)
-            raise
-        result = model.result(probs, features, top_k, embed)
-        result.batch_size = batch_size
-        return result
+            result = model.result(probs, features, top_k, embed)
+            result.batch_size = batch_size
+            return result
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
+    @serve.batch(**VisionSettings.batch_defaults())
     async def _classify_batch(self, pixels: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray, int, VisionModel]]:
         model = self.model  # the whole batch runs on one model, even if another is swapped in meanwhile
         probs, features, preprocess_s, inference_s = await asyncio.to_thread(_timed_predict, model, pixels)

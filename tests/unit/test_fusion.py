@@ -1,14 +1,16 @@
-"""Fusion's class-name embeddings during live updates, with fake model handles (no Ray)."""
+"""Fusion's class-name embeddings during live updates, and its replica's settings, with fake model handles
+(no Ray)."""
 
 import asyncio
 from dataclasses import dataclass
+from unittest.mock import Mock
 
 import numpy as np
 import pytest
 
 from deployments.contracts import TextEmbeddings
-from deployments.errors import ModelUnavailable
-from deployments.fusion import ClassEmbeddings
+from deployments.errors import InvalidInput, ModelUnavailable
+from deployments.fusion import METHOD, NAME, ClassEmbeddings, FusionConfig, FusionScorer
 
 
 @dataclass
@@ -83,3 +85,25 @@ def test_a_version_no_longer_served_is_a_retryable_unavailability():
     with pytest.raises(ModelUnavailable) as info:
         run(cache.get("v1", "t1", "{}"))  # every vision replica already runs v2
     assert info.value.retryable
+
+
+def test_the_fusion_replica_reports_its_settings_and_keeps_them_on_a_bad_update():
+    scorer = FusionScorer.func_or_class(FakeVision(["cat", "dog"], "v1"), FakeText("t1"))
+    run(scorer.reconfigure({"top_t": 5}))
+    assert run(scorer.ready()) == {"model": NAME, "version": "conse-top5"}
+    details = run(scorer.info())["details"]
+    assert details == {"method": METHOD, **FusionConfig(top_t=5).model_dump(), "update_error": None}
+    run(scorer.reconfigure({"top_t": 7, "class_prompt": "no slot"}))
+    assert run(scorer.ready())["version"] == "conse-top5"
+    assert "class_prompt must contain exactly one '{}'" in run(scorer.info())["details"]["update_error"]
+
+
+def test_fusion_counts_a_refused_call_by_its_error_type():
+    scorer = FusionScorer.func_or_class(FakeVision(["cat"], "v1"), FakeText("t1"))
+    run(scorer.reconfigure({}))
+    scorer.metrics = Mock()
+    embeddings = TextEmbeddings(vectors=np.ones((3, 2), np.float32), model="text", version="t1")
+    with pytest.raises(InvalidInput, match="sum to 0"):
+        run(scorer.fuse(None, embeddings, True, 0.0, 0.0))
+    (error,), _ = scorer.metrics.observe_error.call_args
+    assert isinstance(error, InvalidInput)

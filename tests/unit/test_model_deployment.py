@@ -1,0 +1,145 @@
+"""The shared shape of the model deployments (deployments.runtime.ModelDeployment), without Ray."""
+
+import asyncio
+from unittest.mock import Mock
+
+import pytest
+from pydantic import ValidationError
+from ray import serve
+
+from deployments.fusion import FusionConfig, FusionScorer
+from deployments.runtime import BatchingConfig, ModelDeployment
+from deployments.text import TextEncoder, TextSettings
+from deployments.vision import VisionClassifier, VisionSettings
+
+# What GET /v1/models reports for each replica.
+INFO_KEYS = set("name task source version device resources torch_threads placement details drift".split())
+
+
+def run(coroutine):
+    return asyncio.run(coroutine)
+
+
+@pytest.mark.parametrize(
+    ("deployment", "method", "settings"),
+    [
+        (VisionClassifier, "_classify_batch", VisionSettings),
+        (TextEncoder, "_embed_batch", TextSettings),
+        (FusionScorer, "_fuse_batch", FusionConfig),
+    ],
+)
+def test_batch_decorators_take_the_settings_defaults(deployment, method, settings):
+    batch = getattr(deployment.func_or_class, method)
+    defaults = settings()
+    assert batch._get_max_batch_size() == defaults.max_batch_size
+    assert batch._get_batch_wait_timeout_s() == defaults.batch_wait_timeout_s
+    assert settings.batch_defaults() == defaults.batching()
+
+
+class FakeSettings(BatchingConfig):
+    model: str = "fake"
+    fail: bool = False
+
+
+class FakeDeployment(ModelDeployment):
+    """The least a model deployment implements: what it serves, how it is described, how settings load."""
+
+    settings_type = FakeSettings
+    task = "fake-task"
+
+    def __init__(self):
+        super().__init__()
+        self.model: str | None = None
+        self.metrics = Mock()
+
+    async def prepare(self, settings: FakeSettings) -> str:
+        if settings.fail:
+            raise RuntimeError("cannot load")
+        return settings.model
+
+    def commit(self, model: str) -> None:
+        self.model = model
+        self.metrics.set_model(*self.served())
+
+    def batch_methods(self) -> list:
+        return [self._batch]
+
+    def served(self) -> tuple[str, str]:
+        return self.model, "v1"
+
+    def describe(self) -> dict:
+        return {"source": "nowhere", "device": "cpu", "torch_threads": 0, "details": {"size": 1}, "drift": None}
+
+    @serve.batch(**FakeSettings.batch_defaults())
+    async def _batch(self, items: list) -> list:
+        return items
+
+
+def test_the_first_settings_must_be_valid_and_load():
+    with pytest.raises(ValidationError, match="max_batch_size"):
+        run(FakeDeployment().reconfigure({"max_batch_size": 0}))
+    with pytest.raises(RuntimeError, match="cannot load"):
+        run(FakeDeployment().reconfigure({"fail": True}))
+
+
+def test_settings_are_applied_and_reported():
+    deployment = FakeDeployment()
+    run(deployment.reconfigure({"model": "a", "max_batch_size": 3, "batch_wait_timeout_s": 0.01}))
+    assert deployment._batch._get_max_batch_size() == 3
+    assert deployment._batch._get_batch_wait_timeout_s() == 0.01
+    assert run(deployment.ready()) == {"model": "a", "version": "v1"}
+    info = run(deployment.info())
+    assert set(info) == INFO_KEYS
+    assert (info["name"], info["task"], info["version"]) == ("a", "fake-task", "v1")
+    assert info["details"] == {"size": 1, "update_error": None}
+    deployment.metrics.set_model.assert_called_with("a", "v1")
+
+
+@pytest.mark.parametrize(
+    ("update", "error"),
+    [({"model": "b", "max_batch_size": 0}, "ValidationError"), ({"model": "b", "fail": True}, "RuntimeError")],
+)
+def test_a_bad_update_keeps_the_current_settings_and_says_why(update, error):
+    deployment = FakeDeployment()
+    run(deployment.reconfigure({"model": "a", "max_batch_size": 3}))
+    current = deployment.settings
+    run(deployment.reconfigure(update))
+    assert deployment.settings is current and deployment.model == "a"
+    assert deployment._batch._get_max_batch_size() == 3
+    assert deployment.update_error.startswith(f"{error}: ")
+    assert run(deployment.info())["details"]["update_error"] == deployment.update_error
+    (failure,), _ = deployment.metrics.observe_update_failure.call_args
+    assert type(failure).__name__ == error
+    run(deployment.reconfigure({"model": "b"}))  # a good update clears the error
+    assert deployment.model == "b" and deployment.update_error is None
+
+
+def test_counted_counts_an_error_by_its_type_and_lets_it_go_on():
+    deployment = FakeDeployment()
+    with deployment.counted():
+        pass
+    deployment.metrics.observe_error.assert_not_called()
+    error = ValueError("bad input")
+    with pytest.raises(ValueError, match="bad input"), deployment.counted():
+        raise error
+    deployment.metrics.observe_error.assert_called_once_with(error)
+
+
+@pytest.mark.parametrize(
+    ("deployment", "details"),
+    [
+        (VisionClassifier, {"classes", "embedding_dim", "weights", "batching", "update_error"}),
+        (TextEncoder, {"dim", "max_tokens", "label_cache", "batching", "update_error"}),
+    ],
+)
+def test_a_model_deployment_serves_its_packaged_model_and_keeps_it_when_an_update_fails(deployment, details):
+    replica = deployment.func_or_class()
+    run(replica.reconfigure({}))
+    ready = run(replica.ready())
+    info = run(replica.info())
+    assert set(info) == INFO_KEYS and set(info["details"]) == details
+    assert (info["name"], info["version"]) == (ready["model"], ready["version"])
+    assert info["details"]["batching"] == replica.settings_type.batch_defaults()
+    run(replica.reconfigure({"model": {"source": "package:no_such_model_package"}}))
+    assert run(replica.ready()) == ready
+    assert "package 'no_such_model_package' is not installed" in run(replica.info())["details"]["update_error"]
