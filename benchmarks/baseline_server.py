@@ -9,7 +9,7 @@ would be ported. Run: ``uvicorn benchmarks.baseline_server:app --port 8100``.
 import numpy as np
 from fastapi import FastAPI
 
-from deployments import schemas
+from api.v1 import schemas
 from deployments.contracts import FusionInput
 from deployments.fusion import FusionConfig, fuse
 from deployments.imaging import decode_base64, decode_image, prepare

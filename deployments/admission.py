@@ -72,12 +72,19 @@ class Admission:
             self.release(route)
 
 
+def refusal_body(path: str, refusal: Overloaded) -> bytes:
+    """The ingress's own refusal body for ``path``: the Open Inference Protocol's shape under ``/v2``."""
+    if path.startswith("/v2/"):
+        return json.dumps({"error": refusal.message}).encode()
+    return json.dumps({"detail": refusal.detail()}).encode()
+
+
 class AdmissionMiddleware:
     """ASGI middleware: admits at most ``limits[path]`` HTTP requests at once per path; refuses the rest.
 
     A refusal is ``503`` with ``Retry-After`` and the body the ingress gives
     its own refusals (``{"detail": [{"loc": [], "msg": ..., "type":
-    "overloaded"}]}``), sent before the body is read. It carries the request's
+    "overloaded"}]}``, or ``{"error": ...}`` under ``/v2``), sent before the body is read. It carries the request's
     ``X-Request-ID`` (the client's, else a new one) and ``Server-Timing:
     proxy;dur=<ms>``. Paths without a limit pass through. ``on_refused(path)``
     is called for each refusal (a metric); ``path`` is one of the configured
@@ -94,9 +101,7 @@ class AdmissionMiddleware:
         self.app = app
         self.admission = Admission(limits, retry_after_s)
         self.on_refused = on_refused
-        self.refusal_bodies = {
-            path: json.dumps({"detail": self.admission.refusal(path).detail()}).encode() for path in limits
-        }
+        self.refusal_bodies = {path: refusal_body(path, self.admission.refusal(path)) for path in limits}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path")

@@ -115,6 +115,10 @@ DEFAULT_ADMISSION = {
     "/v1/multimodal/analyze": 48,
     "/v1/text/embed": 64,
     "/v1/text/classify": 64,
+    # The Open Inference Protocol's infer route of each model (the ingress admits 24 per replica for all of them).
+    "/v2/models/vision/infer": 48,
+    "/v2/models/text/infer": 48,
+    "/v2/models/fusion/infer": 48,
 }
 
 

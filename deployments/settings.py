@@ -33,6 +33,8 @@ class Limits(BaseSettings):
     window (256 tokens for MiniLM); longer inputs are truncated there."""
     max_texts: int = Field(64, gt=0)
     """Most texts in one embedding request."""
+    max_images: int = Field(16, gt=0)
+    """Most images in one inference request (a batch of the Open Inference Protocol)."""
     max_labels: int = Field(32, gt=0)
     """Most candidate labels in one classification request."""
     max_label_chars: int = Field(200, gt=0)

@@ -16,9 +16,11 @@ Output folder:
 - ``errors/part-NNNNN.jsonl``: one line per record that failed, with the reason;
 - ``summary.json``: records, failures, throughput, and the model versions.
 
-The job calls the ``multimodal`` application's deployments through Serve
-handles: the same model code and weights as the HTTP API, with its batching
-and autoscaling, and no second copy of the models in memory.
+The job calls the ``multimodal`` application's deployments through its
+dataplane (``pipelines.dataplane``), as the HTTP API does: the same image
+decoding and limits, the same model code and weights, with their batching and
+autoscaling, and no second copy of the models in memory. A record that no
+replica answers within ``RECORD_TIMEOUT_S`` fails, and the job goes on.
 """
 
 import argparse
@@ -32,11 +34,13 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from deployments.downstream import Deadline
 from deployments.errors import MaasError
-from deployments.imaging import ImageSpec, decode_image, prepare
 from deployments.settings import limits
 
 APP = "multimodal"
+# How long one record may wait for the models (none running, all busy) before it fails.
+RECORD_TIMEOUT_S = 300.0
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
@@ -70,22 +74,22 @@ def text_records(path: Path) -> list[Record]:
 
 
 class Job:
+    """Sends each record through the application's dataplane: the request graph the HTTP API uses."""
+
     def __init__(self, args: argparse.Namespace):
-        from ray import serve
+        from pipelines.dataplane import Dataplane
+        from pipelines.multimodal import running_models
 
         self.args = args
-        self.vision = serve.get_deployment_handle("VisionClassifier", app_name=APP)
-        self.text = serve.get_deployment_handle("TextEncoder", app_name=APP)
-        self.spec: ImageSpec | None = None
+        self.dataplane = Dataplane(running_models(APP), max_concurrent_decodes=os.cpu_count() or 2)
         self.versions: set[str] = set()
         self.limit = asyncio.Semaphore(args.concurrency)
 
     async def run_image(self, record: Record) -> dict:
-        if self.spec is None:
-            self.spec, _ = await self.vision.geometry.remote()
+        deadline = Deadline(RECORD_TIMEOUT_S)
         raw = await asyncio.to_thread(Path(record.source).read_bytes)
-        pixels = await asyncio.to_thread(lambda: prepare(decode_image(raw, limits()), self.spec))
-        result = await self.vision.classify.remote(pixels, self.args.top_k)
+        pixels = await self.dataplane.prepare_image("batch", deadline, raw=raw)
+        result = await self.dataplane.classify(pixels, self.args.top_k, False, deadline)
         self.versions.add(f"{result.model} {result.version}")
         return {"labels": [{"label": label, "score": score} for label, score in result.labels]}
 
@@ -96,11 +100,12 @@ class Job:
             raise ValueError("expected a JSON object with a non-empty string field 'text'")
         if len(text) > limits().max_text_chars:
             raise ValueError(f"text is {len(text)} characters; the limit is {limits().max_text_chars}")
+        deadline = Deadline(RECORD_TIMEOUT_S)
         if self.args.labels:
-            ranking = await self.text.classify.remote(text, self.args.labels)
+            ranking = await self.dataplane.zero_shot(text, self.args.labels, deadline)
             self.versions.add(f"{ranking.model} {ranking.version}")
             return {"labels": [{"label": label, "score": score} for label, score in ranking.labels]}
-        embeddings = await self.text.embed.remote([text])
+        embeddings = await self.dataplane.embed([text], deadline)
         self.versions.add(f"{embeddings.model} {embeddings.version}")
         return {"embedding": embeddings.vectors[0].round(6).tolist()}
 

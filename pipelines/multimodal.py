@@ -1,5 +1,8 @@
 """The multimodal application: ingress -> (vision || text) -> fusion.
 
+``build_app`` binds the model deployments and hands the ingress a registry of them by name; the request
+graph over them is ``pipelines.dataplane``.
+
 The Serve YAML points at ``build_app`` with ``import_path:
 pipelines.multimodal:build_app``; its ``args`` section is validated as
 ``MultimodalArgs`` when the app is built, so a typo fails the deploy with a
@@ -25,6 +28,7 @@ from deployments.fusion import FusionScorer
 from deployments.ingress import Ingress
 from deployments.text import TextEncoder
 from deployments.vision import VisionClassifier
+from pipelines.registry import ModelRegistry
 
 logger = logging.getLogger("ray.serve")
 
@@ -71,7 +75,23 @@ def build_app(args: MultimodalArgs | dict | None = None) -> Application:
     vision = VisionClassifier.bind()
     text = TextEncoder.bind()
     fusion = FusionScorer.bind(vision, text)
-    return Ingress.bind(vision, text, fusion)
+    # The models by the names every protocol knows them by (GET /v1/models, /v2/models/{name}).
+    return Ingress.bind({"vision": vision, "text": text, "fusion": fusion})
+
+
+MODEL_DEPLOYMENTS = {"vision": VisionClassifier.name, "text": TextEncoder.name, "fusion": FusionScorer.name}
+
+
+def running_models(app_name: str) -> ModelRegistry:
+    """The registry of a running application's models, for a driver such as a batch job."""
+    from ray import serve
+
+    return ModelRegistry(
+        {
+            name: serve.get_deployment_handle(deployment, app_name=app_name)
+            for name, deployment in MODEL_DEPLOYMENTS.items()
+        }
+    )
 
 
 def _check_gpus(wait_s: float) -> None:

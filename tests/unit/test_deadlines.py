@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from deployments.ingress import waited_at_proxy
+from api.middleware import waited_at_proxy
 
 
 def scope(received_at: str | None) -> dict:

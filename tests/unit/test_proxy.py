@@ -459,10 +459,12 @@ def test_bad_admission_settings_are_refused_at_start(monkeypatch, value):
 
 
 def test_the_default_admission_covers_every_model_route_of_the_ingress(monkeypatch):
+    from api.v2.models import MODELS
     from deployments.ingress import ADMITTED_ROUTES
 
+    paths = {route.format(model_name=name) for route in ADMITTED_ROUTES for name in MODELS}
     monkeypatch.delenv("MAAS_HTTP_ADMISSION", raising=False)
-    assert set(proxy.ProxySettings().http_admission) == set(ADMITTED_ROUTES)
+    assert set(proxy.ProxySettings().http_admission) == paths
     monkeypatch.setenv("MAAS_HTTP_ADMISSION", "{}")
     assert proxy.ProxySettings().http_admission == {}
 
@@ -545,3 +547,13 @@ def test_refusals_are_counted_by_route_inside_ray(middlewares, fake_counters):
     (counter,) = fake_counters
     assert counter.name == "maas_http_proxy_refusals_total" and counter.tag_keys == ("route",)
     assert counter.counts == {(("route", "/slow"),): 2}
+
+
+def test_a_refusal_under_v2_is_the_open_inference_protocols_error_object():
+    from deployments.admission import Admission, refusal_body
+
+    admission = Admission({"/v2/models/vision/infer": 2, "/v1/text/embed": 2})
+    v2 = json.loads(refusal_body("/v2/models/vision/infer", admission.refusal("/v2/models/vision/infer")))
+    assert list(v2) == ["error"] and "limit of 2" in v2["error"]
+    v1 = json.loads(refusal_body("/v1/text/embed", admission.refusal("/v1/text/embed")))
+    assert v1["detail"][0]["type"] == "overloaded"

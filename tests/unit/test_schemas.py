@@ -3,7 +3,7 @@ import json
 import pytest
 from pydantic import ValidationError
 
-from deployments import schemas
+from api.v1 import schemas
 from deployments.settings import limits
 
 

@@ -1,0 +1,91 @@
+"""The FastAPI app: the routers of every protocol over one dataplane, and errors in each protocol's shape.
+
+``build_app`` is a plain function of its collaborators, so the ingress deployment serves what it returns and a
+unit test builds the same app with a fake dataplane and no Ray.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from fastapi import APIRouter, FastAPI, Request, Response
+from starlette.requests import ClientDisconnect
+
+from api import health
+from api.context import ApiSettings
+from api.middleware import RequestMetricsMiddleware
+from api.problems import HANDLED, Problem, problem
+from api.v1 import routes as v1
+from api.v2 import routes as v2
+from deployments.admission import Admission
+from monitoring.metrics import RequestMetrics
+from pipelines.dataplane import Dataplane
+
+DESCRIPTION = """
+Multimodal inference on Ray Serve: an ImageNet image classifier (MobileNetV2),
+a sentence encoder (all-MiniLM-L6-v2), and a fusion model that scores free-text
+labels against an image, a text, or both.
+
+Image-to-text scoring uses **ConSE** (Norouzi et al., 2014): the image's top
+ImageNet class probabilities weight the text embeddings of those class names,
+giving the image a point in the text-embedding space. It is not CLIP: an image
+is only as describable as the 1000 ImageNet classes allow.
+
+Two protocols reach the same models:
+
+* `/v1/...`, this service's API. Routes that take an image accept JSON with the
+  image base64-encoded, or a multipart form with the file in field `image`.
+  Errors are 4xx or 5xx responses whose `detail` lists what was wrong, in the
+  same shape as validation errors.
+* `/v2/...`, the Open Inference Protocol (KServe v2, Triton's HTTP API), with
+  JSON tensors and the binary tensor data extension. Errors are `{"error": "..."}`.
+
+A `503` carries `Retry-After`: the service is overloaded, starting or
+updating, and the same request may succeed later. `GET /readyz` answers `200`
+once every model can serve; `GET /healthz` only says the ingress is alive.
+"""
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """A router and how it renders errors, for the paths under ``prefix`` ("" for the rest)."""
+
+    prefix: str
+    router: APIRouter
+    render_error: Callable[[Problem], Response]
+
+    def owns(self, path: str) -> bool:
+        return not self.prefix or path == self.prefix or path.startswith(self.prefix + "/")
+
+
+PROTOCOLS = (
+    Protocol("/v2", v2.router, v2.render_error),
+    Protocol("", health.router, v1.render_error),
+    Protocol("", v1.router, v1.render_error),
+)
+
+
+def build_app(dataplane: Dataplane, admission: Admission, settings: ApiSettings, metrics: RequestMetrics) -> FastAPI:
+    app = FastAPI(title="maas-cluster", version="0.1.0", description=DESCRIPTION)
+    app.state.dataplane, app.state.admission, app.state.settings = dataplane, admission, settings
+    app.add_middleware(RequestMetricsMiddleware, metrics=metrics, settings=settings)
+    for protocol in PROTOCOLS:
+        app.include_router(protocol.router)
+
+    async def render(request: Request, exc: Exception) -> Response:
+        answer = problem(exc)
+        request.state.error_type = answer.type
+        return next(p for p in PROTOCOLS if p.owns(request.url.path)).render_error(answer)
+
+    async def client_disconnected(request: Request, exc: ClientDisconnect) -> Response:
+        """The client hung up while its body was being read: 499, as nginx logs it. Nobody reads it; it is
+        there so the request is counted as what it was, not as a 500."""
+        request.state.error_type = "client_disconnected"
+        return Response(status_code=499)
+
+    # Everything a route may raise, the framework's own errors (unknown route, wrong method) included;
+    # ``Exception`` catches bugs, which become a logged 500 that reveals nothing.
+    for exc_type in HANDLED:
+        app.add_exception_handler(exc_type, render)
+    app.add_exception_handler(ClientDisconnect, client_disconnected)
+    app.add_exception_handler(Exception, render)
+    return app

@@ -1,0 +1,87 @@
+"""Request bodies of the ``/v1`` routes: JSON, or a multipart form where a route takes an image file."""
+
+from typing import TypeVar
+
+from fastapi import Request
+from pydantic import BaseModel
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException, MultiPartParser
+
+from api.body import check_declared_length, read_bytes
+from api.v1 import schemas
+from deployments.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
+from deployments.settings import limits
+
+Model = TypeVar("Model", bound=BaseModel)
+
+JSON = "application/json"
+MULTIPART = "multipart/form-data"
+
+
+class StrictMultiPartParser(MultiPartParser):
+    """Starlette's multipart parser, but a text field that is not valid in its charset is refused.
+
+    Starlette falls back to Latin-1 for such fields, which would silently turn a
+    client's broken UTF-8 into other text.
+    """
+
+    def on_part_end(self) -> None:
+        part = self._current_part
+        if part.file is None:
+            try:
+                bytes(part.data).decode(self._charset)
+            except (UnicodeDecodeError, LookupError):
+                raise InvalidInput(f"form field is not valid {self._charset} text", field=part.field_name) from None
+        super().on_part_end()
+
+
+def content_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+async def read_body(request: Request, model: type[Model], multipart: bool = False) -> tuple[Model, bytes | None]:
+    """Parse and validate a JSON body, or a multipart form where the route allows one.
+
+    Returns the validated request and, for a multipart upload, the raw image bytes.
+    """
+    check_declared_length(request)
+    kind = content_type(request)
+    if kind == JSON:
+        return model.model_validate_json(await read_bytes(request), strict=True), None
+    if kind == MULTIPART and multipart:
+        return await read_form(request, model)
+    accepted = f"{JSON} or {MULTIPART}" if multipart else JSON
+    raise UnsupportedMediaType(f"Content-Type must be {accepted}")
+
+
+async def read_form(request: Request, model: type[Model]) -> tuple[Model, bytes | None]:
+    lim = limits()
+    parser = StrictMultiPartParser(request.headers, request.stream(), max_files=1, max_fields=lim.max_labels + 8)
+    try:
+        form = await parser.parse()
+    except MultiPartException as exc:  # a malformed form, too many files or fields
+        raise HTTPException(status_code=400, detail=exc.message) from None
+    try:
+        fields: dict = {}
+        image_bytes = None
+        for key, value in form.multi_items():
+            if isinstance(value, UploadFile):
+                if key != "image":
+                    raise InvalidInput(f"unexpected file field {key!r}; send the image in field 'image'", field=key)
+                image_bytes = await value.read(lim.max_image_bytes + 1)
+                if len(image_bytes) > lim.max_image_bytes:
+                    raise PayloadTooLarge(
+                        f"image is larger than the limit of {lim.max_image_bytes} bytes", field="image"
+                    )
+            elif key in ("labels", "texts"):
+                fields.setdefault(key, []).append(value)
+            elif key in fields:
+                raise InvalidInput(f"form field {key!r} is given more than once", field=key)
+            else:
+                fields[key] = value
+    finally:
+        await form.close()
+    if image_bytes is not None:
+        fields["image"] = schemas.IMAGE_PLACEHOLDER  # so the model's own check on the field passes
+    return model.from_form(fields), image_bytes

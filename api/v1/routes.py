@@ -1,0 +1,160 @@
+"""The ``/v1`` routes: this service's own API over the dataplane.
+
+Each route parses its body (``bodies``), takes an admission slot, asks the dataplane and renders the domain
+result in its response schema (``schemas``). Errors are ``{"detail": [{"loc", "msg", "type"}]}``, the shape
+FastAPI gives validation errors, so clients parse one format.
+"""
+
+from typing import Any
+
+import numpy as np
+from fastapi import APIRouter, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+
+from api.context import AdmissionDep, DataplaneDep
+from api.problems import Problem
+from api.v1 import schemas
+from api.v1.bodies import JSON, MULTIPART, Model, read_body
+from deployments.scoring import top_k
+from pipelines.dataplane import Dataplane
+
+IMAGE_MEDIA_TYPES = ("image/jpeg", "image/png", "image/webp", "image/gif", "image/bmp", "image/tiff")
+
+router = APIRouter()
+
+
+def render_error(problem: Problem) -> JSONResponse:
+    return JSONResponse(
+        status_code=problem.status, content={"detail": jsonable_encoder(problem.detail)}, headers=problem.headers
+    )
+
+
+# --- OpenAPI: request bodies and the error responses of each route --------------
+
+ERRORS = {
+    400: "The multipart form is malformed or carries more than one file.",
+    413: "The body or the image is larger than the limits.",
+    415: "The Content-Type is not one the route accepts.",
+    422: "A field is missing, malformed or out of its limits, or the image cannot be decoded; `detail` says which.",
+    503: "Overloaded (the route's admission limit or a model's queue is full), or a model has no replica able to "
+    "answer within the request's deadline (starting or updating). Retry after `Retry-After` seconds.",
+}
+
+
+def responses(*statuses: int) -> dict:
+    described: dict = {}
+    for status in statuses:
+        described[status] = {"model": schemas.ErrorResponse, "description": ERRORS[status]}
+        if status == 503:
+            described[status]["headers"] = {
+                "Retry-After": {"description": "Seconds to wait before retrying.", "schema": {"type": "integer"}}
+            }
+    return described
+
+
+def _openapi_body(model: type[BaseModel], multipart: bool) -> dict:
+    """OpenAPI request body for routes that parse the body themselves (JSON and/or form)."""
+    content = {JSON: {"schema": model.model_json_schema()}}
+    if multipart:
+        content[MULTIPART] = {
+            "schema": schemas.form_schema(model),
+            "encoding": {"image": {"contentType": ", ".join(IMAGE_MEDIA_TYPES)}},
+        }
+    return {"requestBody": {"required": True, "content": content}}
+
+
+def _post(path: str, request: type[BaseModel], response: type[BaseModel], multipart: bool):
+    return router.post(
+        path,
+        response_model=response,
+        responses=responses(*((400,) if multipart else ()), 413, 415, 422, 503),
+        openapi_extra=_openapi_body(request, multipart=multipart),
+    )
+
+
+def _label_scores(pairs: list[tuple[str, float]]) -> list[schemas.LabelScore]:
+    return [schemas.LabelScore(label=label, score=score) for label, score in pairs]
+
+
+async def _with_image(request: Request, model: type[Model], dataplane: Dataplane, route: str) -> tuple[Model, Any]:
+    """The body of an image route (JSON or form), and its image prepared for the vision model (None if none)."""
+    body, upload = await read_body(request, model, multipart=True)
+    if upload is None and body.image is None:
+        return body, None
+    return body, await dataplane.prepare_image(route, request.state.deadline, raw=upload, image_b64=body.image)
+
+
+# --- routes -----------------------------------------------------------------------
+
+
+@router.get("/v1/models", response_model=schemas.ModelsResponse, responses=responses(503))
+async def models(request: Request, dataplane: DataplaneDep) -> schemas.ModelsResponse:
+    infos = await dataplane.models.infos(request.state.deadline)
+    return schemas.ModelsResponse(models=[schemas.ModelInfo(**info) for info in infos])
+
+
+@_post("/v1/vision/classify", schemas.VisionClassifyRequest, schemas.VisionClassifyResponse, multipart=True)
+async def vision_classify(
+    request: Request, dataplane: DataplaneDep, admission: AdmissionDep
+) -> schemas.VisionClassifyResponse:
+    route = "/v1/vision/classify"
+    with admission.slot(route):
+        body, pixels = await _with_image(request, schemas.VisionClassifyRequest, dataplane, route)
+        result = await dataplane.classify(pixels, body.top_k, body.embed, request.state.deadline)
+    return schemas.VisionClassifyResponse(
+        labels=_label_scores(result.labels),
+        embedding=result.embedding.tolist() if result.embedding is not None else None,
+        model=result.model,
+        version=result.version,
+    )
+
+
+@_post("/v1/text/embed", schemas.TextEmbedRequest, schemas.TextEmbedResponse, multipart=False)
+async def text_embed(request: Request, dataplane: DataplaneDep, admission: AdmissionDep) -> schemas.TextEmbedResponse:
+    with admission.slot("/v1/text/embed"):
+        body, _ = await read_body(request, schemas.TextEmbedRequest)
+        result = await dataplane.embed(body.texts, request.state.deadline)
+    return schemas.TextEmbedResponse(
+        embeddings=result.vectors.tolist(), dim=result.vectors.shape[1], model=result.model, version=result.version
+    )
+
+
+@_post("/v1/text/classify", schemas.TextClassifyRequest, schemas.TextClassifyResponse, multipart=False)
+async def text_classify(
+    request: Request, dataplane: DataplaneDep, admission: AdmissionDep
+) -> schemas.TextClassifyResponse:
+    with admission.slot("/v1/text/classify"):
+        body, _ = await read_body(request, schemas.TextClassifyRequest)
+        result = await dataplane.zero_shot(body.text, body.labels, request.state.deadline)
+    return schemas.TextClassifyResponse(labels=_label_scores(result.labels), model=result.model, version=result.version)
+
+
+@_post("/v1/multimodal/analyze", schemas.MultimodalRequest, schemas.MultimodalResponse, multipart=True)
+async def multimodal_analyze(
+    request: Request, dataplane: DataplaneDep, admission: AdmissionDep
+) -> schemas.MultimodalResponse:
+    route = "/v1/multimodal/analyze"
+    with admission.slot(route):
+        body, pixels = await _with_image(request, schemas.MultimodalRequest, dataplane, route)
+        analysis = await dataplane.analyze(
+            pixels, body.text, body.labels, request.state.deadline, body.top_k, body.vision_weight, body.text_weight
+        )
+    result = analysis.fusion
+
+    def ranked(scores: np.ndarray) -> list[schemas.LabelScore]:
+        return _label_scores(top_k(scores, body.labels, len(body.labels)))
+
+    vision_branch = None
+    if analysis.image is not None:
+        vision_branch = schemas.VisionBranch(
+            classes=_label_scores(analysis.image.labels), labels=ranked(result.vision_scores)
+        )
+    return schemas.MultimodalResponse(
+        vision=vision_branch,
+        text=schemas.TextBranch(labels=ranked(result.text_scores)) if body.text is not None else None,
+        fused=ranked(result.fused),
+        weights=result.weights,
+        method="conse+late-fusion",
+    )

@@ -1,0 +1,153 @@
+"""A dataplane without Ray, for testing the routers through FastAPI's TestClient.
+
+Images are really decoded and prepared (so the limits and error paths are the real ones); the models answer
+with fixed, recognisable values computed from their inputs, so a test can tell which input produced which
+output.
+"""
+
+import asyncio
+
+import numpy as np
+from fastapi.testclient import TestClient
+
+from api.app import build_app
+from api.context import ApiSettings
+from deployments.admission import Admission
+from deployments.contracts import FusionResult, TextEmbeddings, TextRanking, VisionResult
+from deployments.errors import ModelUnavailable
+from deployments.imaging import ImageSpec, Interpolation
+from pipelines.dataplane import Analysis, decode_and_prepare
+from pipelines.registry import ModelRegistry
+
+SPEC = ImageSpec(8, 8, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), Interpolation.bilinear)
+CLASSES = [f"class{i}" for i in range(10)]
+DIM = 4
+VERSIONS = {"vision": "vision-weights==1/abc", "text": "text==2", "fusion": "conse-top10"}
+DETAILS = {"vision": {"embedding_dim": 3}, "text": {"dim": DIM}, "fusion": {}}
+
+
+class _Method:
+    def __init__(self, answer):
+        self.answer = answer
+
+    def remote(self, *args, **kwargs):
+        async def call():
+            return self.answer() if callable(self.answer) else self.answer
+
+        return call()
+
+
+class FakeHandle:
+    def __init__(self, name: str, ready=True):
+        self.deployment_name, self.app_name = name, "multimodal"
+
+        def readiness():
+            if ready is not True:
+                raise ready
+            return {"model": f"{name}-model", "version": VERSIONS[name]}
+
+        self.ready = _Method(readiness)
+        self.info = _Method(
+            {
+                "name": f"{name}-model",
+                "task": "test",
+                "source": "test",
+                "version": VERSIONS[name],
+                "device": "cpu",
+                "resources": {},
+                "torch_threads": 1,
+                "details": DETAILS[name],
+            }
+        )
+
+
+class FakeDataplane:
+    """What the routers call, answering from the inputs: an image's class is its mean red level mod 10."""
+
+    def __init__(self, unavailable: set[str] = frozenset()):
+        self.models = ModelRegistry(
+            {name: FakeHandle(name, ModelUnavailable("starting") if name in unavailable else True) for name in VERSIONS}
+        )
+        self.unavailable = unavailable
+        self.calls: list[tuple] = []
+
+    def _check(self, model: str) -> None:
+        if model in self.unavailable:
+            raise ModelUnavailable("no model replica answered within the request's deadline; retry")
+
+    async def prepare_image(self, route, deadline, raw=None, image_b64=None) -> np.ndarray:
+        return (await asyncio.to_thread(decode_and_prepare, raw, image_b64, SPEC)).pixels
+
+    async def classify(self, pixels, top_k, embed, deadline) -> VisionResult:
+        self._check("vision")
+        self.calls.append(("classify", top_k, embed))
+        return vision_result(pixels, top_k, embed)
+
+    async def classify_many(self, images, top_k, embed, deadline) -> list[VisionResult]:
+        self._check("vision")
+        self.calls.append(("classify_many", len(images), top_k, embed))
+        return [vision_result(p, top_k, embed) for p in images]
+
+    async def embed(self, texts, deadline) -> TextEmbeddings:
+        self._check("text")
+        return TextEmbeddings(np.stack([text_vector(t) for t in texts]), "text-model", VERSIONS["text"])
+
+    async def zero_shot(self, text, labels, deadline) -> TextRanking:
+        self._check("text")
+        scores = label_scores(text, labels)
+        ranked = sorted(zip(labels, scores.tolist()), key=lambda pair: -pair[1])
+        return TextRanking(ranked, "text-model", VERSIONS["text"])
+
+    async def analyze(self, pixels, text, labels, deadline, top_k=5, vision_weight=None, text_weight=None):
+        self._check("fusion")
+        self.calls.append(("analyze", text, tuple(labels), vision_weight, text_weight))
+        image = vision_result(pixels, top_k, False) if pixels is not None else None
+        vision_scores = label_scores(image.labels[0][0], labels) if image is not None else None
+        text_scores = label_scores(text, labels) if text is not None else None
+        present = [s for s in (vision_scores, text_scores) if s is not None]
+        fused = np.mean(present, axis=0).astype(np.float32)
+        weights = {"vision": 0.5, "text": 0.5} if len(present) == 2 else {("vision" if image else "text"): 1.0}
+        return Analysis(FusionResult(vision_scores, text_scores, fused, weights), image)
+
+
+def image_class(pixels: np.ndarray) -> int:
+    return int(pixels[..., 0].mean()) % len(CLASSES)
+
+
+def vision_result(pixels: np.ndarray, top_k: int, embed: bool) -> VisionResult:
+    best = image_class(pixels)
+    order = [(best + i) % len(CLASSES) for i in range(top_k)]
+    probs = np.zeros(len(CLASSES), np.float32)
+    for rank, index in enumerate(order):
+        probs[index] = 0.5 ** (rank + 1)
+    embedding = np.array([best, pixels.mean(), 1.0], np.float32) if embed else None
+    return VisionResult(
+        [(CLASSES[i], float(probs[i])) for i in order], probs, embedding, "vision-model", VERSIONS["vision"]
+    )
+
+
+def text_vector(text: str) -> np.ndarray:
+    vector = np.array([len(text), text.count("a"), text.count("e"), 1.0], np.float32)
+    return vector / np.linalg.norm(vector)
+
+
+def label_scores(text: str, labels: list[str]) -> np.ndarray:
+    """Labels sharing more characters with the text score higher; scores sum to 1."""
+    raw = np.array([len(set(text) & set(label)) + 1.0 for label in labels], np.float32)
+    return raw / raw.sum()
+
+
+def client(dataplane=None, admission: dict | None = None) -> TestClient:
+    app = build_app(dataplane or FakeDataplane(), Admission(admission or {}), ApiSettings(), NullMetrics())
+    return TestClient(app, raise_server_exceptions=False)
+
+
+class NullMetrics:
+    def __init__(self):
+        self.requests: list[tuple] = []
+
+    def observe_request(self, route, status, seconds, error_type) -> None:
+        self.requests.append((route, status, error_type))
+
+    def observe_image(self, *args) -> None:
+        pass
