@@ -18,13 +18,22 @@ more:
   Pillow can decode, may be refused; an "invalid" form that is valid on the
   wire may be accepted. Neither is a failure.
 
+- a valid request to an Open Inference Protocol model route names a model the
+  app serves (``text``) and, where the route takes one, the version it serves
+  (a random name is rightly a 404); a valid inference request gets a real
+  tensor for it (which inputs a model takes is in its metadata, not in the
+  OpenAPI schema, so a generated one is rightly a 400).
+
 Every other failure stands.
 """
 
 import base64
+import functools
 import io
 import json
+import os
 
+import httpx
 import jsonschema_rs
 import schemathesis
 import skimage.data
@@ -45,12 +54,31 @@ def _photo() -> bytes:
 PHOTO = _photo()
 
 
+OIP_MODEL = "text"
+OIP_INFER = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["fuzzing the protocol"]}]}
+
+
+@functools.cache
+def _served_version() -> str:
+    url = os.environ["MAAS_FUZZ_APP_URL"]
+    return httpx.get(f"{url}/v2/models/{OIP_MODEL}", timeout=30).json()["versions"][0]
+
+
 @schemathesis.hook
 def before_call(ctx, case, **kwargs):
     meta = case.meta
-    if meta is None or not meta.generation.mode.is_positive or not isinstance(case.body, dict):
+    if meta is None or not meta.generation.mode.is_positive:
         return
-    if "image" not in case.body:
+    if case.path_parameters and "model_name" in case.path_parameters:
+        served = {"model_name": OIP_MODEL}
+        if "model_version" in case.path_parameters:
+            served["model_version"] = _served_version()
+        case.path_parameters = {**case.path_parameters, **served}
+        if case.operation.path.endswith("/infer"):
+            request_id = case.body.get("id") if isinstance(case.body, dict) else None
+            case.body = {**OIP_INFER, **({"id": request_id} if isinstance(request_id, str) else {})}
+        return
+    if not isinstance(case.body, dict) or "image" not in case.body:
         return
     photo = base64.b64encode(PHOTO).decode() if case.media_type == "application/json" else PHOTO
     case.body = {**case.body, "image": photo}  # a new dict: cases can share theirs

@@ -40,7 +40,12 @@ def test_every_operation_passes_every_check(app_url, capsys):
         "--request-timeout", "60",
         "--no-color",
     ]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "SCHEMATHESIS_HOOKS": "tests.integration.fuzz_hooks"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "SCHEMATHESIS_HOOKS": "tests.integration.fuzz_hooks",
+        "MAAS_FUZZ_APP_URL": app_url,
+    }
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
     output = result.stdout + result.stderr
     summary = output[output.rfind("SUMMARY") :] if "SUMMARY" in output else output[-3000:]
