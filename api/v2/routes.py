@@ -85,10 +85,18 @@ async def server_ready(response: Response, dataplane: DataplaneDep, settings: Se
 # --- models: readiness and inference before metadata, whose version may hold slashes ------
 
 
-@router.get("/models/{model_name}/ready", response_model=schemas.ModelReady, responses=ERRORS)
-@router.get(
-    "/models/{model_name}/versions/{model_version:path}/ready", response_model=schemas.ModelReady, responses=ERRORS
-)
+def model_route(method: str, suffix: str = "", **options):
+    """Register a route at ``/models/{model_name}<suffix>`` and at the same path of one version of the model."""
+
+    def register(endpoint):
+        for path in ("/models/{model_name}", "/models/{model_name}/versions/{model_version:path}"):
+            router.add_api_route(path + suffix, endpoint, methods=[method], **options)
+        return endpoint
+
+    return register
+
+
+@model_route("GET", "/ready", response_model=schemas.ModelReady, responses=ERRORS)
 async def model_ready(
     model_name: str,
     response: Response,
@@ -119,8 +127,7 @@ INFER = {
 }
 
 
-@router.post("/models/{model_name}/infer", **INFER)
-@router.post("/models/{model_name}/versions/{model_version:path}/infer", **INFER)
+@model_route("POST", "/infer", **INFER)
 async def infer(
     model_name: str,
     request: Request,
@@ -145,10 +152,7 @@ async def infer(
     return inference_response(model, arrays, outputs, body.id, version or model_version)
 
 
-@router.get("/models/{model_name}", response_model=schemas.ModelMetadata, responses=ERRORS)
-@router.get(
-    "/models/{model_name}/versions/{model_version:path}", response_model=schemas.ModelMetadata, responses=ERRORS
-)
+@model_route("GET", response_model=schemas.ModelMetadata, responses=ERRORS)
 async def model_metadata(
     model_name: str, request: Request, dataplane: DataplaneDep, model_version: str | None = None
 ) -> schemas.ModelMetadata:
