@@ -15,8 +15,9 @@ and, where the defaults do not suit, in the same place:
   ``http_options.request_timeout_s``.
 * ``MAAS_HTTP_ADMISSION`` (JSON object of path to limit; default
   ``{"/v1/vision/classify": 48, "/v1/multimodal/analyze": 48,
-  "/v1/text/embed": 64, "/v1/text/classify": 64}``, ``{}`` for none):
-  requests in flight per path at this proxy;
+  "/v1/text/embed": 64, "/v1/text/classify": 64}`` and 48 for each model's
+  ``/v2/models/{name}/infer``; ``{}`` for none): requests in flight per exact
+  path at this proxy;
 * ``MAAS_HTTP_RETRY_AFTER_S`` (default 1): ``Retry-After`` of its refusals.
 
 The proxy actor inherits that environment from its raylet; an application's
