@@ -168,7 +168,11 @@ async def model_metadata(
         outputs=[
             schemas.TensorMetadata(name=t.name, datatype=t.datatype, shape=list(shapes[t.name])) for t in model.outputs
         ],
-        parameters={"model": info["name"], "request_parameters": model.parameters},
+        parameters={
+            "model": info["name"],
+            "request_parameters": model.parameters,
+            "tensors": {t.name: t.description for t in (*model.inputs, *model.outputs)},
+        },
     )
 
 

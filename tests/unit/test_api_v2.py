@@ -86,6 +86,7 @@ def test_model_metadata_names_tensors_datatypes_and_shapes(api):
         "probabilities": [-1, -1],
         "embedding": [-1, 3],
     }
+    assert meta["parameters"]["tensors"]["image"].startswith("Encoded images")
     assert api.get("/v2/models/text").json()["outputs"] == [{"name": "embedding", "datatype": "FP32", "shape": [-1, 4]}]
     version = VERSIONS["vision"]  # holds a slash
     assert api.get(f"/v2/models/vision/versions/{version}").json()["name"] == "vision"
