@@ -48,11 +48,10 @@ def tensor_model(name: str, dataplane: Dataplane) -> TensorModel:
     return MODELS[name]
 
 
-async def served_version(name: str, dataplane: Dataplane, deadline: Deadline, asked: str | None) -> str:
-    """The version of ``name`` a replica serves; 404 if the request asked for another one."""
+async def require_version(name: str, dataplane: Dataplane, deadline: Deadline, asked: str) -> None:
+    """404 unless a replica of ``name`` serves version ``asked``."""
     answer = await call_models(lambda: dataplane.models[name].ready.remote(), deadline)
     check_version(name, answer["version"], asked)
-    return answer["version"]
 
 
 def check_version(name: str, version: str | None, asked: str | None) -> None:
@@ -146,7 +145,7 @@ async def infer(
         inputs = decode_inputs(model, body.inputs, binary)
         outputs = requested_outputs(model, body, set(inputs))
         if model_version is not None:
-            await served_version(model_name, dataplane, deadline, model_version)
+            await require_version(model_name, dataplane, deadline, model_version)
         arrays, version = await model.infer(inputs, body.parameters, set(outputs), dataplane, deadline)
     check_version(model_name, version, model_version)
     return inference_response(model, arrays, outputs, body.id, version or model_version)

@@ -9,7 +9,6 @@ Spec: https://github.com/kserve/kserve/blob/master/docs/predict-api/v2/required_
 """
 
 import json
-import math
 import struct
 
 import numpy as np
@@ -20,8 +19,10 @@ HEADER_LENGTH = "inference-header-content-length"
 
 # Datatypes this service reads or writes, with their numpy types (BYTES elements are Python bytes or str).
 NUMPY_TYPES = {"FP32": np.dtype("<f4"), "FP64": np.dtype("<f8"), "INT32": np.dtype("<i4"), "INT64": np.dtype("<i8")}
-DATATYPES = ("BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32", "FP64")
-DATATYPES += ("BF16", "BYTES")
+DATATYPES = (
+    *("BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64"),
+    *("FP16", "FP32", "FP64", "BF16", "BYTES"),
+)
 
 
 class BadTensor(InvalidInput):
@@ -40,10 +41,6 @@ def split_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
         )
     length = int(header_length)
     return body[:length], body[length:]
-
-
-def element_count(shape: list[int]) -> int:
-    return math.prod(shape)
 
 
 _END = object()
