@@ -26,6 +26,7 @@ class TextEmbeddings:
     vectors: np.ndarray  # (n, dim) float32, unit length
     model: str
     version: str
+    tokens: int = 0  # tokens the model read for the texts embedded (cached label vectors count none)
 
 
 @dataclass
@@ -50,3 +51,29 @@ class FusionResult:
     text_scores: np.ndarray | None  # (L,) scores of the labels against the text
     fused: np.ndarray  # (L,)
     weights: dict[str, float]
+
+
+@dataclass
+class GenerationRequest:
+    """A request to the language model: a chat (``messages``) or a raw ``prompt``, and how to sample."""
+
+    messages: list[dict[str, str]] | None = None  # {"role": system|user|assistant, "content": str}
+    prompt: str | None = None
+    max_tokens: int | None = None  # None: the deployment's default
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] | None = None  # strings that end the answer; not part of it
+
+
+@dataclass
+class GenerationChunk:
+    """One piece of a streamed answer. The first has no text (the request was accepted: its prompt counted);
+    the last has ``finish_reason``."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int  # so far
+    model: str
+    version: str
+    finish_reason: str | None = None  # "stop" or "length"

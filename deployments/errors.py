@@ -84,5 +84,12 @@ class ModelUnavailable(RetryLater):
     error_type = "model_unavailable"
 
 
+class ModelTimeout(MaasError):
+    """A model started answering but did not finish within the request's deadline."""
+
+    status_code = HTTPStatus.GATEWAY_TIMEOUT
+    error_type = "timeout"
+
+
 class ConfigError(ValueError):
     """A deployment or application config is invalid; raised at build time."""

@@ -171,3 +171,52 @@ class LanguageModel:
         if tokens and tokens[-1] in self.stop_token_ids:
             return tokens[:-1], "stop"
         return tokens, "length"
+
+
+class TextStream:
+    """Generated tokens to text, piece by piece, ending at the first stop string.
+
+    Text is decoded from all tokens so far (a token may complete a character another began); what could
+    still become a stop string, or an incomplete character, is held back until the next tokens decide.
+    """
+
+    def __init__(self, decode, stop: list[str]):
+        self.decode = decode
+        self.stop = [s for s in stop if s]
+        self.tokens: list[int] = []
+        self.sent = 0  # characters of the decoded text already given out
+        self.stopped = False
+
+    def add(self, token_ids: list[int]) -> str:
+        """The new text these tokens make safe to send; sets ``stopped`` at a stop string."""
+        self.tokens.extend(token_ids)
+        text = self.decode(self.tokens)
+        if self.stop:
+            start = max(0, self.sent - max(len(s) for s in self.stop))
+            hits = [i for i in (text.find(s, start) for s in self.stop) if i >= 0]
+            if hits:
+                self.stopped = True
+                return self._take(text, min(hits))
+        end = len(text)
+        if text.endswith("\ufffd"):
+            end -= 1
+        for s in self.stop:
+            for n in range(min(len(s) - 1, end - self.sent), 0, -1):
+                if text[:end].endswith(s[:n]):
+                    end -= n
+                    break
+        return self._take(text, end)
+
+    def finish(self) -> str:
+        """Whatever was held back, once no token follows."""
+        return "" if self.stopped else self._take(self.decode(self.tokens), None)
+
+    def _take(self, text: str, end: int | None) -> str:
+        piece = text[self.sent : end]
+        self.sent += len(piece)
+        return piece
+
+
+if __name__ == "__main__":  # `python -m deployments.llm`: convert the default model now (make install does)
+    logging.basicConfig(level=logging.INFO)
+    print(resolve(LanguageConfig())[0])

@@ -8,6 +8,7 @@ import importlib.metadata
 import importlib.util
 import logging
 import math
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
@@ -166,6 +167,7 @@ class ModelDeployment:
 
     def __init__(self):
         self.settings: BatchingConfig | None = None
+        self.started_at = int(time.time())
         self.update_error: str | None = None
         # Labelled with the model and version served by each ``commit``, before anything is recorded.
         self.metrics = ModelMetrics(model="", version="")
@@ -216,7 +218,7 @@ class ModelDeployment:
         name, version = self.served()
         fields = self.describe()
         fields["details"] = {**fields["details"], "update_error": self.update_error}
-        return replica_info(name=name, task=self.task, version=version, **fields)
+        return replica_info(name=name, task=self.task, version=version, created=self.started_at, **fields)
 
     @contextlib.contextmanager
     def counted(self) -> Iterator[None]:
@@ -325,6 +327,7 @@ def replica_info(
     torch_threads: int,
     details: dict,
     drift: dict | None = None,
+    created: int | None = None,
 ) -> dict:
     """What ``GET /v1/models`` reports for the replica that answers: model, device, resources, placement."""
     placement: dict = {}
@@ -341,6 +344,7 @@ def replica_info(
         pass
     return {
         "name": name,
+        "created": created if created is not None else int(time.time()),
         "task": task,
         "source": source,
         "version": version,

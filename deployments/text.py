@@ -197,28 +197,28 @@ class TextEncoder(LiveModelDeployment):
         are not traffic, such as class names embedded at start-up).
         """
         with self.counted():
-            vectors, model = await self._same_model(lambda: [self._embed_batch(text) for text in texts])
+            vectors, model, tokens = await self._same_model(lambda: [self._embed_batch(text) for text in texts])
             if monitor:
                 self._watch(vectors, model)
-            return TextEmbeddings(vectors=vectors, model=model.name, version=model.version)
+            return TextEmbeddings(vectors=vectors, model=model.name, version=model.version, tokens=tokens)
 
     async def embed_labels(self, labels: list[str], text: str | None = None) -> TextEmbeddings:
         """Embeddings of candidate labels (from the label cache when seen before), then of ``text`` if given."""
         with self.counted():
-            vectors, model = await self._embed_labels(labels, text)
-            return TextEmbeddings(vectors=vectors, model=model.name, version=model.version)
+            vectors, model, tokens = await self._embed_labels(labels, text)
+            return TextEmbeddings(vectors=vectors, model=model.name, version=model.version, tokens=tokens)
 
     async def classify(self, text: str, labels: list[str]) -> TextRanking:
         with self.counted():
-            vectors, model = await self._embed_labels(labels, text)
+            vectors, model, _ = await self._embed_labels(labels, text)
             ranked = zero_shot(vectors, labels, model.config.temperature)
             best, score = ranked[0]
             # Zero-shot labels are free text, so the class index is the winner's position in the request.
             self.metrics.observe_prediction(labels.index(best), score)
             return TextRanking(labels=ranked, model=model.name, version=model.version)
 
-    async def _embed_labels(self, labels: list[str], text: str | None) -> tuple[np.ndarray, "TextModel"]:
-        vectors, model = await self._same_model(
+    async def _embed_labels(self, labels: list[str], text: str | None) -> tuple[np.ndarray, "TextModel", int]:
+        vectors, model, tokens = await self._same_model(
             lambda: [
                 *(self._label_vector(label) for label in labels),
                 *([self._embed_batch(text)] if text is not None else []),
@@ -226,17 +226,18 @@ class TextEncoder(LiveModelDeployment):
         )
         if text is not None:
             self._watch(vectors[-1][None, :], model)
-        return vectors, model
+        return vectors, model, tokens
 
-    async def _same_model(self, calls) -> tuple[np.ndarray, "TextModel"]:
-        """Run embedding calls (a fresh list of awaitables per attempt) until one model made every row."""
+    async def _same_model(self, calls) -> tuple[np.ndarray, "TextModel", int]:
+        """Run embedding calls (a fresh list of awaitables per attempt) until one model made every row; the
+        vectors, the model and the tokens it read."""
         for _ in range(SAME_MODEL_ATTEMPTS):
             rows = await asyncio.gather(*calls())
-            models = {id(model): model for _, model in rows}
+            models = {id(model): model for _, model, _ in rows}
             if len(models) <= 1:
                 model = rows[0][1] if rows else self.model
-                vectors = np.stack([vector for vector, _ in rows]) if rows else np.zeros((0, model.dim), np.float32)
-                return vectors, model
+                vectors = np.stack([row[0] for row in rows]) if rows else np.zeros((0, model.dim), np.float32)
+                return vectors, model, sum(row[2] for row in rows)
         raise RuntimeError(f"the text model changed {SAME_MODEL_ATTEMPTS} times during one request")
 
     def _watch(self, vectors: np.ndarray, model: "TextModel") -> None:
@@ -244,21 +245,21 @@ class TextEncoder(LiveModelDeployment):
             self.drift.observe_embeddings(vectors)
             self.metrics.set_drift(self.drift)
 
-    async def _label_vector(self, label: str) -> tuple[np.ndarray, "TextModel"]:
+    async def _label_vector(self, label: str) -> tuple[np.ndarray, "TextModel", int]:
         model, cache = self.model, self.label_cache
         vector = cache.get(label)
         if vector is not None:
-            return vector, model
-        vector, used = await self._embed_batch(label)
+            return vector, model, 0
+        vector, used, tokens = await self._embed_batch(label)
         if used is model:
             cache.put(label, vector)
-        return vector, used
+        return vector, used, tokens
 
     @serve.batch(**TextSettings.batch_defaults())
-    async def _embed_batch(self, texts: list[str]) -> list[tuple[np.ndarray, "TextModel"]]:
+    async def _embed_batch(self, texts: list[str]) -> list[tuple[np.ndarray, "TextModel", int]]:
         model = self.model  # the whole batch runs on one model, even if another is swapped in meanwhile
         vectors, lengths, tokenize_s, inference_s = await asyncio.to_thread(_timed_embed, model, texts)
         self.metrics.observe_batch(len(texts), tokenize_s, inference_s)
         for length in lengths:
             self.metrics.input_tokens.observe(int(length))
-        return [(vector, model) for vector in vectors]
+        return [(vector, model, int(length)) for vector, length in zip(vectors, lengths, strict=True)]

@@ -34,6 +34,8 @@ CONFIDENCE_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0
 IMAGE_BYTES_BUCKETS = (1e3, 1e4, 5e4, 1e5, 2.5e5, 5e5, 1e6, 2.5e6, 5e6, 1e7, 2e7)
 IMAGE_PIXELS_BUCKETS = (1e4, 5e4, 1e5, 2.5e5, 5e5, 1e6, 2e6, 4e6, 1e7, 2e7, 4e7)
 TEXT_TOKENS_BUCKETS = (4, 8, 16, 32, 64, 128, 256, 512, 1024)
+FIRST_TOKEN_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 60.0)
+TOKEN_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0)
 
 # Class labels are class indices, never free text; at most this many distinct values.
 MAX_CLASS_INDEX_VALUES = 1000
@@ -47,7 +49,11 @@ LABELS = {
     "class_index": f"predicted class index, or {OTHER!r} beyond {MAX_CLASS_INDEX_VALUES}",
     "error_type": "exception class or API error type",
     "measure": "drift measure: confidence_psi, class_psi or embedding_cosine_shift",
+    "finish_reason": "why a generation ended: stop, length, cancelled (the client left) or error",
+    "state": "a language-model sequence's state: running (being decoded) or waiting (for a slot)",
 }
+
+FINISH_REASONS = ("stop", "length", "cancelled", "error")
 
 
 def class_label(index: int) -> str:
@@ -168,6 +174,71 @@ class ModelMetrics:
             self.drift_score.set(value, tags={"measure": measure})
         for measure, value in monitor.thresholds.items():
             self.drift_threshold.set(value, tags={"measure": measure})
+
+
+class LanguageMetrics:
+    """The language model's own instruments, beside its ``ModelMetrics``. Create it inside the replica.
+
+    Its forward passes and the tokens they produced are also counted in ``ModelMetrics``'s
+    ``maas_model_batches_total`` and ``maas_model_batched_items_total``: their ratio is how many sequences
+    shared a pass (continuous batching at work).
+    """
+
+    def __init__(self, model: str, version: str):
+        tags = ("model", "version")
+        self.first_token_seconds = metrics.Histogram(
+            PREFIX + "llm_time_to_first_token_seconds",
+            description="Time from a generation request reaching its replica to its first generated token.",
+            boundaries=list(FIRST_TOKEN_BUCKETS_S),
+            tag_keys=tags,
+        )
+        self.token_seconds = metrics.Histogram(
+            PREFIX + "llm_time_per_output_token_seconds",
+            description="Mean time between a request's generated tokens after the first (one value per request).",
+            boundaries=list(TOKEN_BUCKETS_S),
+            tag_keys=tags,
+        )
+        self.prompt_tokens = metrics.Counter(
+            PREFIX + "llm_prompt_tokens_total", description="Prompt tokens of accepted requests.", tag_keys=tags
+        )
+        self.completion_tokens = metrics.Counter(
+            PREFIX + "llm_completion_tokens_total", description="Tokens generated.", tag_keys=tags
+        )
+        self.requests = metrics.Counter(
+            PREFIX + "llm_requests_total",
+            description="Generations ended, by finish reason.",
+            tag_keys=(*tags, "finish_reason"),
+        )
+        self.sequences = metrics.Gauge(
+            PREFIX + "llm_sequences",
+            description="Sequences of this replica being decoded (running) or waiting for a slot (waiting).",
+            tag_keys=(*tags, "state"),
+        )
+        self._all = [
+            self.first_token_seconds, self.token_seconds, self.prompt_tokens, self.completion_tokens,
+            self.requests, self.sequences,
+        ]  # fmt: skip
+        self.set_model(model, version)
+
+    def set_model(self, model: str, version: str) -> None:
+        for instrument in self._all:
+            instrument.set_default_tags({"model": model, "version": version})
+
+    def observe_finished(self, reason: str, prompt_tokens: int, completion_tokens: int, first_token_s: float | None,
+                         last_token_s: float | None) -> None:  # fmt: skip
+        """One generation ended; times are from its start (``None`` where it produced no token)."""
+        self.requests.inc(tags={"finish_reason": reason if reason in FINISH_REASONS else "error"})
+        self.prompt_tokens.inc(prompt_tokens)
+        if completion_tokens:
+            self.completion_tokens.inc(completion_tokens)
+        if first_token_s is not None:
+            self.first_token_seconds.observe(first_token_s)
+            if completion_tokens > 1 and last_token_s is not None:
+                self.token_seconds.observe((last_token_s - first_token_s) / (completion_tokens - 1))
+
+    def set_sequences(self, running: int, waiting: int) -> None:
+        self.sequences.set(running, tags={"state": "running"})
+        self.sequences.set(waiting, tags={"state": "waiting"})
 
 
 class RequestMetrics:

@@ -1,0 +1,206 @@
+"""Continuous batching of one language model: transformers' manager, driven from asyncio.
+
+transformers 5 ships the scheduler, the paged KV cache and the decoding loop
+(``model.init_continuous_batching``): requests join the running batch between
+decoding steps and leave it when they finish, so concurrent requests share
+forward passes. This module adds what a server needs around it:
+
+* an async stream of new tokens per request (``stream``), cancelled in the
+  manager when the consumer stops early (a client that hung up frees its slot);
+* sampling that is reproducible per request. The manager samples with one
+  global random generator, so the same ``seed`` would give different answers
+  depending on what else is in the batch. Here the last logits processor picks
+  each row's token itself, by the exponential race (Gumbel-max) with noise
+  drawn from a generator seeded by the request's seed and the token's position,
+  and leaves only that token for the manager's argmax. Temperature and top-p
+  are the library's own per-request processors. Temperature 0 is greedy.
+"""
+
+import asyncio
+import contextlib
+import secrets
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import torch
+from transformers import ContinuousBatchingConfig, GenerationConfig
+from transformers.generation.continuous_batching.cb_logits_processors import (
+    ContinuousBatchingLogitsProcessor,
+    ContinuousBatchingLogitsProcessorList,
+    ContinuousBatchingTemperatureLogitsWarper,
+    ContinuousBatchingTopPLogitsWarper,
+)
+from transformers.generation.logits_process import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+
+GREEDY = -1
+"""The ``seed`` processor argument of a greedy request."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request picks its tokens."""
+
+    max_tokens: int
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 1.0
+    seed: int | None = None  # None: a fresh random one
+
+    def processor_kwargs(self) -> dict:
+        if self.temperature == 0:
+            return {"temperature": 1.0, "top_p": 1.0, "seed": GREEDY}
+        seed = self.seed if self.seed is not None else secrets.randbits(63)
+        return {"temperature": float(self.temperature), "top_p": float(self.top_p), "seed": seed % (1 << 63)}
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """What a request generated since the last ``Tokens``, and why it ended (``None`` while it goes on)."""
+
+    token_ids: list[int]
+    finish_reason: str | None = None  # "stop" (end of turn) or "length" (max_tokens)
+
+
+class SeededChoice(ContinuousBatchingLogitsProcessor):
+    """Picks each row's next token: argmax for greedy requests, else a sample drawn with the request's own
+    generator (seed and position), so the same seed gives the same tokens whatever shares the batch.
+
+    Sampling is the exponential race: ``argmax(p / E)`` with ``E ~ Exp(1)`` per token is a draw from ``p``.
+    The returned scores keep only the chosen token, which the manager's argmax then takes.
+    """
+
+    supported_kwargs = {"seed": int}
+    ignored_kwargs = ()
+
+    def fill_defaults(self, int32_tensor: torch.Tensor) -> None:
+        int32_tensor.fill_(GREEDY)
+
+    def prepare_tensor_args(self, requests_with_new_token: list) -> torch.Tensor:
+        seeds = []
+        for request in requests_with_new_token:
+            seed = request.state.logit_processor_kwargs.get("seed", GREEDY)
+            if seed != GREEDY:  # one generator state per (request, position), in int32's positive range
+                seed = hash((seed, len(request.state.generated_tokens))) & 0x7FFFFFFF
+            seeds.append(seed)
+        return torch.tensor(seeds, dtype=torch.int32)
+
+    def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
+        seeds = tensor_arg[: scores.size(0)].tolist()
+        chosen = torch.empty(len(seeds), dtype=torch.long)
+        for row, seed in enumerate(seeds):
+            if seed == GREEDY:
+                chosen[row] = scores[row].argmax()
+                continue
+            generator = torch.Generator(device="cpu").manual_seed(seed)
+            noise = torch.empty(scores.size(1)).exponential_(generator=generator).to(scores.device)
+            chosen[row] = (scores[row].softmax(dim=-1) / noise).argmax()
+        picked = torch.full_like(scores, float("-inf"))
+        picked.scatter_(1, chosen.to(scores.device).unsqueeze(1), 0.0)
+        return picked
+
+
+class SamplingProcessors(ContinuousBatchingLogitsProcessorList):
+    """Per-request temperature and top-p (transformers' processors), then ``SeededChoice``."""
+
+    def __init__(self):
+        super().__init__(
+            LogitsProcessorList(
+                [
+                    ContinuousBatchingTemperatureLogitsWarper(TemperatureLogitsWarper(1.0)),
+                    ContinuousBatchingTopPLogitsWarper(TopPLogitsWarper(1.0)),
+                    SeededChoice(),
+                ]
+            )
+        )
+        self.tensors_required = 3  # one argument row per processor above
+
+
+@dataclass(frozen=True)
+class BatcherLimits:
+    max_sequences: int  # decoded together in one forward pass
+    max_sequence_tokens: int  # prompt + answer, for sizing the KV cache
+    max_batch_tokens: int  # tokens per forward pass (long prompts are prefilled in chunks of this)
+    page_size: int = 64
+
+
+class ContinuousBatcher:
+    """One model's continuous-batching manager, for callers on one asyncio loop."""
+
+    def __init__(self, model, stop_token_ids: list[int], pad_token_id: int, limits: BatcherLimits):
+        self.limits = limits
+        self.stop_token_ids = set(stop_token_ids)
+        pages = -(-limits.max_sequences * limits.max_sequence_tokens // limits.page_size)
+        generation = GenerationConfig(
+            do_sample=False,  # SeededChoice has chosen each token; the manager's argmax takes it
+            max_new_tokens=limits.max_sequence_tokens,
+            eos_token_id=stop_token_ids,
+            pad_token_id=pad_token_id,
+        )
+        batching = ContinuousBatchingConfig(
+            page_size=limits.page_size,
+            num_blocks=pages,
+            max_batch_tokens=limits.max_batch_tokens,
+            max_requests_per_batch=limits.max_sequences,
+            allow_block_sharing=False,
+        )
+        self.manager = model.init_continuous_batching(generation_config=generation, continuous_batching_config=batching)
+        self.manager.logit_processor = SamplingProcessors()
+        self.manager.start()
+
+    def close(self) -> None:
+        self.manager.stop(block=True)
+
+    @property
+    def forward_passes(self) -> int:
+        """Decoding steps (forward passes) run so far."""
+        return int(getattr(self.manager, "current_batch", 0) or 0)
+
+    def sequences(self) -> tuple[int, int]:
+        """Sequences being decoded and sequences waiting for a slot, now."""
+        processor = getattr(self.manager, "batch_processor", None)
+        if processor is None:
+            return 0, 0
+        scheduler = processor.scheduler
+        return len(scheduler.active_requests), len(scheduler.waiting_requests)
+
+    async def stream(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Tokens]:
+        """New tokens as they are generated; the last ``Tokens`` has the finish reason.
+
+        Leaving the iteration early (the consumer was cancelled or stopped at a stop string) cancels the
+        request in the manager, which frees its sequence slot and KV cache at its next step.
+        """
+        request_id = uuid.uuid4().hex
+        outputs: asyncio.Queue = asyncio.Queue()
+        self.manager.register_result_handler(request_id, outputs.put_nowait)
+        accepted = await asyncio.to_thread(
+            self.manager.add_request,
+            prompt_ids,
+            request_id=request_id,
+            max_new_tokens=params.max_tokens,
+            streaming=True,
+            **params.processor_kwargs(),
+        )
+        if accepted is None:
+            raise RuntimeError("the language model's batching loop is not accepting requests")
+        finished = False
+        sent = 0
+        try:
+            while not finished:
+                output = await outputs.get()
+                if output.error:
+                    finished = True
+                    raise RuntimeError(f"generation failed: {output.error}")
+                tokens = list(output.generated_tokens)
+                finished = output.is_finished()
+                reason = None
+                if finished:
+                    reason = "length"
+                    if tokens and tokens[-1] in self.stop_token_ids:
+                        tokens, reason = tokens[:-1], "stop"
+                if len(tokens) > sent or reason:
+                    yield Tokens(tokens[sent:], reason)
+                    sent = len(tokens)
+        finally:
+            if not finished:
+                with contextlib.suppress(Exception):
+                    self.manager.cancel_request(request_id)
