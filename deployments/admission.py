@@ -27,6 +27,11 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from deployments.errors import Overloaded
 
+OPENAI_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models")
+"""Paths of the OpenAI-compatible API, whose errors are ``{"error": {"message", "type", "param", "code"}}``."""
+GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions")
+"""Paths that stream a language model's answer, with their own, longer request timeout."""
+
 
 class Admission:
     """Counts the requests in flight per route against a limit per route."""
@@ -73,7 +78,11 @@ class Admission:
 
 
 def refusal_body(path: str, refusal: Overloaded) -> bytes:
-    """The ingress's own refusal body for ``path``: the Open Inference Protocol's shape under ``/v2``."""
+    """The ingress's own refusal body for ``path``: the Open Inference Protocol's shape under ``/v2``, OpenAI's
+    on its paths."""
+    if path in OPENAI_PATHS:
+        error = {"message": refusal.message, "type": "server_error", "param": None, "code": refusal.error_type}
+        return json.dumps({"error": error}).encode()
     if path.startswith("/v2/"):
         return json.dumps({"error": refusal.message}).encode()
     return json.dumps({"detail": refusal.detail()}).encode()

@@ -28,6 +28,9 @@ ADMITTED_ROUTES = (
     "/v1/text/embed",
     "/v1/text/classify",
     "/v2/models/{model_name}/infer",
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
 )
 
 
@@ -50,9 +53,20 @@ class IngressConfig(BaseModel):
             "/v1/text/embed": 32,
             "/v1/text/classify": 32,
             "/v2/models/{model_name}/infer": 24,
+            "/v1/chat/completions": 32,
+            "/v1/completions": 32,
+            "/v1/embeddings": 32,
         },
         description="Requests in flight per route at one ingress replica; the next one gets 503 at once. "
-        "The Open Inference Protocol's infer routes share one limit, whatever the model.",
+        "The Open Inference Protocol's infer routes share one limit, whatever the model. A streamed answer "
+        "holds its slot until it ends.",
+    )
+    generation_timeout_s: float = Field(
+        300.0,
+        gt=1.0,
+        le=3600.0,
+        description="Timeout of the language-model routes, whose answers stream for longer than "
+        "request_timeout_s; the HTTP proxy's MAAS_GENERATION_TIMEOUT_S, keep them equal.",
     )
     retry_after_s: int = Field(1, ge=1, le=3600, description="Retry-After of admission refusals.")
     max_concurrent_decodes: int = Field(
@@ -78,7 +92,9 @@ class Ingress:
     def __init__(self, models: dict[str, DeploymentHandle]):
         self.config = IngressConfig()
         self._configured = False
-        self.settings = ApiSettings(self.config.request_timeout_s, self.config.readiness_timeout_s)
+        self.settings = ApiSettings(
+            self.config.request_timeout_s, self.config.readiness_timeout_s, self.config.generation_timeout_s
+        )
         self.admission = Admission(self.config.admission, self.config.retry_after_s)
         self.metrics = request_metrics()
         self.dataplane = Dataplane(ModelRegistry(models), self.config.max_concurrent_decodes, self.metrics)
@@ -98,4 +114,5 @@ class Ingress:
         self.admission.configure(config.admission, config.retry_after_s)
         self.settings.request_timeout_s = config.request_timeout_s
         self.settings.readiness_timeout_s = config.readiness_timeout_s
+        self.settings.generation_timeout_s = config.generation_timeout_s
         self.config, self._configured = config, True

@@ -13,10 +13,13 @@ and, where the defaults do not suit, in the same place:
 * ``MAAS_MAX_REQUEST_TIMEOUT_S`` (default 30): largest client-sent
   ``x-request-timeout-seconds``; keep it equal to the Serve config's
   ``http_options.request_timeout_s``.
+* ``MAAS_GENERATION_TIMEOUT_S`` (default 300): the request timeout of the
+  language-model routes, whose answers stream for longer; keep it equal to
+  the ingress's ``generation_timeout_s``.
 * ``MAAS_HTTP_ADMISSION`` (JSON object of path to limit; default
   ``{"/v1/vision/classify": 48, "/v1/multimodal/analyze": 48,
-  "/v1/text/embed": 64, "/v1/text/classify": 64}`` and 48 for each model's
-  ``/v2/models/{name}/infer``; ``{}`` for none): requests in flight per exact
+  "/v1/text/embed": 64, "/v1/text/classify": 64}``, 48 for each model's
+  ``/v2/models/{name}/infer`` and 64 for each OpenAI route; ``{}`` for none): requests in flight per exact
   path at this proxy;
 * ``MAAS_HTTP_RETRY_AFTER_S`` (default 1): ``Retry-After`` of its refusals.
 
@@ -96,7 +99,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from deployments.admission import AdmissionMiddleware
+from deployments.admission import GENERATION_PATHS, AdmissionMiddleware
 
 logger = logging.getLogger("ray.serve")
 
@@ -120,6 +123,10 @@ DEFAULT_ADMISSION = {
     "/v2/models/vision/infer": 48,
     "/v2/models/text/infer": 48,
     "/v2/models/fusion/infer": 48,
+    # Language-model answers stream for seconds each; the ingress admits 32 per replica.
+    "/v1/chat/completions": 64,
+    "/v1/completions": 64,
+    "/v1/embeddings": 64,
 }
 
 
@@ -135,6 +142,9 @@ class ProxySettings(BaseSettings):
     max_request_timeout_s: float = Field(30.0, gt=0, allow_inf_nan=False)
     """Largest ``x-request-timeout-seconds`` a client may send; must equal the
     Serve config's ``http_options.request_timeout_s``."""
+    generation_timeout_s: float = Field(300.0, gt=0, allow_inf_nan=False)
+    """Request timeout of the language-model routes (``GENERATION_PATHS``), which stream answers for longer
+    than ``http_options.request_timeout_s``; keep it equal to the ingress's ``generation_timeout_s``."""
     http_admission: dict[str, int] = Field(default_factory=lambda: dict(DEFAULT_ADMISSION))
     """Requests in flight per path at this proxy (JSON object, path to limit); ``{}`` turns it off."""
     http_retry_after_s: int = Field(1, ge=1, le=3600)
@@ -168,7 +178,11 @@ def hardening() -> list[Middleware]:
             retry_after_s=settings.http_retry_after_s,
             on_refused=_count_refusal,
         ),
-        Middleware(ClientHeaderFilter, max_request_timeout_s=settings.max_request_timeout_s),
+        Middleware(
+            ClientHeaderFilter,
+            max_request_timeout_s=settings.max_request_timeout_s,
+            generation_timeout_s=settings.generation_timeout_s,
+        ),
     ]
 
 
@@ -179,7 +193,10 @@ class ClientHeaderFilter:
       outside ``[A-Za-z0-9._:-]``: Serve then generates its own id and returns it.
     * ``x-request-timeout-seconds`` unless it is a number with
       ``0 < value <= max_request_timeout_s``: a client may ask for a shorter
-      deadline, never a longer or disabled one.
+      deadline, never a longer or disabled one. On the language-model paths
+      (``GENERATION_PATHS``) the bound is ``generation_timeout_s``, and a
+      request without a valid value gets that: Serve's timeout covers the
+      whole streamed answer.
     * ``x-request-disconnect-disabled``: a client that hangs up has its
       request cancelled.
     * ``x-maas-received-at``: replaced by the time the proxy received the
@@ -188,18 +205,24 @@ class ClientHeaderFilter:
     Header values are never logged. The body passes through untouched.
     """
 
-    def __init__(self, app: ASGIApp, max_request_timeout_s: float) -> None:
+    def __init__(self, app: ASGIApp, max_request_timeout_s: float, generation_timeout_s: float | None = None) -> None:
         self.app = app
         self.max_request_timeout_s = max_request_timeout_s
+        self.generation_timeout_s = generation_timeout_s or max_request_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] in ("http", "websocket"):
             received_at = (RECEIVED_AT_HEADER, b"%.6f" % time.time())
-            headers = [(name, value) for name, value in scope["headers"] if self.is_acceptable(name, value)]
+            limit = self.max_request_timeout_s
+            if scope.get("path") in GENERATION_PATHS:
+                limit = self.generation_timeout_s
+            headers = [(name, value) for name, value in scope["headers"] if self.is_acceptable(name, value, limit)]
+            if limit != self.max_request_timeout_s and not any(name == REQUEST_TIMEOUT_HEADER for name, _ in headers):
+                headers.append((REQUEST_TIMEOUT_HEADER, b"%g" % limit))
             scope = {**scope, "headers": [*headers, received_at]}
         await self.app(scope, receive, send)
 
-    def is_acceptable(self, name: bytes, value: bytes) -> bool:
+    def is_acceptable(self, name: bytes, value: bytes, max_timeout_s: float | None = None) -> bool:
         """Whether the header ``name: value`` (ASGI form: lower-case name, bytes) may reach Serve."""
         if name == REQUEST_ID_HEADER:
             return REQUEST_ID_PATTERN.fullmatch(value) is not None
@@ -211,7 +234,7 @@ class ClientHeaderFilter:
             except ValueError:
                 return False
             # NaN fails both comparisons, infinity the second.
-            return 0 < timeout_s <= self.max_request_timeout_s
+            return 0 < timeout_s <= (max_timeout_s or self.max_request_timeout_s)
         return True
 
 

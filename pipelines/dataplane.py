@@ -12,14 +12,24 @@ back (the dataclasses of ``deployments.contracts``). Here, once for all of them:
 """
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 
-from deployments.contracts import FusionResult, TextEmbeddings, TextRanking, VisionResult
-from deployments.downstream import Deadline, call_models
+from deployments.contracts import (
+    FusionResult,
+    GenerationChunk,
+    GenerationRequest,
+    TextEmbeddings,
+    TextRanking,
+    VisionResult,
+)
+from deployments.downstream import Deadline, api_error, call_models
+from deployments.errors import ModelTimeout
 from deployments.imaging import ImageSpec, decode_base64, decode_image, prepare
 from deployments.settings import limits
 from monitoring.metrics import RequestMetrics
@@ -150,3 +160,43 @@ class Dataplane:
         if analysis.image is not None:
             self._seen_vision_version(analysis.image.version)
         return analysis
+
+    async def generate(self, request: GenerationRequest, deadline: Deadline) -> AsyncIterator[GenerationChunk]:
+        """The language model's answer as it is generated (``llm``'s streaming ``generate``).
+
+        Waits for the first chunk (the request accepted, or refused with an API error) within the deadline, as
+        any model call; the iterator then yields the rest as they come. Closing it early (the client went
+        away) cancels the generation in its replica.
+        """
+        llm = self.models["llm"]
+        stream = None
+
+        async def accepted() -> GenerationChunk:
+            nonlocal stream
+            stream = llm.options(stream=True).generate.remote(request)
+            return await stream.__anext__()
+
+        head = await call_models(accepted, deadline)
+        return _relay(head, stream, deadline)
+
+
+async def _relay(head: GenerationChunk, stream, deadline: Deadline) -> AsyncIterator[GenerationChunk]:
+    finished = False
+    try:
+        yield head
+        while True:
+            try:
+                chunk = await asyncio.wait_for(stream.__anext__(), timeout=deadline.remaining())
+            except StopAsyncIteration:
+                break
+            except TimeoutError:
+                raise ModelTimeout("the answer did not finish within the request's deadline") from None
+            except Exception as exc:  # noqa: BLE001 - API errors keep their status; the rest are bugs
+                error = api_error(exc)
+                raise error or exc from None
+            yield chunk
+        finished = True
+    finally:
+        if not finished:
+            with contextlib.suppress(Exception):
+                stream.cancel()

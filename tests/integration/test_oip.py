@@ -48,7 +48,7 @@ def test_server_metadata_health_and_readiness(oip):
 
 
 def test_model_metadata_describes_the_tensors(oip, client):
-    versions = {m["deployment"]: m["version"] for m in client.get("/v1/models").json()["models"]}
+    versions = {m["id"]: m["version"] for m in client.get("/v1/models").json()["data"]}
     vision = oip.get_model_metadata("vision")
     assert vision["versions"] == [versions["vision"]]
     assert vision["inputs"] == [{"name": "image", "datatype": "BYTES", "shape": [-1]}]

@@ -182,7 +182,7 @@ def test_new_vision_model_rolls_out_under_load_and_fails_no_request(folder, app_
     assert late and {version for _, _, version in late} == {new_version}, late[-20:]
     assert {name: replica_actors(name) for name in untouched} == untouched  # only vision was touched
 
-    after = {m["deployment"]: m for m in httpx.get(f"{app_url}/v1/models").json()["models"]}
+    after = {m["id"]: m for m in httpx.get(f"{app_url}/v1/models").json()["data"]}
     assert after["vision"]["version"] == new_version
     cat = httpx.post(f"{app_url}/v1/vision/classify", json={"image": b64(chelsea_jpeg), "top_k": 1}).json()
     assert cat["labels"][0]["label"] == "Egyptian cat" and cat["version"] == new_version

@@ -13,8 +13,15 @@ from fastapi.testclient import TestClient
 from api.app import build_app
 from api.context import ApiSettings
 from deployments.admission import Admission
-from deployments.contracts import FusionResult, TextEmbeddings, TextRanking, VisionResult
-from deployments.errors import ModelUnavailable
+from deployments.contracts import (
+    FusionResult,
+    GenerationChunk,
+    GenerationRequest,
+    TextEmbeddings,
+    TextRanking,
+    VisionResult,
+)
+from deployments.errors import InvalidInput, ModelUnavailable
 from deployments.imaging import ImageSpec, Interpolation
 from pipelines.dataplane import Analysis, decode_and_prepare
 from pipelines.registry import ModelRegistry
@@ -22,8 +29,9 @@ from pipelines.registry import ModelRegistry
 SPEC = ImageSpec(8, 8, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), Interpolation.bilinear)
 CLASSES = [f"class{i}" for i in range(10)]
 DIM = 4
-VERSIONS = {"vision": "vision-weights==1/abc", "text": "text==2", "fusion": "conse-top10"}
-DETAILS = {"vision": {"embedding_dim": 3}, "text": {"dim": DIM}, "fusion": {}}
+VERSIONS = {"vision": "vision-weights==1/abc", "text": "text==2", "fusion": "conse-top10", "llm": "llm==3/def"}
+DETAILS = {"vision": {"embedding_dim": 3}, "text": {"dim": DIM}, "fusion": {}, "llm": {"context_tokens": 64}}
+MAX_TOKENS_CAP = 100
 
 
 class _Method:
@@ -50,6 +58,7 @@ class FakeHandle:
         self.info = _Method(
             {
                 "name": f"{name}-model",
+                "created": 1700000000,
                 "task": "test",
                 "source": "test",
                 "version": VERSIONS[name],
@@ -90,7 +99,31 @@ class FakeDataplane:
 
     async def embed(self, texts, deadline) -> TextEmbeddings:
         self._check("text")
-        return TextEmbeddings(np.stack([text_vector(t) for t in texts]), "text-model", VERSIONS["text"])
+        tokens = sum(len(t.split()) for t in texts)
+        return TextEmbeddings(np.stack([text_vector(t) for t in texts]), "text-model", VERSIONS["text"], tokens)
+
+    async def generate(self, request: GenerationRequest, deadline):
+        """Answers "you said <the last message or prompt>", a word per token, as the deployment streams."""
+        self._check("llm")
+        self.calls.append(("generate", request))
+        if request.max_tokens is not None and request.max_tokens > MAX_TOKENS_CAP:
+            raise InvalidInput(f"max_tokens is {request.max_tokens}; at most {MAX_TOKENS_CAP}", field="max_tokens")
+        said = request.messages[-1]["content"] if request.messages else request.prompt
+        words = ["you", " said", *(" " + w for w in said.split())]
+        limit = request.max_tokens or 16
+        prompt = sum(len(m["content"].split()) for m in request.messages) if request.messages else len(said.split())
+
+        async def chunks():
+            yield GenerationChunk("", prompt, 0, "llm-model", VERSIONS["llm"])
+            for n, word in enumerate(words[:limit], start=1):
+                if any(stop in word for stop in request.stop or []):
+                    yield GenerationChunk("", prompt, n, "llm-model", VERSIONS["llm"], "stop")
+                    return
+                last = n == min(limit, len(words))
+                reason = None if not last else ("length" if limit < len(words) else "stop")
+                yield GenerationChunk(word, prompt, n, "llm-model", VERSIONS["llm"], reason)
+
+        return chunks()
 
     async def zero_shot(self, text, labels, deadline) -> TextRanking:
         self._check("text")

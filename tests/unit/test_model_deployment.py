@@ -13,7 +13,7 @@ from deployments.text import TextEncoder, TextSettings
 from deployments.vision import VisionClassifier, VisionSettings
 
 # What GET /v1/models reports for each replica.
-INFO_KEYS = set("name task source version device resources torch_threads placement details drift".split())
+INFO_KEYS = set("name created task source version device resources torch_threads placement details drift".split())
 
 
 def run(coroutine):

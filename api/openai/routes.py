@@ -1,0 +1,280 @@
+"""The OpenAI-compatible routes: ``/v1/chat/completions``, ``/v1/completions``, ``/v1/embeddings`` and
+``/v1/models``, so the ``openai`` client (or LangChain, or curl) works against this service by changing its
+``base_url``.
+
+Generation is the ``llm`` model, streamed as Server-Sent Events when ``stream`` is set; embeddings are the
+``text`` model, the same vectors as ``/v1/text/embed``. Errors are OpenAI's ``{"error": {"message", "type",
+"param", "code"}}``, with 400 for a request that does not fit (422 elsewhere on ``/v1``).
+"""
+
+import base64
+import contextlib
+import json
+from collections.abc import AsyncIterator, Callable
+
+import numpy as np
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from api.context import AdmissionDep, DataplaneDep
+from api.openai import schemas
+from api.problems import Problem, problem
+from api.v1.bodies import read_body
+from deployments.admission import OPENAI_PATHS
+from deployments.contracts import GenerationChunk, GenerationRequest
+from deployments.errors import InvalidInput
+from pipelines.dataplane import Dataplane
+from pipelines.registry import UnknownModel
+
+GENERATION_MODEL = "llm"
+EMBEDDING_MODEL = "text"
+PATHS = OPENAI_PATHS
+
+router = APIRouter(tags=["OpenAI-compatible"])
+
+
+def error_body(problem: Problem) -> dict:
+    status = 400 if problem.status == 422 else problem.status
+    first = problem.detail[0] if problem.detail else {"loc": [], "type": "error"}
+    where = [str(part) for part in first["loc"] if part != "body"]
+    param = ".".join(where) or None
+    message = problem.message()
+    if first["type"] == "extra_forbidden":  # OpenAI's words for a field it does not know
+        message = f"Unrecognized request argument supplied: {param}"
+    return {
+        "error": {
+            "message": message,
+            "type": "invalid_request_error" if status < 500 else "server_error",
+            "param": param,
+            "code": first["type"],
+        }
+    }
+
+
+def render_error(problem: Problem) -> JSONResponse:
+    status = 400 if problem.status == 422 else problem.status
+    return JSONResponse(status_code=status, content=error_body(problem), headers=problem.headers)
+
+
+ERRORS = {
+    400: {"model": schemas.ErrorResponse, "description": "The request does not fit; `error.param` names the field."},
+    404: {"model": schemas.ErrorResponse, "description": "No such model."},
+    413: {"model": schemas.ErrorResponse, "description": "The body is larger than the limits."},
+    415: {"model": schemas.ErrorResponse, "description": "The Content-Type is not application/json."},
+    503: {"model": schemas.ErrorResponse, "description": "Overloaded, starting or updating: retry after Retry-After."},
+}
+
+
+def _body(model: type) -> dict:
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}}
+
+
+def _require(dataplane: Dataplane, name: str, expected: str, task: str) -> None:
+    if name not in dataplane.models:
+        raise UnknownModel(f"no model named {name!r}; models: {', '.join(dataplane.models)}", field="model")
+    if name != expected:
+        raise InvalidInput(f"model {name!r} does not {task}; use {expected!r}", field="model")
+
+
+# --- models -----------------------------------------------------------------------------
+
+
+@router.get("/v1/models", response_model=schemas.ModelList, responses={503: ERRORS[503]})
+async def models(request: Request, dataplane: DataplaneDep) -> schemas.ModelList:
+    """Every model of the graph in OpenAI's list shape; each entry also carries what the replica that answered
+    serves (name, task, version, source, device, resources, placement, details, drift)."""
+    infos = await dataplane.models.infos(request.state.deadline)
+    cards = []
+    for info in infos:
+        fields = dict(info)
+        cards.append(schemas.ModelCard(id=fields.pop("deployment"), created=fields.pop("created"), **fields))
+    return schemas.ModelList(data=cards)
+
+
+# --- generation ---------------------------------------------------------------------------
+
+
+async def _generation(
+    request: Request, dataplane: Dataplane, admission, route: str, body_type: type, to_request: Callable
+):
+    """Parse, check the model, take an admission slot and start the generation: the body, the chunks, and the
+    exit stack that holds the slot (closed when the answer is done)."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(admission.slot(route))
+    try:
+        body, _ = await read_body(request, body_type)
+        _require(dataplane, body.model, GENERATION_MODEL, "generate text")
+        chunks = await dataplane.generate(to_request(body), request.state.deadline)
+    except BaseException:
+        stack.close()
+        raise
+    return body, chunks, stack
+
+
+def _sampling(body: schemas.Sampling, max_tokens: int | None) -> dict:
+    return {
+        "max_tokens": max_tokens,
+        "temperature": body.temperature,
+        "top_p": body.top_p,
+        "seed": body.seed,
+        "stop": body.stops(),
+    }
+
+
+def _usage(chunk: GenerationChunk) -> schemas.Usage:
+    prompt, completion = chunk.prompt_tokens, chunk.completion_tokens
+    return schemas.Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+async def _collect(chunks: AsyncIterator[GenerationChunk], stack: contextlib.ExitStack) -> tuple[str, GenerationChunk]:
+    with stack:
+        parts, last = [], None
+        try:
+            async for chunk in chunks:
+                parts.append(chunk.text)
+                last = chunk
+        finally:
+            await chunks.aclose()
+    return "".join(parts), last
+
+
+def _event(payload: dict) -> bytes:
+    return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+
+
+async def _sse(
+    chunks: AsyncIterator[GenerationChunk], stack: contextlib.ExitStack, render: Callable[[GenerationChunk], dict]
+) -> AsyncIterator[bytes]:
+    """Server-Sent Events of a generation: one event per chunk, then ``[DONE]``. An error after the response
+    started is sent as an ``{"error": ...}`` event, as OpenAI does, and ends the stream."""
+    with stack:
+        try:
+            async for chunk in chunks:
+                for payload in render(chunk):
+                    yield _event(payload)
+        except Exception as exc:  # noqa: BLE001 - the status is sent already; the error goes in the stream
+            yield _event(error_body(problem(exc)))
+            return
+        finally:
+            await chunks.aclose()
+        yield b"data: [DONE]\n\n"
+
+
+def _envelope(kind: str, ident: str, created: int, chunk: GenerationChunk) -> dict:
+    return {"id": ident, "object": kind, "created": created, "model": GENERATION_MODEL,
+            "system_fingerprint": chunk.version}  # fmt: skip
+
+
+@router.post(
+    "/v1/chat/completions",
+    response_model=schemas.ChatCompletion,
+    responses={**ERRORS, 200: {"content": {"text/event-stream": {}}, "description": "With stream: SSE chunks."}},
+    openapi_extra=_body(schemas.ChatCompletionRequest),
+)
+async def chat_completions(request: Request, dataplane: DataplaneDep, admission: AdmissionDep):
+    """A chat's next assistant message; with ``stream``, as ``chat.completion.chunk`` events."""
+
+    def to_request(body: schemas.ChatCompletionRequest) -> GenerationRequest:
+        messages = [{"role": m.chat_role(), "content": m.text()} for m in body.messages]
+        return GenerationRequest(messages=messages, **_sampling(body, body.token_cap()))
+
+    body, chunks, stack = await _generation(
+        request, dataplane, admission, "/v1/chat/completions", schemas.ChatCompletionRequest, to_request
+    )
+    ident, created = schemas.completion_id("chatcmpl"), schemas.now()
+    if body.stream:
+        include_usage = body.include_usage()
+
+        def render(chunk: GenerationChunk) -> list[dict]:
+            envelope = _envelope("chat.completion.chunk", ident, created, chunk)
+            events = []
+            if chunk.text or chunk.finish_reason is None:
+                delta = {"content": chunk.text} if chunk.completion_tokens else {"role": "assistant", "content": ""}
+                events.append({**envelope, "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                                                         "finish_reason": None}]})  # fmt: skip
+            if chunk.finish_reason is not None:
+                events.append({**envelope, "choices": [{"index": 0, "delta": {}, "logprobs": None,
+                                                         "finish_reason": chunk.finish_reason}]})  # fmt: skip
+                if include_usage:
+                    events.append({**envelope, "choices": [], "usage": _usage(chunk).model_dump()})
+            return events
+
+        return StreamingResponse(_sse(chunks, stack, render), media_type="text/event-stream")
+    text, last = await _collect(chunks, stack)
+    return schemas.ChatCompletion(
+        id=ident,
+        created=created,
+        model=GENERATION_MODEL,
+        system_fingerprint=last.version,
+        choices=[schemas.ChatChoice(message=schemas.AssistantMessage(content=text), finish_reason=last.finish_reason)],
+        usage=_usage(last),
+    )
+
+
+@router.post(
+    "/v1/completions",
+    response_model=schemas.Completion,
+    responses={**ERRORS, 200: {"content": {"text/event-stream": {}}, "description": "With stream: SSE chunks."}},
+    openapi_extra=_body(schemas.CompletionRequest),
+)
+async def completions(request: Request, dataplane: DataplaneDep, admission: AdmissionDep):
+    """The continuation of a raw prompt (no chat template); with ``stream``, as ``text_completion`` events."""
+
+    def to_request(body: schemas.CompletionRequest) -> GenerationRequest:
+        return GenerationRequest(prompt=body.text(), **_sampling(body, body.max_tokens))
+
+    body, chunks, stack = await _generation(
+        request, dataplane, admission, "/v1/completions", schemas.CompletionRequest, to_request
+    )
+    ident, created = schemas.completion_id("cmpl"), schemas.now()
+    if body.stream:
+        include_usage = body.include_usage()
+
+        def render(chunk: GenerationChunk) -> list[dict]:
+            if not chunk.text and chunk.finish_reason is None:
+                return []
+            envelope = _envelope("text_completion", ident, created, chunk)
+            choice = {"index": 0, "text": chunk.text, "logprobs": None, "finish_reason": chunk.finish_reason}
+            events = [{**envelope, "choices": [choice]}]
+            if chunk.finish_reason is not None and include_usage:
+                events.append({**envelope, "choices": [], "usage": _usage(chunk).model_dump()})
+            return events
+
+        return StreamingResponse(_sse(chunks, stack, render), media_type="text/event-stream")
+    text, last = await _collect(chunks, stack)
+    return schemas.Completion(
+        id=ident,
+        created=created,
+        model=GENERATION_MODEL,
+        system_fingerprint=last.version,
+        choices=[schemas.CompletionChoice(text=text, finish_reason=last.finish_reason)],
+        usage=_usage(last),
+    )
+
+
+# --- embeddings ---------------------------------------------------------------------------
+
+
+@router.post(
+    "/v1/embeddings",
+    response_model=schemas.EmbeddingList,
+    responses=ERRORS,
+    openapi_extra=_body(schemas.EmbeddingRequest),
+)
+async def embeddings(request: Request, dataplane: DataplaneDep, admission: AdmissionDep) -> schemas.EmbeddingList:
+    """Sentence embeddings from the ``text`` model (unit length), as floats or base64 of float32s."""
+    with admission.slot("/v1/embeddings"):
+        body, _ = await read_body(request, schemas.EmbeddingRequest)
+        _require(dataplane, body.model, EMBEDDING_MODEL, "embed text")
+        result = await dataplane.embed(body.texts(), request.state.deadline)
+
+    def encoded(vector: np.ndarray) -> list[float] | str:
+        if body.encoding_format == "base64":
+            return base64.b64encode(vector.astype("<f4").tobytes()).decode()
+        return vector.tolist()
+
+    return schemas.EmbeddingList(
+        data=[schemas.Embedding(index=i, embedding=encoded(v)) for i, v in enumerate(result.vectors)],
+        model=EMBEDDING_MODEL,
+        usage=schemas.Usage(prompt_tokens=result.tokens, total_tokens=result.tokens),
+    )

@@ -1,0 +1,257 @@
+"""Request and response bodies of the OpenAI-compatible routes, as OpenAI's API reference has them.
+
+What this service does not support is refused by name rather than ignored: ``n`` other than 1, penalties
+other than 0, log probabilities, tools, and any field OpenAI does not define (``"Unrecognized request
+argument supplied"``, as OpenAI answers). Text is bounded before it is tokenized: messages, characters per
+message and in all, stop strings, embedding inputs.
+"""
+
+import time
+import uuid
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from deployments.settings import limits
+
+MAX_MESSAGES = 64
+MAX_MESSAGE_CHARS = 32_768
+MAX_PROMPT_CHARS = 65_536
+MAX_STOP = 4  # OpenAI's limit
+MAX_STOP_CHARS = 64
+MAX_USER_CHARS = 256
+
+_L = limits()
+
+
+class Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TextPart(Request):
+    type: Literal["text"]
+    text: Annotated[str, Field(max_length=MAX_MESSAGE_CHARS)]
+
+
+class Message(Request):
+    role: Literal["system", "developer", "user", "assistant"] = Field(
+        description="`developer` is treated as `system`. Tool messages are not supported."
+    )
+    content: Annotated[str, Field(max_length=MAX_MESSAGE_CHARS)] | Annotated[list[TextPart], Field(max_length=64)]
+    name: Annotated[str, Field(max_length=64)] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "\n".join(part.text for part in self.content)
+
+    def chat_role(self) -> str:
+        return "system" if self.role == "developer" else self.role
+
+
+Stop = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
+
+
+class StreamOptions(Request):
+    include_usage: bool = False
+
+
+class Sampling(Request):
+    """What chat completions and completions share."""
+
+    model: str = Field(description="`llm`, as `GET /v1/models` lists it.")
+    max_tokens: int | None = Field(None, ge=1, description="Default and cap: the deployment's settings.")
+    temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 is greedy decoding.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    seed: int | None = Field(None, ge=-(2**63), lt=2**63, description="The same seed gives the same answer.")
+    stop: Stop | Annotated[list[Stop], Field(max_length=MAX_STOP)] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: Annotated[str, Field(max_length=MAX_USER_CHARS)] | None = Field(None, description="Accepted and ignored.")
+    n: Literal[1] = Field(1, description="One choice per request.")
+    presence_penalty: Literal[0] = 0
+    frequency_penalty: Literal[0] = 0
+
+    def stops(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+    def include_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+
+class ChatCompletionRequest(Sampling):
+    messages: Annotated[list[Message], Field(min_length=1, max_length=MAX_MESSAGES)]
+    max_completion_tokens: int | None = Field(None, ge=1, description="The newer name of `max_tokens`.")
+    logprobs: Literal[False] = False
+
+    @field_validator("messages")
+    @classmethod
+    def _bounded(cls, messages: list[Message]) -> list[Message]:
+        total = sum(len(message.text()) for message in messages)
+        if total > MAX_PROMPT_CHARS:
+            raise ValueError(f"the messages have {total} characters; at most {MAX_PROMPT_CHARS} in all")
+        return messages
+
+    def token_cap(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+class CompletionRequest(Sampling):
+    prompt: (
+        Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]
+        | Annotated[
+            list[Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]], Field(min_length=1, max_length=1)
+        ]
+    ) = Field(description="One prompt (a string, or a list of one string).")
+    echo: Literal[False] = False
+    best_of: Literal[1] = 1
+    logprobs: None = None
+
+    def text(self) -> str:
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+
+EmbeddingText = Annotated[str, Field(min_length=1, max_length=_L.max_text_chars)]
+
+
+class EmbeddingRequest(Request):
+    model: str = Field(description="`text`, the sentence encoder, as `GET /v1/models` lists it.")
+    input: EmbeddingText | Annotated[list[EmbeddingText], Field(min_length=1, max_length=_L.max_texts)]
+    encoding_format: Literal["float", "base64"] = "float"
+    user: Annotated[str, Field(max_length=MAX_USER_CHARS)] | None = None
+
+    def texts(self) -> list[str]:
+        return [self.input] if isinstance(self.input, str) else list(self.input)
+
+
+# --- responses ------------------------------------------------------------------------
+
+
+def completion_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int = 0
+    total_tokens: int
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    finish_reason: Literal["stop", "length"]
+    logprobs: None = None
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    system_fingerprint: str = Field(description="The served model's version.")
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class Delta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChunkChoice(BaseModel):
+    index: int = 0
+    delta: Delta
+    finish_reason: Literal["stop", "length"] | None = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    system_fingerprint: str
+    choices: list[ChunkChoice]
+    usage: Usage | None = None
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    finish_reason: Literal["stop", "length"] | None = None
+    logprobs: None = None
+
+
+class Completion(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    system_fingerprint: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class Embedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str = Field(description="Floats, or base64 of little-endian float32s.")
+
+
+class EmbeddingList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Embedding]
+    model: str
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    """OpenAI's model object (``id``, ``object``, ``created``, ``owned_by``), and after it this service's
+    details of the replica that answered."""
+
+    id: str = Field(description="The name requests use: `vision`, `text`, `fusion`, `llm`.")
+    object: Literal["model"] = "model"
+    created: int = Field(description="When the answering replica started (Unix seconds).")
+    owned_by: str = "maas-cluster"
+    name: str = Field(description="The model the replica serves, e.g. SmolLM2-135M-Instruct.")
+    task: str
+    source: str
+    version: str
+    device: str
+    resources: dict[str, float] = Field(description="Ray resources held by the replica that answered.")
+    torch_threads: int
+    placement: dict = Field(
+        default_factory=dict, description="Where the replica that answered runs: replica id, node id, GPU ids."
+    )
+    details: dict = Field(default_factory=dict)
+    drift: dict | None = Field(
+        None,
+        description="Drift of the answering replica's recent traffic against the model's reference profile: "
+        "status (ok, drift, collecting, disabled, no_reference), scores, thresholds, window.",
+    )
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str = Field(description="invalid_request_error (4xx) or server_error (5xx).")
+    param: str | None = Field(None, description="The request field at fault, as a dotted path.")
+    code: str | None = Field(None, description="This service's error type, e.g. context_length_exceeded.")
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
