@@ -104,7 +104,8 @@ def replica_actors(deployment: str) -> dict[str, int]:
 
 
 def gpu_profile(http_port: int, vision_replicas: int, require_gpus: bool = True) -> dict:
-    """serve_config.gpu.yaml with a fixed number of vision replicas, and text on the CPU so only vision needs a GPU."""
+    """serve_config.gpu.yaml with a fixed number of vision replicas, and the other models on the CPU so only vision
+    needs a GPU."""
     config = load_config("serve_config.gpu.yaml", http_port)
     (app,) = config["applications"]
     app["args"]["require_gpus"] = require_gpus
@@ -114,8 +115,9 @@ def gpu_profile(http_port: int, vision_replicas: int, require_gpus: bool = True)
     vision["num_replicas"] = vision_replicas
     vision["ray_actor_options"]["num_cpus"] = 0.25
     deployments["TextEncoder"]["ray_actor_options"]["num_gpus"] = 0
+    deployments["TextGenerator"]["ray_actor_options"]["num_gpus"] = 0
     # Placement and node loss need one replica of the rest; two each (for updates) only slow the start.
-    for name in ("TextEncoder", "FusionScorer"):
+    for name in ("TextEncoder", "FusionScorer", "TextGenerator"):
         deployments[name]["autoscaling_config"] |= {"min_replicas": 1, "max_replicas": 1}
     deployments["Ingress"]["num_replicas"] = 1
     return config

@@ -10,6 +10,7 @@ Generation is the ``llm`` model, streamed as Server-Sent Events when ``stream`` 
 import base64
 import contextlib
 import json
+import re
 from collections.abc import AsyncIterator, Callable
 
 import numpy as np
@@ -36,11 +37,15 @@ router = APIRouter(tags=["OpenAI-compatible"])
 def error_body(problem: Problem) -> dict:
     status = 400 if problem.status == 422 else problem.status
     first = problem.detail[0] if problem.detail else {"loc": [], "type": "error"}
-    where = [str(part) for part in first["loc"] if part != "body"]
-    param = ".".join(where) or None
-    message = problem.message()
-    if first["type"] == "extra_forbidden":  # OpenAI's words for a field it does not know
-        message = f"Unrecognized request argument supplied: {param}"
+    param = _param(first["loc"])
+    messages = []
+    for entry in problem.detail:
+        where = _param(entry["loc"])
+        if entry["type"] == "extra_forbidden":  # OpenAI's words for a field it does not know
+            messages.append(f"Unrecognized request argument supplied: {where}")
+        else:
+            messages.append(f"{where}: {entry['msg']}" if where else entry["msg"])
+    message = "; ".join(dict.fromkeys(messages)) or "error"
     return {
         "error": {
             "message": message,
@@ -49,6 +54,20 @@ def error_body(problem: Problem) -> dict:
             "code": first["type"],
         }
     }
+
+
+def _param(loc: list) -> str | None:
+    """The request field a location names, as a dotted path (``messages.0.role``)."""
+    return ".".join(str(part) for part in loc if part != "body" and _is_field(part)) or None
+
+
+def _is_field(part) -> bool:
+    """A field name or list index, not the name of a type pydantic tried (``str``, ``list[constrained-str]``)."""
+    return isinstance(part, int) or (FIELD.fullmatch(part) is not None and part not in PYDANTIC_TYPES)
+
+
+FIELD = re.compile(r"[a-z_][a-z0-9_]*")
+PYDANTIC_TYPES = {"str", "int", "float", "bool", "list", "dict", "none"}
 
 
 def render_error(problem: Problem) -> JSONResponse:
@@ -70,7 +89,7 @@ def _body(model: type) -> dict:
 
 
 def _require(dataplane: Dataplane, name: str, expected: str, task: str) -> None:
-    if name not in dataplane.models:
+    if name not in set(dataplane.models):  # the registry raises its own 404 on a lookup; this names the field
         raise UnknownModel(f"no model named {name!r}; models: {', '.join(dataplane.models)}", field="model")
     if name != expected:
         raise InvalidInput(f"model {name!r} does not {task}; use {expected!r}", field="model")
