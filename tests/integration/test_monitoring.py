@@ -423,6 +423,56 @@ def test_a_failed_live_update_keeps_the_model_serving_and_is_counted(prometheus,
     assert all(info["details"]["update_error"] is None for info in replica_infos("TextEncoder", 1).values())
 
 
+# --- The language model -----------------------------------------------------------------------
+
+
+def test_language_model_metrics_match_the_generations_sent(prometheus, drift_app):
+    llm = 'deployment="TextGenerator"'
+    exprs = {
+        "ended": f'sum(ray_maas_llm_requests_total{{{llm}, finish_reason=~"stop|length"}})',
+        "cancelled": f'sum(ray_maas_llm_requests_total{{{llm}, finish_reason="cancelled"}})',
+        "prompt": f"sum(ray_maas_llm_prompt_tokens_total{{{llm}}})",
+        "completion": f"sum(ray_maas_llm_completion_tokens_total{{{llm}}})",
+        "first_tokens": f"sum(ray_maas_llm_time_to_first_token_seconds_count{{{llm}}})",
+        "per_token": f"sum(ray_maas_llm_time_per_output_token_seconds_count{{{llm}}})",
+        "passes": f"sum(ray_maas_model_batches_total{{{llm}}})",
+    }
+    before = prometheus.stable(exprs)
+    question = {"model": "llm", "messages": [{"role": "user", "content": "What is the capital of France?"}]}
+    answers = []
+    with httpx.Client(base_url=drift_app, timeout=120) as client:
+        for max_tokens in (3, 64):
+            response = client.post("/v1/chat/completions", json=question | {"max_tokens": max_tokens})
+            assert response.status_code == 200, response.text
+            answers.append(response.json()["usage"])
+        # A client that hangs up: counted as cancelled, with the tokens it was sent.
+        story = question | {"messages": [{"role": "user", "content": "Tell me a long story."}], "stream": True}
+        with client.stream("POST", "/v1/chat/completions", json=story | {"max_tokens": 400}) as stream:
+            assert sum(line.startswith("data: ") for _, line in zip(range(3), stream.iter_lines())) >= 1
+    expected = {
+        "ended": 2,
+        "cancelled": 1,
+        "prompt": sum(a["prompt_tokens"] for a in answers),
+        "first_tokens": 2,
+        "per_token": 2,
+    }
+    for name, delta in expected.items():
+        seen = prometheus.wait_for(exprs[name], lambda v, d=delta, n=name: v >= before[n] + d) - before[name]
+        if name == "prompt":  # the abandoned story's prompt is counted too
+            assert seen > delta, f"{name}: Prometheus saw {seen}, the answers say more than {delta}"
+        elif name in ("first_tokens", "per_token"):
+            assert seen >= delta, f"{name}: Prometheus saw {seen}, expected at least {delta} ({exprs[name]})"
+        else:
+            assert seen == delta, f"{name}: Prometheus saw {seen}, sent {delta} ({exprs[name]})"
+    completion = prometheus.wait_for(exprs["completion"], lambda v: v > before["completion"]) - before["completion"]
+    assert completion >= sum(a["completion_tokens"] for a in answers)
+    assert prometheus.wait_for(exprs["passes"], lambda v: v > before["passes"]) > before["passes"]
+    # Every replica reports its sequences, running and waiting; none is left running.
+    running = f'ray_maas_llm_sequences{{{llm}, state="running"}}'
+    assert prometheus.wait_for(f"count({running})", lambda v: v >= 2) >= 2
+    assert prometheus.wait_for(f"sum({running})", lambda v: v == 0) == 0
+
+
 # --- The dashboard and the alerts use only metrics that exist ----------------------------------
 
 
