@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from api.context import AdmissionDep, DataplaneDep
 from api.openai import schemas
+from api.openapi import inline
 from api.problems import Problem, problem
 from api.v1.bodies import read_body
 from deployments.admission import OPENAI_PATHS
@@ -85,7 +86,7 @@ ERRORS = {
 
 
 def _body(model: type) -> dict:
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline(model)}}}}
 
 
 def _require(dataplane: Dataplane, name: str, expected: str, task: str) -> None:
@@ -295,5 +296,5 @@ async def embeddings(request: Request, dataplane: DataplaneDep, admission: Admis
     return schemas.EmbeddingList(
         data=[schemas.Embedding(index=i, embedding=encoded(v)) for i, v in enumerate(result.vectors)],
         model=EMBEDDING_MODEL,
-        usage=schemas.Usage(prompt_tokens=result.tokens, total_tokens=result.tokens),
+        usage=schemas.EmbeddingUsage(prompt_tokens=result.tokens, total_tokens=result.tokens),
     )

@@ -63,7 +63,7 @@ class Sampling(Request):
     max_tokens: int | None = Field(None, ge=1, description="Default and cap: the deployment's settings.")
     temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 is greedy decoding.")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    seed: int | None = Field(None, ge=-(2**63), lt=2**63, description="The same seed gives the same answer.")
+    seed: int | None = Field(None, description="The same seed gives the same answer (any integer).")
     stop: Stop | Annotated[list[Stop], Field(max_length=MAX_STOP)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -208,11 +208,16 @@ class Embedding(BaseModel):
     embedding: list[float] | str = Field(description="Floats, or base64 of little-endian float32s.")
 
 
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
 class EmbeddingList(BaseModel):
     object: Literal["list"] = "list"
     data: list[Embedding]
     model: str
-    usage: Usage
+    usage: EmbeddingUsage
 
 
 class ModelCard(BaseModel):

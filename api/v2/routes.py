@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 
 from api.body import read_bytes
 from api.context import AdmissionDep, DataplaneDep, SettingsDep
+from api.openapi import inline
 from api.problems import Problem
 from api.v2 import schemas
 from api.v2.models import MODELS, ROUTE, Element, TensorModel
@@ -120,9 +121,7 @@ INFER = {
         },
         **ERRORS,
     },
-    "openapi_extra": {
-        "requestBody": {"content": {"application/json": {"schema": schemas.inline(schemas.InferenceRequest)}}}
-    },
+    "openapi_extra": {"requestBody": {"content": {"application/json": {"schema": inline(schemas.InferenceRequest)}}}},
 }
 
 

@@ -23,6 +23,13 @@ more:
   (a random name is rightly a 404); a valid inference request gets a real
   tensor for it (which inputs a model takes is in its metadata, not in the
   OpenAPI schema, so a generated one is rightly a 400).
+- a valid request to an OpenAI route names the model that serves it (``llm``
+  or ``text``), and a generation is kept short: at most ``FUZZ_TOKENS`` new
+  tokens, ``FUZZ_MESSAGES`` messages of ``FUZZ_CHARS`` characters. The token
+  limits (``max_tokens`` and prompt tokens against the deployment's caps)
+  are the deployment's configuration, not the schema's, so a generated value
+  over them is rightly a 400; and a fuzzing run of full-length answers would
+  take hours.
 
 Every other failure stands.
 """
@@ -64,10 +71,46 @@ def _served_version() -> str:
     return httpx.get(f"{url}/v2/models/{OIP_MODEL}", timeout=30).json()["versions"][0]
 
 
+OPENAI_MODELS = {"/v1/chat/completions": "llm", "/v1/completions": "llm", "/v1/embeddings": "text"}
+FUZZ_TOKENS, FUZZ_MESSAGES, FUZZ_CHARS = 2, 4, 40
+
+
+def _short(text):
+    return text[:FUZZ_CHARS] if isinstance(text, str) else text
+
+
+def _short_generation(body: dict) -> dict:
+    body = {**body, "model": OPENAI_MODELS["/v1/chat/completions"]}
+    for field in ("max_tokens", "max_completion_tokens"):
+        if isinstance(body.get(field), int):
+            body[field] = min(body[field], FUZZ_TOKENS)
+    body.setdefault("max_tokens", FUZZ_TOKENS)
+    if isinstance(body.get("prompt"), str):
+        body["prompt"] = _short(body["prompt"])
+    elif isinstance(body.get("prompt"), list):
+        body["prompt"] = [_short(p) for p in body["prompt"]]
+    if isinstance(body.get("messages"), list):
+        messages = []
+        for message in body["messages"][:FUZZ_MESSAGES]:
+            content = message.get("content")
+            if isinstance(content, list):
+                content = [{**part, "text": _short(part.get("text"))} for part in content[:FUZZ_MESSAGES]]
+            messages.append({**message, "content": _short(content)})
+        body["messages"] = messages
+    return body
+
+
 @schemathesis.hook
 def before_call(ctx, case, **kwargs):
     meta = case.meta
     if meta is None or not meta.generation.mode.is_positive:
+        return
+    path = case.operation.path
+    if path in OPENAI_MODELS and isinstance(case.body, dict):
+        if OPENAI_MODELS[path] == "llm":
+            case.body = _short_generation(case.body)
+        else:
+            case.body = {**case.body, "model": OPENAI_MODELS[path]}
         return
     if case.path_parameters and "model_name" in case.path_parameters:
         served = {"model_name": OIP_MODEL}

@@ -98,7 +98,7 @@ def test_embeddings_as_floats_or_base64_of_little_endian_float32(api):
     assert floats["object"] == "list" and floats["model"] == "text"
     assert [d["index"] for d in floats["data"]] == [0, 1]
     assert np.allclose(floats["data"][0]["embedding"], text_vector("a cat"))
-    assert floats["usage"] == {"prompt_tokens": 4, "completion_tokens": 0, "total_tokens": 4}
+    assert floats["usage"] == {"prompt_tokens": 4, "total_tokens": 4}
     packed = api.post("/v1/embeddings", json={"model": "text", "input": "a cat", "encoding_format": "base64"}).json()
     vector = np.frombuffer(base64.b64decode(packed["data"][0]["embedding"]), dtype="<f4")
     assert np.allclose(vector, text_vector("a cat"))
