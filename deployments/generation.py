@@ -150,6 +150,10 @@ class ContinuousBatcher:
     def close(self) -> None:
         self.manager.stop(block=True)
 
+    def alive(self) -> bool:
+        """Whether the manager's decoding thread still runs (it stops for good on an error it cannot handle)."""
+        return self.manager.is_running()
+
     @property
     def forward_passes(self) -> int:
         """Decoding steps (forward passes) run so far."""

@@ -127,20 +127,29 @@ class TextGenerator(ModelDeployment):
         await asyncio.to_thread(batcher.close)
 
     async def _sample_batching(self) -> None:
-        """Keep the sequence gauges and the forward-pass counters current."""
+        """Keep the sequence gauges and the forward-pass counters current, for the replica's lifetime."""
         passes, tokens = 0, 0
         batcher = None
         while True:
             await asyncio.sleep(SEQUENCES_SAMPLE_S)
-            if self.batcher is not batcher:
-                batcher, passes = self.batcher, self.batcher.forward_passes
-            running, waiting = batcher.sequences()
-            self.llm_metrics.set_sequences(running, waiting)
-            now_passes, now_tokens = batcher.forward_passes, self._tokens
-            if now_passes > passes:
-                self.metrics.batches.inc(now_passes - passes)
-                self.metrics.batched_items.inc(max(0, now_tokens - tokens))
-            passes, tokens = now_passes, now_tokens
+            try:
+                if self.batcher is not batcher:
+                    batcher, passes = self.batcher, self.batcher.forward_passes
+                running, waiting = batcher.sequences()
+                self.llm_metrics.set_sequences(running, waiting)
+                now_passes, now_tokens = batcher.forward_passes, self._tokens
+                if now_passes > passes:
+                    self.metrics.batches.inc(now_passes - passes)
+                if now_tokens > tokens:
+                    self.metrics.batched_items.inc(now_tokens - tokens)
+                passes, tokens = now_passes, now_tokens
+            except Exception:  # noqa: BLE001 - metrics must not stop; the next round tries again
+                logger.exception("Could not update the language model's batching metrics")
+
+    def check_health(self) -> None:
+        """Serve's health check: a replica whose decoding loop died is replaced rather than left to hang."""
+        if self.batcher is not None and not self.batcher.alive():
+            raise RuntimeError("the continuous-batching loop has stopped")
 
     def served(self) -> tuple[str, str]:
         return self.model.name, self.model.version
