@@ -9,6 +9,7 @@ from ray.serve.schema import ServeDeploySchema
 from deployments.errors import ConfigError
 from deployments.fusion import FusionConfig
 from deployments.ingress import IngressConfig
+from deployments.language import GenerationSettings
 from deployments.text import TextSettings
 from deployments.vision import VisionSettings
 from pipelines.multimodal import MultimodalArgs, build_app
@@ -16,7 +17,7 @@ from pipelines.multimodal import MultimodalArgs, build_app
 ROOT = Path(__file__).resolve().parents[2]
 PROFILES = {"cpu": ROOT / "serve_config.yaml", "gpu": ROOT / "serve_config.gpu.yaml"}
 MODEL_CONFIGS = {"VisionClassifier": VisionSettings, "TextEncoder": TextSettings, "FusionScorer": FusionConfig}
-USER_CONFIGS = {**MODEL_CONFIGS, "Ingress": IngressConfig}
+USER_CONFIGS = {**MODEL_CONFIGS, "TextGenerator": GenerationSettings, "Ingress": IngressConfig}
 
 
 def load(profile: str) -> dict:
@@ -48,6 +49,25 @@ def test_batches_can_fill(profile):
     for name, deployment in deployments(load(profile)).items():
         if name in MODEL_CONFIGS:
             assert deployment["user_config"]["max_batch_size"] <= deployment["max_ongoing_requests"], name
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_every_deployment_has_its_user_config_validated_here(profile):
+    assert set(deployments(load(profile))) == set(USER_CONFIGS)
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_language_model_sequences_fit_what_a_replica_holds(profile):
+    generator = deployments(load(profile))["TextGenerator"]
+    assert generator["user_config"]["max_sequences"] <= generator["max_ongoing_requests"]
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_generation_timeout_matches_the_proxys(profile):
+    from deployments.proxy import ProxySettings
+
+    ingress = deployments(load(profile))["Ingress"]["user_config"]
+    assert ingress["generation_timeout_s"] == ProxySettings().generation_timeout_s
 
 
 @pytest.mark.parametrize("profile", PROFILES)

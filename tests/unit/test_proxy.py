@@ -387,6 +387,14 @@ def test_a_disabling_longer_or_malformed_request_timeout_is_dropped(server, time
     assert "x-request-timeout-seconds" not in seen
 
 
+@pytest.mark.parametrize(("sent", "seen"), [(None, "300"), ("120", "120"), ("1e9", "300"), ("0", "300")])
+def test_language_model_answers_get_the_generation_timeout_unless_the_client_asks_for_less(server, sent, seen):
+    with RawClient(server.port) as client:
+        client.request("/v1/chat/completions", headers={} if sent is None else {"x-request-timeout-seconds": sent})
+        headers = json.loads(client.read_response().body)
+    assert [value for name, value in headers if name == "x-request-timeout-seconds"] == [seen]
+
+
 def test_a_client_cannot_keep_its_request_running_after_hanging_up(server):
     with RawClient(server.port) as client:
         client.request(headers={"x-request-disconnect-disabled": "?1"})
