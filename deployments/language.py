@@ -64,7 +64,7 @@ class GenerationSettings(BaseModel):
         )
 
 
-@serve.deployment(max_ongoing_requests=32, ray_actor_options={"num_cpus": 0.2}, user_config={})
+@serve.deployment(max_ongoing_requests=8, ray_actor_options={"num_cpus": 0.1}, user_config={})
 class TextGenerator(ModelDeployment):
     """Serve deployment of a ``LanguageModel`` behind a ``ContinuousBatcher``."""
 
