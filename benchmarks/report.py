@@ -201,6 +201,10 @@ def markdown(results: dict, plot_name: str) -> str:
             f"{r['p50_ms']:.0f} | {r['p95_ms']:.0f} | {r['p99_ms']:.0f} | "
             f"{r.get('refused_rate', 0.0):.1%} | {r['error_rate']:.1%} |"
         )
+    if results.get("llm"):
+        from benchmarks.llm import report as llm_report
+
+        lines += ["", *llm_report(results["llm"])]
     notes = Path(__file__).with_name("NOTES.md")
     if notes.exists():
         lines += ["", notes.read_text().strip()]

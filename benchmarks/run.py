@@ -7,12 +7,15 @@
 
 Each HTTP setup is loaded on the vision and multimodal routes at several
 concurrencies with a closed-loop client. Also measured: cold start, the time
-from ``serve run serve_config.yaml`` to the first multimodal answer.
+from ``serve run serve_config.yaml`` to the first multimodal answer; and the
+language model (``benchmarks/llm.py``): streaming clients against the cluster
+and the same model in-process, one request at a time.
 
 Writes ``docs/benchmarks/results.json``, ``docs/benchmarks/throughput.png``
 and ``docs/BENCHMARKS.md``. Environment knobs: ``BENCH_DURATION_S`` (per
 point, default 8), ``BENCH_CONCURRENCY`` (default ``1,8,32,64``), ``BENCH_CONFIG`` (the Serve
-config to measure, default serve_config.yaml).
+config to measure, default serve_config.yaml), the ``BENCH_LLM_*`` knobs of ``benchmarks/llm.py``, and
+``BENCH_SETUPS=llm``: measure the language model alone and update its section of the last report.
 """
 
 import base64
@@ -34,6 +37,7 @@ import torch
 import yaml
 from PIL import Image
 
+from benchmarks import llm
 from benchmarks.loadgen import run_load, run_overload
 from benchmarks.report import write_report
 
@@ -196,7 +200,8 @@ def measure_overload(base: str, requests: dict[str, dict], rows: list[dict]) -> 
     return points
 
 
-def run_cluster(requests: dict[str, dict]) -> tuple[list[dict], float, dict]:
+def run_cluster(requests: dict[str, dict], only_llm: bool = False) -> tuple[list[dict], float, dict, list[dict]]:
+    """The cluster's rows (batching on and off), cold start, overload points and language-model rows."""
     config = yaml.safe_load(CONFIG.read_text())
     config["http_options"]["port"] = CLUSTER_PORT
     folder = Path(tempfile.mkdtemp(prefix="bench-"))
@@ -214,6 +219,9 @@ def run_cluster(requests: dict[str, dict]) -> tuple[list[dict], float, dict]:
     try:
         cold_start_s = wait_for_answer(base, ROUTES["multimodal"], requests["multimodal"], process)
         log(f"cold start: first multimodal answer {cold_start_s:.1f} s after `serve run`")
+        llm_rows = llm.measure_cluster(base, log)
+        if only_llm:
+            return [], cold_start_s, [], llm_rows
         rows = load_all("cluster-batching", base, requests)
         overload = measure_overload(base, requests, rows)
         # Batching off, applied live through user_config (reconfigure), no restart.
@@ -226,12 +234,12 @@ def run_cluster(requests: dict[str, dict]) -> tuple[list[dict], float, dict]:
         )
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
-            models = httpx.get(base + "/v1/models", timeout=30).json()["models"]
+            models = httpx.get(base + "/v1/models", timeout=30).json()["data"]
             if all(m["details"].get("batching", {}).get("max_batch_size", 1) == 1 for m in models):
                 break
             time.sleep(1)
         rows += load_all("cluster-no-batching", base, requests)
-        return rows, cold_start_s, overload
+        return rows, cold_start_s, overload, llm_rows
     finally:
         stop(process)
         log(f"cluster stopped ({time.monotonic() - started:.0f} s in all)")
@@ -244,9 +252,16 @@ def main() -> None:
     if os.environ.get("BENCH_SETUPS") == "cluster":  # a quick look at one config while tuning; no report
         run_cluster(requests)
         return
+    if os.environ.get("BENCH_SETUPS") == "llm":  # the language model alone, into the last report
+        results = json.loads((OUT / "results.json").read_text())
+        results["llm"] = measure_llm(requests)
+        write_results(results)
+        return
     raw = measure_raw(requests)  # its models are freed on return, before the servers start
+    in_process = llm.measure_in_process()
+    log(f"llm in-process: {in_process['tokens_per_s']:.1f} tokens/s, first token p50 {in_process['ttft_p50_s']:.2f} s")
     rows = run_baseline(requests)
-    cluster_rows, cold_start_s, overload = run_cluster(requests)
+    cluster_rows, cold_start_s, overload, llm_rows = run_cluster(requests)
     results = {
         "machine": {
             "cpus": os.cpu_count(),
@@ -259,7 +274,24 @@ def main() -> None:
         "overload": overload,
         "raw_rps_by_batch": raw,
         "results": rows + cluster_rows,
+        "llm": llm_results(in_process, llm_rows),
     }
+    write_results(results)
+
+
+def llm_results(in_process: dict, cluster_rows: list[dict]) -> dict:
+    return {"max_tokens": llm.MAX_TOKENS, "duration_s": llm.DURATION_S, "in_process": in_process,
+            "cluster": cluster_rows}  # fmt: skip
+
+
+def measure_llm(requests: dict[str, dict]) -> dict:
+    in_process = llm.measure_in_process()
+    log(f"llm in-process: {in_process['tokens_per_s']:.1f} tokens/s, first token p50 {in_process['ttft_p50_s']:.2f} s")
+    _, _, _, cluster_rows = run_cluster(requests, only_llm=True)
+    return llm_results(in_process, cluster_rows)
+
+
+def write_results(results: dict) -> None:
     (OUT / "results.json").write_text(json.dumps(results, indent=2))
     write_report(results, OUT / "throughput.png", ROOT / "docs" / "BENCHMARKS.md")
     log(f"wrote {OUT / 'results.json'}, {OUT / 'throughput.png'} and docs/BENCHMARKS.md")
