@@ -41,6 +41,14 @@ class Limits(BaseSettings):
     """Longest accepted candidate label."""
     max_top_k: int = Field(100, gt=0)
     """Largest accepted ``top_k``."""
+    max_messages: int = Field(64, gt=0)
+    """Most messages in one chat completion request."""
+    max_message_chars: int = Field(32_768, gt=0)
+    """Longest message (or prompt part) of a chat, in characters as sent."""
+    max_prompt_chars: int = Field(65_536, gt=0)
+    """Most characters in one chat's messages together, or in one completion prompt. The language model's
+    token limits (``max_prompt_tokens``, ``max_tokens``) are its deployment's settings; this bounds the
+    tokenizing that checking them costs."""
 
 
 @lru_cache(maxsize=1)

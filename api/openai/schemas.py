@@ -3,7 +3,8 @@
 What this service does not support is refused by name rather than ignored: ``n`` other than 1, penalties
 other than 0, log probabilities, tools, and any field OpenAI does not define (``"Unrecognized request
 argument supplied"``, as OpenAI answers). Text is bounded before it is tokenized: messages, characters per
-message and in all, stop strings, embedding inputs.
+message and in all (``deployments.settings``, ``MAAS_MAX_MESSAGES`` and the like), stop strings, embedding
+inputs.
 """
 
 import time
@@ -14,14 +15,13 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from deployments.settings import limits
 
-MAX_MESSAGES = 64
-MAX_MESSAGE_CHARS = 32_768
-MAX_PROMPT_CHARS = 65_536
+_L = limits()
+MAX_MESSAGES = _L.max_messages
+MAX_MESSAGE_CHARS = _L.max_message_chars
+MAX_PROMPT_CHARS = _L.max_prompt_chars
 MAX_STOP = 4  # OpenAI's limit
 MAX_STOP_CHARS = 64
 MAX_USER_CHARS = 256
-
-_L = limits()
 
 
 class Request(BaseModel):
