@@ -11,8 +11,9 @@ import time
 import uuid
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
+from api.openapi import integral
 from deployments.settings import limits
 
 _L = limits()
@@ -22,6 +23,10 @@ MAX_PROMPT_CHARS = _L.max_prompt_chars
 MAX_STOP = 4  # OpenAI's limit
 MAX_STOP_CHARS = 64
 MAX_USER_CHARS = 256
+
+# JSON Schema's integers (5.0 is one); constraints before the validator keep them in the schema.
+Tokens = Annotated[int, Field(ge=1), BeforeValidator(integral)]
+Seed = Annotated[int, BeforeValidator(integral)]
 
 
 class Request(BaseModel):
@@ -60,10 +65,10 @@ class Sampling(Request):
     """What chat completions and completions share."""
 
     model: str = Field(description="`llm`, as `GET /v1/models` lists it.")
-    max_tokens: int | None = Field(None, ge=1, description="Default and cap: the deployment's settings.")
+    max_tokens: Tokens | None = Field(None, description="Default and cap: the deployment's settings.")
     temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 is greedy decoding.")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    seed: int | None = Field(None, description="The same seed gives the same answer (any integer).")
+    seed: Seed | None = Field(None, description="The same seed gives the same answer (any integer).")
     stop: Stop | Annotated[list[Stop], Field(max_length=MAX_STOP)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -81,7 +86,7 @@ class Sampling(Request):
 
 class ChatCompletionRequest(Sampling):
     messages: Annotated[list[Message], Field(min_length=1, max_length=MAX_MESSAGES)]
-    max_completion_tokens: int | None = Field(None, ge=1, description="The newer name of `max_tokens`.")
+    max_completion_tokens: Tokens | None = Field(None, description="The newer name of `max_tokens`.")
     logprobs: Literal[False] = False
 
     @field_validator("messages")

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, model_validator
 
+from api.openapi import integral
 from deployments.settings import limits
 
 _L = limits()
@@ -56,15 +57,8 @@ Labels = Annotated[
 ]
 
 
-def _integral(value: Any) -> Any:
-    """JSON Schema counts 5.0 as an integer; so does this API."""
-    return int(value) if isinstance(value, float) and value.is_integer() else value
-
-
 # Constraints before the validator: after it, pydantic writes them into the schema as `ge`/`le`, not `minimum`.
-TopK = Annotated[
-    int, Field(ge=1, le=_L.max_top_k, description="How many labels to return."), BeforeValidator(_integral)
-]
+TopK = Annotated[int, Field(ge=1, le=_L.max_top_k, description="How many labels to return."), BeforeValidator(integral)]
 # An 8x8 red PNG: a real image, so the schema's example is a request that works.
 EXAMPLE_IMAGE = (
     "iVBORw0KGgoAAAANSUhEUgAAAAgAAAAICAIAAABLbSncAAAAFUlEQVR42mM8ISfHgA0wMeAAg1MCANDKARQfGKMRAAAAAElFTkSuQmCC"

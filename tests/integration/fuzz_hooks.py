@@ -82,7 +82,7 @@ def _short(text):
 def _short_generation(body: dict) -> dict:
     body = {**body, "model": OPENAI_MODELS["/v1/chat/completions"]}
     for field in ("max_tokens", "max_completion_tokens"):
-        if isinstance(body.get(field), int):
+        if isinstance(body.get(field), (int, float)) and not isinstance(body[field], bool):
             body[field] = min(body[field], FUZZ_TOKENS)
     body.setdefault("max_tokens", FUZZ_TOKENS)
     if isinstance(body.get("prompt"), str):

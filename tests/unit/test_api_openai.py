@@ -165,3 +165,12 @@ def test_overload_and_unavailability_are_openai_errors_with_retry_after():
 
 def test_other_v1_routes_keep_their_own_error_shape(api):
     assert "detail" in api.post("/v1/text/embed", json={}).json()
+
+
+def test_integers_are_json_schemas_integers(api, dataplane):
+    """JSON Schema counts 3.0 as an integer, and the OpenAPI document is what clients validate against."""
+    response = api.post("/v1/chat/completions", json=CHAT | {"max_tokens": 3.0, "seed": 7.0})
+    assert response.status_code == 200, response.text
+    request = dataplane.calls[-1][1]
+    assert (request.max_tokens, request.seed) == (3, 7)
+    assert api.post("/v1/chat/completions", json=CHAT | {"max_tokens": 2.5}).json()["error"]["param"] == "max_tokens"
