@@ -84,7 +84,8 @@ def _short_generation(body: dict) -> dict:
     for field in ("max_tokens", "max_completion_tokens"):
         if isinstance(body.get(field), (int, float)) and not isinstance(body[field], bool):
             body[field] = min(body[field], FUZZ_TOKENS)
-    body.setdefault("max_tokens", FUZZ_TOKENS)
+    if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
+        body["max_tokens"] = FUZZ_TOKENS  # not the deployment's default of 256, tens of seconds here
     if isinstance(body.get("prompt"), str):
         body["prompt"] = _short(body["prompt"])
     elif isinstance(body.get("prompt"), list):
