@@ -79,26 +79,15 @@ def measure_in_process() -> dict:
             pass
 
     prompts = [model.chat_prompt(messages(i)) for i in range(BASELINE_REQUESTS)]
-    model.model.generate(torch.tensor([prompts[0]]), max_new_tokens=2, do_sample=False)  # warm up
+    model.generate(prompts[0], max_new_tokens=2)  # warm up
     ttfts, tokens = [], 0
     start = time.perf_counter()
     for ids in prompts:
         streamer = FirstToken()
         began = time.perf_counter()
-        inputs = torch.tensor([ids])
-        with torch.inference_mode():
-            output = model.model.generate(
-                inputs,
-                attention_mask=torch.ones_like(inputs),
-                max_new_tokens=MAX_TOKENS,
-                do_sample=False,
-                eos_token_id=model.stop_token_ids,
-                pad_token_id=model.stop_token_ids[0],
-                streamer=streamer,
-            )
+        generated, _ = model.generate(ids, MAX_TOKENS, streamer=streamer)
         ttfts.append(streamer.at - began)
-        generated = output[0, len(ids) :].tolist()
-        tokens += len([t for t in generated if t not in model.stop_token_ids])
+        tokens += len(generated)
     result = summary(ttfts, tokens, time.perf_counter() - start, len(prompts))
     result["batched"] = [_batched_in_process(model, prompts, clients) for clients in IN_PROCESS_CLIENTS]
     del model

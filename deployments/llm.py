@@ -155,9 +155,9 @@ class LanguageModel:
         return self.tokenizer.decode([t for t in token_ids if t not in self.stop_token_ids], skip_special_tokens=True)
 
     @torch.inference_mode()
-    def generate(self, prompt_ids: list[int], max_new_tokens: int) -> tuple[list[int], str]:
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, streamer=None) -> tuple[list[int], str]:
         """Greedy tokens after ``prompt_ids`` (one request, no batching) and why they ended: ``stop`` at the end
-        of a turn, ``length`` at ``max_new_tokens``."""
+        of a turn, ``length`` at ``max_new_tokens``. ``streamer`` is transformers' (told of each token)."""
         inputs = torch.tensor([prompt_ids], device=self.device)
         output = self.model.generate(
             inputs,
@@ -166,6 +166,7 @@ class LanguageModel:
             do_sample=False,
             eos_token_id=self.stop_token_ids,
             pad_token_id=self.tokenizer.pad_token_id or self.stop_token_ids[0],
+            streamer=streamer,
         )
         tokens = output[0, len(prompt_ids) :].tolist()
         if tokens and tokens[-1] in self.stop_token_ids:

@@ -83,6 +83,11 @@ ERRORS = {
     415: {"model": schemas.ErrorResponse, "description": "The Content-Type is not application/json."},
     503: {"model": schemas.ErrorResponse, "description": "Overloaded, starting or updating: retry after Retry-After."},
 }
+# A generation's 200 is JSON, or Server-Sent Events with ``stream``.
+GENERATION_RESPONSES = {
+    **ERRORS,
+    200: {"content": {"text/event-stream": {}}, "description": "With stream: Server-Sent Events of chunks."},
+}
 
 
 def _body(model: type) -> dict:
@@ -188,7 +193,7 @@ def _envelope(kind: str, ident: str, created: int, chunk: GenerationChunk) -> di
 @router.post(
     "/v1/chat/completions",
     response_model=schemas.ChatCompletion,
-    responses={**ERRORS, 200: {"content": {"text/event-stream": {}}, "description": "With stream: SSE chunks."}},
+    responses=GENERATION_RESPONSES,
     openapi_extra=_body(schemas.ChatCompletionRequest),
 )
 async def chat_completions(request: Request, dataplane: DataplaneDep, admission: AdmissionDep):
@@ -234,7 +239,7 @@ async def chat_completions(request: Request, dataplane: DataplaneDep, admission:
 @router.post(
     "/v1/completions",
     response_model=schemas.Completion,
-    responses={**ERRORS, 200: {"content": {"text/event-stream": {}}, "description": "With stream: SSE chunks."}},
+    responses=GENERATION_RESPONSES,
     openapi_extra=_body(schemas.CompletionRequest),
 )
 async def completions(request: Request, dataplane: DataplaneDep, admission: AdmissionDep):

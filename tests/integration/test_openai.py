@@ -149,7 +149,6 @@ def test_a_client_that_hangs_up_mid_stream_frees_its_slot(app_url):
                 events += line.startswith("data: ")
                 if events >= 3:
                     break  # hang up: 512 tokens would take tens of seconds more
-    assert sequences()[0] >= 0
     deadline = time.monotonic() + 15
     while sequences() != (0, 0):
         assert time.monotonic() < deadline, f"the abandoned generation still holds a slot: {sequences()}"

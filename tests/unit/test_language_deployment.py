@@ -30,6 +30,7 @@ def generator(loop):
     loop.run_until_complete(deployment.reconfigure(SETTINGS))
     yield deployment
     deployment._sampler.cancel()
+    loop.run_until_complete(asyncio.gather(deployment._sampler, return_exceptions=True))
     deployment.batcher.close()
 
 
