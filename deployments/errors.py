@@ -14,13 +14,15 @@ class MaasError(Exception):
     status_code: int = HTTPStatus.INTERNAL_SERVER_ERROR
     error_type: str = "internal_error"
 
-    def __init__(self, message: str, *, field: str | None = None):
+    def __init__(self, message: str, *, field: str | tuple | None = None):
         super().__init__(message)
         self.message = message
         self.field = field
 
     def detail(self) -> list[dict]:
-        loc = ["body", self.field] if self.field else ["body"]
+        # A field name, or a path to one (("messages", 0, "content", 1)).
+        path = list(self.field) if isinstance(self.field, tuple) else [self.field] if self.field else []
+        loc = ["body", *path]
         return [{"loc": loc, "msg": self.message, "type": self.error_type}]
 
     def headers(self) -> dict[str, str] | None:

@@ -403,3 +403,21 @@ def _describe(exc: Exception) -> str:
     message = re.sub(r"""b(['"]).*?(?<!\\)\1""", "<bytes>", str(exc))
     message = re.sub(r"[^ -~]", "?", message)[:160]
     return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+
+
+OCR_MAX_SIDE_PX = 2000
+"""Long side of the pixels sent to the OCR deployment: its engine reads at most this (RapidOCR's
+``max_side_len``), so a larger upload is reduced here and at most 12 MB of pixels cross to the replica."""
+
+
+def fit_within(image: Image.Image, max_side: int = OCR_MAX_SIDE_PX) -> tuple[np.ndarray, float]:
+    """The image as ``(H, W, 3)`` uint8 RGB, reduced (never enlarged) so its long side is at most ``max_side``,
+    and the factor that maps its pixel coordinates back to the original's."""
+    image = to_rgb(image)
+    width, height = image.size
+    scale = max(width, height) / max_side
+    if scale > 1:
+        size = (max(1, round(width / scale)), max(1, round(height / scale)))
+        image = image.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0)
+        return np.asarray(image, dtype=np.uint8), width / size[0]
+    return np.asarray(image, dtype=np.uint8), 1.0

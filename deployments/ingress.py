@@ -24,6 +24,8 @@ logger = logging.getLogger("ray.serve")
 
 ADMITTED_ROUTES = (
     "/v1/vision/classify",
+    "/v1/vision/ocr",
+    "/v1/multimodal/describe",
     "/v1/multimodal/analyze",
     "/v1/text/embed",
     "/v1/text/classify",
@@ -49,6 +51,8 @@ class IngressConfig(BaseModel):
     admission: dict[str, int] = Field(
         default_factory=lambda: {
             "/v1/vision/classify": 24,
+            "/v1/vision/ocr": 16,
+            "/v1/multimodal/describe": 16,
             "/v1/multimodal/analyze": 24,
             "/v1/text/embed": 32,
             "/v1/text/classify": 32,
@@ -84,7 +88,7 @@ class IngressConfig(BaseModel):
         return self
 
 
-@serve.deployment(max_ongoing_requests=256, ray_actor_options={"num_cpus": 0.1}, user_config={})
+@serve.deployment(max_ongoing_requests=288, ray_actor_options={"num_cpus": 0.1}, user_config={})
 @serve.ingress()
 class Ingress:
     """HTTP ingress over the models the app builder names (``{"vision": handle, ...}``)."""

@@ -17,7 +17,7 @@ and, where the defaults do not suit, in the same place:
   language-model routes, whose answers stream for longer; keep it equal to
   the ingress's ``generation_timeout_s``.
 * ``MAAS_HTTP_ADMISSION`` (JSON object of path to limit; default
-  ``{"/v1/vision/classify": 48, "/v1/multimodal/analyze": 48,
+  ``{"/v1/vision/classify": 48, "/v1/multimodal/analyze": 48, "/v1/vision/ocr": 32, "/v1/multimodal/describe": 32,
   "/v1/text/embed": 64, "/v1/text/classify": 64}``, 48 for each model's
   ``/v2/models/{name}/infer`` and 64 for each OpenAI route; ``{}`` for none): requests in flight per exact
   path at this proxy;
@@ -119,6 +119,9 @@ DEFAULT_ADMISSION = {
     "/v1/multimodal/analyze": 48,
     "/v1/text/embed": 64,
     "/v1/text/classify": 64,
+    # OCR and grounded descriptions take seconds of model time each; the ingress admits 16 per replica.
+    "/v1/vision/ocr": 32,
+    "/v1/multimodal/describe": 32,
     # The Open Inference Protocol's infer route of each model (the ingress admits 24 per replica for all of them).
     "/v2/models/vision/infer": 48,
     "/v2/models/text/infer": 48,

@@ -41,6 +41,8 @@ class Limits(BaseSettings):
     """Longest accepted candidate label."""
     max_top_k: int = Field(100, gt=0)
     """Largest accepted ``top_k``."""
+    max_chat_images: int = Field(4, gt=0)
+    """Most images in one chat completion request; each is looked at by the vision and OCR models."""
     max_messages: int = Field(64, gt=0)
     """Most messages in one chat completion request."""
     max_message_chars: int = Field(32_768, gt=0)

@@ -2,9 +2,12 @@
 
     ray job submit --working-dir . -- python -m jobs.batch_infer --images photos/ --out results/photos
     ray job submit --working-dir . -- python -m jobs.batch_infer --texts notes.jsonl --out results/notes
+    ray job submit --working-dir . -- python -m jobs.batch_infer --images photos/ --describe --out results/described
 
 Images: every image file under a folder (sorted by path). Texts: a JSONL file
-with a ``text`` field (and an optional ``id``) per line. Records are processed
+with a ``text`` field (and an optional ``id``) per line. With ``--describe``, each image is described as
+``POST /v1/multimodal/describe`` does (vision and OCR in parallel, then the language model from their
+evidence), and its result carries the description and that evidence. Records are processed
 in fixed chunks; each chunk's results and errors are written to a temporary
 file and renamed into place when the chunk is complete, so an interrupted job
 started again with the same arguments skips finished chunks and redoes the
@@ -41,6 +44,7 @@ from deployments.settings import limits
 APP = "multimodal"
 # How long one record may wait for the models (none running, all busy) before it fails.
 RECORD_TIMEOUT_S = 300.0
+DESCRIPTION_TOKENS = 60  # as POST /v1/multimodal/describe's default max_tokens
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
@@ -88,10 +92,25 @@ class Job:
     async def run_image(self, record: Record) -> dict:
         deadline = Deadline(RECORD_TIMEOUT_S)
         raw = await asyncio.to_thread(Path(record.source).read_bytes)
+        if self.args.describe:
+            return await self.describe(raw, deadline)
         pixels = await self.dataplane.prepare_image("batch", deadline, raw=raw)
         result = await self.dataplane.classify(pixels, self.args.top_k, False, deadline)
         self.versions.add(f"{result.model} {result.version}")
         return {"labels": [{"label": label, "score": score} for label, score in result.labels]}
+
+    async def describe(self, raw: bytes, deadline: Deadline) -> dict:
+        image = await self.dataplane.prepare_views("batch", deadline, raw=raw, vision=True, ocr=True)
+        described = await self.dataplane.describe(image, DESCRIPTION_TOKENS, deadline)
+        looked, last = described.looked, described.last
+        for result in (looked.vision, looked.ocr, last):
+            self.versions.add(f"{result.model} {result.version}")
+        return {
+            "description": described.text,
+            "finish_reason": described.finish_reason,
+            "classes": [{"label": label, "score": score} for label, score in looked.evidence.classes],
+            "text": [{"text": line.text, "confidence": round(line.confidence, 4)} for line in looked.ocr.lines],
+        }
 
     async def run_text(self, record: Record) -> dict:
         item = record.source
@@ -184,6 +203,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, required=True, help="output folder; reuse it to resume")
     parser.add_argument("--top-k", type=int, default=5, help="classes per image (1-100)")
     parser.add_argument("--labels", nargs="+", help="texts: rank these labels (zero-shot) instead of embedding")
+    parser.add_argument(
+        "--describe", action="store_true", help="images: describe each from what vision and OCR find in it"
+    )
     parser.add_argument("--chunk-size", type=int, default=256, help="records per output part (1-10000)")
     parser.add_argument("--concurrency", type=int, default=16, help="records in flight (1-1024)")
     args = parser.parse_args(argv)
@@ -193,6 +215,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.error("--chunk-size must be 1-10000 and --concurrency 1-1024")
     if args.labels and (len(args.labels) > limits().max_labels or len(set(args.labels)) != len(args.labels)):
         parser.error(f"--labels takes up to {limits().max_labels} distinct labels")
+    if args.describe and not args.images:
+        parser.error("--describe describes images: use it with --images")
     if args.texts and not args.texts.is_file():
         parser.error(f"--texts: {args.texts} is not a file")
     return args

@@ -36,6 +36,7 @@ IMAGE_PIXELS_BUCKETS = (1e4, 5e4, 1e5, 2.5e5, 5e5, 1e6, 2e6, 4e6, 1e7, 2e7, 4e7)
 TEXT_TOKENS_BUCKETS = (4, 8, 16, 32, 64, 128, 256, 512, 1024)
 FIRST_TOKEN_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 60.0)
 TOKEN_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0)
+OCR_LINES_BUCKETS = (0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500)  # le="0.5": images without text
 
 # Class labels are class indices, never free text; at most this many distinct values.
 MAX_CLASS_INDEX_VALUES = 1000
@@ -239,6 +240,35 @@ class LanguageMetrics:
     def set_sequences(self, running: int, waiting: int) -> None:
         self.sequences.set(running, tags={"state": "running"})
         self.sequences.set(waiting, tags={"state": "waiting"})
+
+
+class OcrMetrics:
+    """The OCR deployment's own instruments, beside its ``ModelMetrics``. Create it inside the replica."""
+
+    def __init__(self, model: str, version: str):
+        tags = ("model", "version")
+        self.image_seconds = metrics.Histogram(
+            PREFIX + "ocr_image_seconds",
+            description="OCR time per image: a batch's detection, classification and recognition time divided by "
+            "its images.",
+            boundaries=list(LATENCY_BUCKETS_S),
+            tag_keys=tags,
+        )
+        self.lines = metrics.Histogram(
+            PREFIX + "ocr_lines_items",
+            description="Lines of text read per image (0 for an image without text).",
+            boundaries=list(OCR_LINES_BUCKETS),
+            tag_keys=tags,
+        )
+        self.set_model(model, version)
+
+    def set_model(self, model: str, version: str) -> None:
+        for instrument in (self.image_seconds, self.lines):
+            instrument.set_default_tags({"model": model, "version": version})
+
+    def observe_image(self, seconds: float, lines: int) -> None:
+        self.image_seconds.observe(seconds)
+        self.lines.observe(lines)
 
 
 class RequestMetrics:

@@ -8,11 +8,16 @@ back (the dataclasses of ``deployments.contracts``). Here, once for all of them:
 * every model call is made within the request's deadline and retried where a replica stopped under it
   (``downstream.call_models``);
 * the multimodal graph: the image and text branches start together, and fusion receives their responses
-  without the caller waiting in between (Serve resolves them as arguments).
+  without the caller waiting in between (Serve resolves them as arguments);
+* image to words to answers: vision and OCR look at an image in parallel (``look``), their evidence goes into
+  the language model's prompt (``pipelines.grounding``), and the model answers: a description
+  (``describe``) or a chat turn about the images in it (``chat_about_images``). The describe route, OpenAI
+  chat and the batch job's ``--describe`` all go through these.
 """
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -24,24 +29,54 @@ from deployments.contracts import (
     FusionResult,
     GenerationChunk,
     GenerationRequest,
+    OcrLine,
+    OcrResult,
     TextEmbeddings,
     TextRanking,
     VisionResult,
 )
 from deployments.downstream import Deadline, api_error, call_models
 from deployments.errors import ModelTimeout
-from deployments.imaging import ImageSpec, decode_base64, decode_image, prepare
+from deployments.imaging import ImageSpec, decode_base64, decode_image, fit_within, prepare
 from deployments.settings import limits
 from monitoring.metrics import RequestMetrics
+from pipelines import grounding
+from pipelines.grounding import Evidence
 from pipelines.registry import ModelRegistry
+
+DESCRIBE_CLASSES = 5  # classes asked of the vision model for evidence (grounding keeps the likely ones)
 
 
 @dataclass
 class PreparedImage:
-    pixels: np.ndarray  # (crop, crop, 3) uint8, ready for the vision model
+    pixels: np.ndarray | None  # (crop, crop, 3) uint8, ready for the vision model (if asked for)
     size_bytes: int  # encoded upload
     source_pixels: int  # width x height of the upload
     seconds: float  # to decode and prepare
+    page: np.ndarray | None = None  # (H, W, 3) uint8 for OCR, long side at most OCR_MAX_SIDE_PX (if asked for)
+    page_scale: float = 1.0  # page pixels to upload pixels
+    size: tuple[int, int] = (0, 0)  # width, height of the upload
+
+
+@dataclass
+class Looked:
+    """What vision and OCR found in one image, and the evidence the language model is given from it."""
+
+    vision: VisionResult
+    ocr: OcrResult
+    evidence: Evidence
+    seconds: dict[str, float]  # each model's answer, waited for in parallel: {"vision": s, "ocr": s}
+
+
+@dataclass
+class Description:
+    """A grounded description of an image, with what it was built from."""
+
+    text: str
+    finish_reason: str
+    looked: Looked
+    last: GenerationChunk  # the answer's last chunk: token counts, model and version
+    seconds: dict[str, float]  # time spent waiting for vision, ocr (in parallel) and the language model
 
 
 @dataclass
@@ -52,13 +87,19 @@ class Analysis:
     image: VisionResult | None
 
 
-def decode_and_prepare(raw: bytes | None, image_b64: str | None, spec: ImageSpec) -> PreparedImage:
-    """Bytes (or base64) to the vision model's input, within the limits. CPU-bound: runs in a decode thread."""
+def decode_and_prepare(
+    raw: bytes | None, image_b64: str | None, spec: ImageSpec | None, ocr: bool = False
+) -> PreparedImage:
+    """Bytes (or base64) to the vision model's input (given its ``spec``) and, with ``ocr``, the OCR model's,
+    within the limits: one decode for both. CPU-bound: runs in a decode thread."""
     start = time.perf_counter()
     raw = raw if raw is not None else decode_base64(image_b64 or "", limits())
     image = decode_image(raw, limits())
-    pixels = prepare(image, spec)
-    return PreparedImage(pixels, len(raw), image.width * image.height, time.perf_counter() - start)
+    pixels = prepare(image, spec) if spec is not None else None
+    page, scale = fit_within(image) if ocr else (None, 1.0)
+    return PreparedImage(
+        pixels, len(raw), image.width * image.height, time.perf_counter() - start, page, scale, image.size
+    )
 
 
 class Dataplane:
@@ -90,14 +131,29 @@ class Dataplane:
         self, route: str, deadline: Deadline, raw: bytes | None = None, image_b64: str | None = None
     ) -> np.ndarray:
         """Decode, validate and prepare one image (bytes, or base64) for the vision model: geometry only."""
-        if self._image_spec is None:
-            vision = self.models["vision"]
-            self._image_spec, self._image_spec_version = await call_models(vision.geometry.remote, deadline)
+        return (await self.prepare_views(route, deadline, raw, image_b64)).pixels
+
+    async def prepare_views(
+        self,
+        route: str,
+        deadline: Deadline,
+        raw: bytes | None = None,
+        image_b64: str | None = None,
+        vision: bool = True,
+        ocr: bool = False,
+    ) -> PreparedImage:
+        """Decode and validate one image once, and prepare it for the vision model, the OCR model or both."""
+        spec = None
+        if vision:
+            if self._image_spec is None:
+                model = self.models["vision"]
+                self._image_spec, self._image_spec_version = await call_models(model.geometry.remote, deadline)
+            spec = self._image_spec
         loop = asyncio.get_running_loop()
-        image = await loop.run_in_executor(self._decoder, decode_and_prepare, raw, image_b64, self._image_spec)
+        image = await loop.run_in_executor(self._decoder, decode_and_prepare, raw, image_b64, spec, ocr)
         if self.metrics is not None:
             self.metrics.observe_image(route, image.size_bytes, image.source_pixels, image.seconds)
-        return image.pixels
+        return image
 
     def _seen_vision_version(self, version: str) -> None:
         """A live model update can change the geometry: ask again once another version answers."""
@@ -161,6 +217,60 @@ class Dataplane:
             self._seen_vision_version(analysis.image.version)
         return analysis
 
+    async def read_text(self, image: PreparedImage, deadline: Deadline) -> OcrResult:
+        """The lines of text in an image (prepared with ``ocr``), with boxes in the upload's pixels."""
+        ocr = self.models["ocr"]
+        result = await call_models(lambda: ocr.read.remote(image.page), deadline)
+        return _in_upload_pixels(result, image.page_scale)
+
+    async def look(self, image: PreparedImage, deadline: Deadline) -> Looked:
+        """Vision and OCR on one image (prepared for both), in parallel, and the evidence they give."""
+        vision, ocr = self.models["vision"], self.models["ocr"]
+
+        async def timed(response) -> tuple[object, float]:
+            start = time.perf_counter()
+            return await response, time.perf_counter() - start
+
+        async def both() -> tuple[tuple[VisionResult, float], tuple[OcrResult, float]]:
+            # Both start now and run in parallel.
+            classes = timed(vision.classify.remote(image.pixels, DESCRIBE_CLASSES))
+            lines = timed(ocr.read.remote(image.page))
+            return tuple(await asyncio.gather(classes, lines))
+
+        (classes, vision_s), (lines, ocr_s) = await call_models(both, deadline)
+        self._seen_vision_version(classes.version)
+        lines = _in_upload_pixels(lines, image.page_scale)
+        evidence = grounding.gather(classes.labels, lines.lines)
+        return Looked(classes, lines, evidence, {"vision": vision_s, "ocr": ocr_s})
+
+    async def describe(self, image: PreparedImage, max_tokens: int, deadline: Deadline) -> Description:
+        """One or two sentences about an image, from the language model given only what vision and OCR found."""
+        looked = await self.look(image, deadline)
+        seen = time.perf_counter()
+        request = GenerationRequest(
+            messages=grounding.describe_messages(looked.evidence), max_tokens=max_tokens, temperature=0.0, stop=["\n"]
+        )
+        chunks = await self.generate(request, deadline)
+        parts, last = [], None
+        try:
+            async for chunk in chunks:
+                parts.append(chunk.text)
+                last = chunk
+        finally:
+            await chunks.aclose()
+        seconds = {**looked.seconds, "llm": time.perf_counter() - seen}
+        return Description("".join(parts).strip(), last.finish_reason, looked, last, seconds)
+
+    async def chat_about_images(
+        self, request: GenerationRequest, images: list[PreparedImage], deadline: Deadline
+    ) -> tuple[list[Looked], AsyncIterator[GenerationChunk]]:
+        """A chat whose messages hold images (``grounding.ImagePart`` in their content): every image is looked
+        at in parallel, each replaced by its evidence, and the language model answers the grounded chat."""
+        looked = await asyncio.gather(*(self.look(image, deadline) for image in images))
+        messages = grounding.chat_messages(request.messages, [item.evidence for item in looked])
+        grounded = dataclasses.replace(request, messages=messages)
+        return list(looked), await self.generate(grounded, deadline)
+
     async def generate(self, request: GenerationRequest, deadline: Deadline) -> AsyncIterator[GenerationChunk]:
         """The language model's answer as it is generated (``llm``'s streaming ``generate``).
 
@@ -178,6 +288,16 @@ class Dataplane:
 
         head = await call_models(accepted, deadline)
         return _relay(head, stream, deadline)
+
+
+def _in_upload_pixels(result: OcrResult, scale: float) -> OcrResult:
+    """OCR boxes, read on pixels reduced by ``scale``, in the uploaded image's pixels."""
+    if scale != 1.0:
+        result.lines = [
+            OcrLine(line.text, line.confidence, [(round(x * scale, 1), round(y * scale, 1)) for x, y in line.box])
+            for line in result.lines
+        ]
+    return result
 
 
 async def _relay(head: GenerationChunk, stream, deadline: Deadline) -> AsyncIterator[GenerationChunk]:

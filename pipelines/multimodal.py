@@ -1,4 +1,4 @@
-"""The multimodal application: ingress -> (vision || text) -> fusion, and the language model beside them.
+"""The multimodal application: ingress -> (vision || text) -> fusion, and OCR and the language model beside them.
 
 ``build_app`` binds the model deployments and hands the ingress a registry of them by name; the request
 graph over them is ``pipelines.dataplane``.
@@ -27,6 +27,7 @@ from deployments.errors import ConfigError
 from deployments.fusion import FusionScorer
 from deployments.ingress import Ingress
 from deployments.language import TextGenerator
+from deployments.ocr import TextReader
 from deployments.text import TextEncoder
 from deployments.vision import VisionClassifier
 from pipelines.registry import ModelRegistry
@@ -65,7 +66,7 @@ class MultimodalArgs(BaseModel):
 
 
 def build_app(args: MultimodalArgs | dict | None = None) -> Application:
-    """Bind the vision, text, fusion, language-model and ingress deployments into one application."""
+    """Bind the vision, text, fusion, OCR, language-model and ingress deployments into one application."""
     try:
         args = MultimodalArgs.model_validate(args or {})
     except ValidationError as exc:
@@ -76,15 +77,17 @@ def build_app(args: MultimodalArgs | dict | None = None) -> Application:
     vision = VisionClassifier.bind()
     text = TextEncoder.bind()
     fusion = FusionScorer.bind(vision, text)
+    ocr = TextReader.bind()
     llm = TextGenerator.bind()
     # The models by the names every protocol knows them by (GET /v1/models, /v2/models/{name}, OpenAI's model).
-    return Ingress.bind({"vision": vision, "text": text, "fusion": fusion, "llm": llm})
+    return Ingress.bind({"vision": vision, "text": text, "fusion": fusion, "ocr": ocr, "llm": llm})
 
 
 MODEL_DEPLOYMENTS = {
     "vision": VisionClassifier.name,
     "text": TextEncoder.name,
     "fusion": FusionScorer.name,
+    "ocr": TextReader.name,
     "llm": TextGenerator.name,
 }
 

@@ -7,6 +7,7 @@ Generation is the ``llm`` model, streamed as Server-Sent Events when ``stream`` 
 "param", "code"}}``, with 400 for a request that does not fit (422 elsewhere on ``/v1``).
 """
 
+import asyncio
 import base64
 import contextlib
 import json
@@ -24,11 +25,14 @@ from api.problems import Problem, problem
 from api.v1.bodies import read_body
 from deployments.admission import OPENAI_PATHS
 from deployments.contracts import GenerationChunk, GenerationRequest
-from deployments.errors import InvalidInput
-from pipelines.dataplane import Dataplane
+from deployments.downstream import Deadline
+from deployments.errors import InvalidInput, MaasError
+from pipelines.dataplane import Dataplane, PreparedImage
+from pipelines.grounding import ImagePart
 from pipelines.registry import UnknownModel
 
 GENERATION_MODEL = "llm"
+CHAT = "/v1/chat/completions"
 EMBEDDING_MODEL = "text"
 PATHS = OPENAI_PATHS
 
@@ -119,21 +123,47 @@ async def models(request: Request, dataplane: DataplaneDep) -> schemas.ModelList
 # --- generation ---------------------------------------------------------------------------
 
 
-async def _generation(
-    request: Request, dataplane: Dataplane, admission, route: str, body_type: type, to_request: Callable
-):
-    """Parse, check the model, take an admission slot and start the generation: the body, the chunks, and the
-    exit stack that holds the slot (closed when the answer is done)."""
+async def _generation(request: Request, dataplane: Dataplane, admission, route: str, body_type: type, start: Callable):
+    """Parse, check the model, take an admission slot and start the generation (``start(body)``): the body, the
+    chunks, and the exit stack that holds the slot (closed when the answer is done)."""
     stack = contextlib.ExitStack()
     stack.enter_context(admission.slot(route))
     try:
         body, _ = await read_body(request, body_type)
         _require(dataplane, body.model, GENERATION_MODEL, "generate text")
-        chunks = await dataplane.generate(to_request(body), request.state.deadline)
+        chunks = await start(body)
     except BaseException:
         stack.close()
         raise
     return body, chunks, stack
+
+
+async def _chat_image(dataplane: Dataplane, where: tuple, url: str, deadline: Deadline) -> PreparedImage:
+    """A chat's image, decoded and prepared for vision and OCR; its errors name where it is in the request."""
+    try:
+        return await dataplane.prepare_views(CHAT, deadline, image_b64=url, vision=True, ocr=True)
+    except MaasError as exc:
+        if exc.field == "image":
+            exc.field = where
+        raise
+
+
+def _chat_messages(body: schemas.ChatCompletionRequest) -> list[dict]:
+    """The chat for the dataplane: each message's text, or, where it holds images, its parts in order: text, and
+    ``ImagePart`` with the image's index among the chat's images."""
+    messages, images = [], 0
+    for message in body.messages:
+        content: str | list = message.text()
+        if message.images():
+            content = []
+            for part in message.content:
+                if isinstance(part, schemas.ImagePart):
+                    content.append(ImagePart(images))
+                    images += 1
+                else:
+                    content.append(part.text)
+        messages.append({"role": message.chat_role(), "content": content})
+    return messages
 
 
 def _sampling(body: schemas.Sampling, max_tokens: int | None) -> dict:
@@ -197,15 +227,24 @@ def _envelope(kind: str, ident: str, created: int, chunk: GenerationChunk) -> di
     openapi_extra=_body(schemas.ChatCompletionRequest),
 )
 async def chat_completions(request: Request, dataplane: DataplaneDep, admission: AdmissionDep):
-    """A chat's next assistant message; with ``stream``, as ``chat.completion.chunk`` events."""
+    """A chat's next assistant message; with ``stream``, as ``chat.completion.chunk`` events.
 
-    def to_request(body: schemas.ChatCompletionRequest) -> GenerationRequest:
-        messages = [{"role": m.chat_role(), "content": m.text()} for m in body.messages]
-        return GenerationRequest(messages=messages, **_sampling(body, body.token_cap()))
+    Images (``image_url`` parts with a data URL) are looked at by the vision and OCR models in parallel; the
+    language model reads, in place of each, ``[Image N]`` and what they found in it (the ImageNet classes it
+    is most sure of and the text read), and is told to answer about images from that evidence only.
+    """
+    deadline = request.state.deadline
 
-    body, chunks, stack = await _generation(
-        request, dataplane, admission, "/v1/chat/completions", schemas.ChatCompletionRequest, to_request
-    )
+    async def start(body: schemas.ChatCompletionRequest) -> AsyncIterator[GenerationChunk]:
+        images = body.image_urls()
+        generation = GenerationRequest(messages=_chat_messages(body), **_sampling(body, body.token_cap()))
+        if not images:
+            return await dataplane.generate(generation, deadline)
+        prepared = await asyncio.gather(*(_chat_image(dataplane, where, url, deadline) for where, url in images))
+        _, chunks = await dataplane.chat_about_images(generation, list(prepared), deadline)
+        return chunks
+
+    body, chunks, stack = await _generation(request, dataplane, admission, CHAT, schemas.ChatCompletionRequest, start)
     ident, created = schemas.completion_id("chatcmpl"), schemas.now()
     if body.stream:
         include_usage = body.include_usage()
@@ -248,9 +287,11 @@ async def completions(request: Request, dataplane: DataplaneDep, admission: Admi
     def to_request(body: schemas.CompletionRequest) -> GenerationRequest:
         return GenerationRequest(prompt=body.text(), **_sampling(body, body.max_tokens))
 
-    body, chunks, stack = await _generation(
-        request, dataplane, admission, "/v1/completions", schemas.CompletionRequest, to_request
-    )
+    async def start(body: schemas.CompletionRequest) -> AsyncIterator[GenerationChunk]:
+        return await dataplane.generate(to_request(body), request.state.deadline)
+
+    body, chunks, stack = await _generation(request, dataplane, admission, "/v1/completions", schemas.CompletionRequest,
+                                            start)  # fmt: skip
     ident, created = schemas.completion_id("cmpl"), schemas.now()
     if body.stream:
         include_usage = body.include_usage()

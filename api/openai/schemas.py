@@ -7,11 +7,12 @@ message and in all (``deployments.settings``, ``MAAS_MAX_MESSAGES`` and the like
 inputs.
 """
 
+import re
 import time
 import uuid
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
 from api.openapi import integral
 from deployments.settings import limits
@@ -23,6 +24,9 @@ MAX_PROMPT_CHARS = _L.max_prompt_chars
 MAX_STOP = 4  # OpenAI's limit
 MAX_STOP_CHARS = 64
 MAX_USER_CHARS = 256
+MAX_CHAT_IMAGES = _L.max_chat_images
+# Base64 of the largest accepted image, and its data URL prefix.
+MAX_IMAGE_URL_CHARS = 4 * -(-_L.max_image_bytes // 3) + 128
 
 # JSON Schema's integers (5.0 is one); constraints before the validator keep them in the schema.
 Tokens = Annotated[int, Field(ge=1), BeforeValidator(integral)]
@@ -38,17 +42,93 @@ class TextPart(Request):
     text: Annotated[str, Field(max_length=MAX_MESSAGE_CHARS)]
 
 
+DATA_URL = re.compile(r"data:image/[A-Za-z0-9.+-]+;base64,")
+
+
+class ImageURL(Request):
+    url: Annotated[
+        str, Field(min_length=1, max_length=MAX_IMAGE_URL_CHARS, json_schema_extra={"pattern": f"^{DATA_URL.pattern}"})
+    ] = Field(
+        description="The image as a data URL, `data:image/<format>;base64,<data>` (JPEG, PNG, WebP, BMP, GIF or "
+        "TIFF). Remote `http(s)` URLs are refused: the service fetches nothing from the network."
+    )
+    detail: Literal["auto", "low", "high"] = Field("auto", description="Accepted and ignored.")
+
+    @field_validator("url")
+    @classmethod
+    def _inline(cls, url: str) -> str:
+        if DATA_URL.match(url):
+            return url
+        if url.lower().startswith(("http://", "https://")):
+            raise ValueError(
+                "remote image URLs are not fetched (the service reaches no network); send the image inline as "
+                "a data URL: data:image/png;base64,..."
+            )
+        raise ValueError("the image must be a base64-encoded image in a data URL: data:image/<format>;base64,...")
+
+
+class ImagePart(Request):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+def _part_kind(part) -> str | None:
+    kind = part.get("type") if isinstance(part, dict) else getattr(part, "type", None)
+    return {"text": "TextPart", "image_url": "ImagePart"}.get(kind)
+
+
+def _content_kind(content) -> str | None:
+    return "str" if isinstance(content, str) else "list" if isinstance(content, list) else None
+
+
+# Tagged unions, so a bad part is reported once, where it is: the tags are names error messages leave out of
+# the field path (``messages.0.content.1.image_url.url``).
+ContentPart = Annotated[
+    Union[Annotated[TextPart, Tag("TextPart")], Annotated[ImagePart, Tag("ImagePart")]],
+    Discriminator(
+        _part_kind,
+        custom_error_type="invalid_content_part",
+        custom_error_message="a content part's type must be 'text' or 'image_url'",
+    ),
+]
+Content = Annotated[
+    Union[
+        Annotated[str, Field(max_length=MAX_MESSAGE_CHARS), Tag("str")],
+        Annotated[list[ContentPart], Field(max_length=64), Tag("list")],
+    ],
+    Discriminator(
+        _content_kind,
+        custom_error_type="invalid_content",
+        custom_error_message="content must be a string or a list of content parts",
+    ),
+]
+
+
 class Message(Request):
     role: Literal["system", "developer", "user", "assistant"] = Field(
-        description="`developer` is treated as `system`. Tool messages are not supported."
+        description="`developer` is treated as `system`. Tool messages are not supported. Images (`image_url` "
+        f"parts) are taken in `user` messages only, at most {MAX_CHAT_IMAGES} in a chat (`MAAS_MAX_CHAT_IMAGES`)."
     )
-    content: Annotated[str, Field(max_length=MAX_MESSAGE_CHARS)] | Annotated[list[TextPart], Field(max_length=64)]
+    content: Content
     name: Annotated[str, Field(max_length=64)] | None = None
 
+    @model_validator(mode="after")
+    def _images_from_the_user(self) -> "Message":
+        if self.role != "user" and self.images():
+            raise ValueError("images are accepted in user messages only")
+        return self
+
     def text(self) -> str:
+        """The message's text parts (images aside)."""
         if isinstance(self.content, str):
             return self.content
-        return "\n".join(part.text for part in self.content)
+        return "\n".join(part.text for part in self.content if isinstance(part, TextPart))
+
+    def images(self) -> list[tuple[int, ImagePart]]:
+        """The image parts, with their index in the content."""
+        if isinstance(self.content, str):
+            return []
+        return [(index, part) for index, part in enumerate(self.content) if isinstance(part, ImagePart)]
 
     def chat_role(self) -> str:
         return "system" if self.role == "developer" else self.role
@@ -95,7 +175,18 @@ class ChatCompletionRequest(Sampling):
         total = sum(len(message.text()) for message in messages)
         if total > MAX_PROMPT_CHARS:
             raise ValueError(f"the messages have {total} characters; at most {MAX_PROMPT_CHARS} in all")
+        images = sum(len(message.images()) for message in messages)
+        if images > MAX_CHAT_IMAGES:
+            raise ValueError(f"the messages have {images} images; at most {MAX_CHAT_IMAGES} in one chat")
         return messages
+
+    def image_urls(self) -> list[tuple[tuple, str]]:
+        """Every image of the chat in order, with where it is in the request (``messages.i.content.j``)."""
+        return [
+            (("messages", m, "content", j, "image_url", "url"), part.image_url.url)
+            for m, message in enumerate(self.messages)
+            for j, part in message.images()
+        ]
 
     def token_cap(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens

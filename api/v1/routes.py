@@ -105,6 +105,66 @@ async def vision_classify(
     )
 
 
+def _text_lines(result) -> list[schemas.TextLine]:
+    return [schemas.TextLine(text=line.text, confidence=line.confidence, box=[list(p) for p in line.box])
+            for line in result.lines]  # fmt: skip
+
+
+@_post("/v1/vision/ocr", schemas.OcrRequest, schemas.OcrResponse, multipart=True)
+async def vision_ocr(request: Request, dataplane: DataplaneDep, admission: AdmissionDep) -> schemas.OcrResponse:
+    """The lines of text in an image, in reading order, each with its confidence and box."""
+    route = "/v1/vision/ocr"
+    with admission.slot(route):
+        body, upload = await read_body(request, schemas.OcrRequest, multipart=True)
+        image = await dataplane.prepare_views(
+            route, request.state.deadline, raw=upload, image_b64=body.image, vision=False, ocr=True
+        )
+        result = await dataplane.read_text(image, request.state.deadline)
+    width, height = image.size
+    return schemas.OcrResponse(
+        lines=_text_lines(result), truncated=result.truncated, width=width, height=height,
+        model=result.model, version=result.version,
+    )  # fmt: skip
+
+
+@_post("/v1/multimodal/describe", schemas.DescribeRequest, schemas.DescribeResponse, multipart=True)
+async def multimodal_describe(
+    request: Request, dataplane: DataplaneDep, admission: AdmissionDep
+) -> schemas.DescribeResponse:
+    """One or two sentences about an image, with the evidence they were written from.
+
+    Not a trained captioning model: the image classifier (ImageNet classes) and OCR (text in the image) look at
+    the image in parallel, and the language model is asked to describe it from their findings only. The
+    evidence is returned so a client can check the description against it.
+    """
+    route = "/v1/multimodal/describe"
+    with admission.slot(route):
+        body, upload = await read_body(request, schemas.DescribeRequest, multipart=True)
+        image = await dataplane.prepare_views(
+            route, request.state.deadline, raw=upload, image_b64=body.image, vision=True, ocr=True
+        )
+        described = await dataplane.describe(image, body.max_tokens, request.state.deadline)
+    looked, last = described.looked, described.last
+    return schemas.DescribeResponse(
+        description=described.text,
+        finish_reason=described.finish_reason,
+        evidence=schemas.DescriptionEvidence(
+            classes=_label_scores(looked.evidence.classes),
+            text=_text_lines(looked.ocr),
+            text_truncated=looked.evidence.text_truncated,
+            prompt=looked.evidence.render(),
+        ),
+        models={
+            "vision": f"{looked.vision.model} {looked.vision.version}",
+            "ocr": f"{looked.ocr.model} {looked.ocr.version}",
+            "llm": f"{last.model} {last.version}",
+        },
+        usage=schemas.DescribeUsage(prompt_tokens=last.prompt_tokens, completion_tokens=last.completion_tokens),
+        seconds={name: round(value, 4) for name, value in described.seconds.items()},
+        method="grounded-prompt: imagenet classes + ocr -> language model",
+    )
+
+
 @_post("/v1/text/embed", schemas.TextEmbedRequest, schemas.TextEmbedResponse, multipart=False)
 async def text_embed(request: Request, dataplane: DataplaneDep, admission: AdmissionDep) -> schemas.TextEmbedResponse:
     with admission.slot("/v1/text/embed"):

@@ -148,6 +148,26 @@ class TextClassifyRequest(_Request):
     labels: Labels
 
 
+class OcrRequest(_Request):
+    """Read the text in one image."""
+
+    image: ImageB64
+
+
+MAX_DESCRIPTION_TOKENS = 128
+
+
+class DescribeRequest(_Request):
+    """Describe one image in one or two sentences, from what the vision and OCR models found in it."""
+
+    image: ImageB64
+    max_tokens: Annotated[
+        int,
+        Field(ge=1, le=MAX_DESCRIPTION_TOKENS, description="Most tokens the description may have."),
+        BeforeValidator(integral),
+    ] = 60
+
+
 def _present(field: str) -> dict:
     return {"required": [field], "properties": {field: {"type": "string"}}}
 
@@ -272,6 +292,56 @@ class MultimodalResponse(_Response):
         description="How image and text were compared: ConSE (convex combination of the "
         "embeddings of the image's top ImageNet classes in the text space) and weighted "
         "late fusion. Not CLIP."
+    )
+
+
+class TextLine(_Response):
+    text: str = Field(description="The line as read.")
+    confidence: float = Field(description="The recogniser's confidence in the line, in [0, 1].")
+    box: list[list[float]] = Field(
+        description="The line's four corners [x, y] in the uploaded image's pixels, clockwise from its top left "
+        "(as the text runs)."
+    )
+
+
+class OcrResponse(_Response):
+    lines: list[TextLine] = Field(
+        description="Lines of text in reading order (top to bottom, then left to right); empty if none."
+    )
+    truncated: bool = Field(description="More lines were found than the OCR deployment returns (its max_lines).")
+    width: int = Field(description="Width of the uploaded image, in pixels.")
+    height: int = Field(description="Height of the uploaded image, in pixels.")
+    model: str
+    version: str
+
+
+class DescriptionEvidence(_Response):
+    classes: list[LabelScore] = Field(
+        description="The ImageNet classes the description was given, most likely first: at most 3, each with a "
+        "probability of at least 0.1."
+    )
+    text: list[TextLine] = Field(description="The lines OCR read, in reading order.")
+    text_truncated: bool = Field(description="The text read was longer than the prompt holds (400 characters).")
+    prompt: str = Field(description="The evidence exactly as the language model read it.")
+
+
+class DescribeUsage(_Response):
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class DescribeResponse(_Response):
+    description: str = Field(description="One or two sentences about the image, written from the evidence only.")
+    finish_reason: Literal["stop", "length"] = Field(description="`length`: cut at max_tokens.")
+    evidence: DescriptionEvidence
+    models: dict[str, str] = Field(description="The model and version each step ran: vision, ocr, llm.")
+    usage: DescribeUsage
+    seconds: dict[str, float] = Field(
+        description="Time waiting for each model: vision and ocr (in parallel), then llm."
+    )
+    method: str = Field(
+        description="How the description was made: not a trained captioning model, but a language model "
+        "prompted with what an ImageNet classifier and OCR found (grounded prompting)."
     )
 
 

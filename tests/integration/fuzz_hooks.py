@@ -29,7 +29,11 @@ more:
   limits (``max_tokens`` and prompt tokens against the deployment's caps)
   are the deployment's configuration, not the schema's, so a generated value
   over them is rightly a 400; and a fuzzing run of full-length answers would
-  take hours.
+  take hours. An image part gets a real photo as its data URL; only the
+  first image of a chat is kept, and only in a user message (the limits on
+  images in a chat are in the schema's descriptions, not its rules), the
+  others become text parts. A description, likewise, is kept to
+  ``FUZZ_TOKENS`` tokens.
 
 Every other failure stands.
 """
@@ -59,6 +63,7 @@ def _photo() -> bytes:
 
 
 PHOTO = _photo()
+PHOTO_URL = "data:image/jpeg;base64," + base64.b64encode(PHOTO).decode()
 
 
 OIP_MODEL = "text"
@@ -73,6 +78,7 @@ def _served_version() -> str:
 
 OPENAI_MODELS = {"/v1/chat/completions": "llm", "/v1/completions": "llm", "/v1/embeddings": "text"}
 FUZZ_TOKENS, FUZZ_MESSAGES, FUZZ_CHARS = 2, 4, 40
+DESCRIBE = "/v1/multimodal/describe"
 
 
 def _short(text):
@@ -91,11 +97,22 @@ def _short_generation(body: dict) -> dict:
     elif isinstance(body.get("prompt"), list):
         body["prompt"] = [_short(p) for p in body["prompt"]]
     if isinstance(body.get("messages"), list):
-        messages = []
+        messages, images = [], 0
         for message in body["messages"][:FUZZ_MESSAGES]:
             content = message.get("content")
             if isinstance(content, list):
-                content = [{**part, "text": _short(part.get("text"))} for part in content[:FUZZ_MESSAGES]]
+                parts = []
+                for part in content[:FUZZ_MESSAGES]:
+                    if isinstance(part, dict) and part.get("type") == "image_url":
+                        if images or message.get("role") != "user":
+                            part = {"type": "text", "text": "an image was here"}
+                        else:
+                            images += 1
+                            part = {**part, "image_url": {**part.get("image_url", {}), "url": PHOTO_URL}}
+                    elif isinstance(part, dict):
+                        part = {**part, "text": _short(part.get("text"))}
+                    parts.append(part)
+                content = parts
             messages.append({**message, "content": _short(content)})
         body["messages"] = messages
     return body
@@ -126,6 +143,8 @@ def before_call(ctx, case, **kwargs):
         return
     photo = base64.b64encode(PHOTO).decode() if case.media_type == "application/json" else PHOTO
     case.body = {**case.body, "image": photo}  # a new dict: cases can share theirs
+    if path == DESCRIBE:
+        case.body["max_tokens"] = FUZZ_TOKENS  # a description of FUZZ_TOKENS tokens: seconds less per case
 
 
 @schemathesis.hook

@@ -17,20 +17,35 @@ from deployments.contracts import (
     FusionResult,
     GenerationChunk,
     GenerationRequest,
+    OcrLine,
+    OcrResult,
     TextEmbeddings,
     TextRanking,
     VisionResult,
 )
 from deployments.errors import InvalidInput, ModelUnavailable
 from deployments.imaging import ImageSpec, Interpolation
-from pipelines.dataplane import Analysis, decode_and_prepare
+from pipelines import grounding
+from pipelines.dataplane import Analysis, Dataplane, Looked, PreparedImage, decode_and_prepare
 from pipelines.registry import ModelRegistry
 
 SPEC = ImageSpec(8, 8, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), Interpolation.bilinear)
 CLASSES = [f"class{i}" for i in range(10)]
 DIM = 4
-VERSIONS = {"vision": "vision-weights==1/abc", "text": "text==2", "fusion": "conse-top10", "llm": "llm==3/def"}
-DETAILS = {"vision": {"embedding_dim": 3}, "text": {"dim": DIM}, "fusion": {}, "llm": {"context_tokens": 64}}
+VERSIONS = {
+    "vision": "vision-weights==1/abc",
+    "text": "text==2",
+    "fusion": "conse-top10",
+    "ocr": "ocr==4/abc",
+    "llm": "llm==3/def",
+}
+DETAILS = {
+    "vision": {"embedding_dim": 3},
+    "text": {"dim": DIM},
+    "fusion": {},
+    "ocr": {"max_lines": 200},
+    "llm": {"context_tokens": 64},
+}
 MAX_TOKENS_CAP = 100
 
 
@@ -86,6 +101,24 @@ class FakeDataplane:
 
     async def prepare_image(self, route, deadline, raw=None, image_b64=None) -> np.ndarray:
         return (await asyncio.to_thread(decode_and_prepare, raw, image_b64, SPEC)).pixels
+
+    async def prepare_views(self, route, deadline, raw=None, image_b64=None, vision=True, ocr=False) -> PreparedImage:
+        return await asyncio.to_thread(decode_and_prepare, raw, image_b64, SPEC if vision else None, ocr)
+
+    async def read_text(self, image: PreparedImage, deadline) -> OcrResult:
+        self._check("ocr")
+        self.calls.append(("read_text", image.page.shape))
+        return ocr_result(image.page)
+
+    async def look(self, image: PreparedImage, deadline) -> Looked:
+        self._check("vision")
+        self._check("ocr")
+        vision, lines = vision_result(image.pixels, 5, False), ocr_result(image.page)
+        return Looked(vision, lines, grounding.gather(vision.labels, lines.lines), {"vision": 0.01, "ocr": 0.02})
+
+    # The real graph over the fakes above: the prompts the language model gets are the real ones.
+    describe = Dataplane.describe
+    chat_about_images = Dataplane.chat_about_images
 
     async def classify(self, pixels, top_k, embed, deadline) -> VisionResult:
         self._check("vision")
@@ -157,6 +190,14 @@ def vision_result(pixels: np.ndarray, top_k: int, embed: bool) -> VisionResult:
     return VisionResult(
         [(CLASSES[i], float(probs[i])) for i in order], probs, embedding, "vision-model", VERSIONS["vision"]
     )
+
+
+def ocr_result(page: np.ndarray) -> OcrResult:
+    """An image whose mean green level is over 128 has one line of text, naming that level and its height."""
+    green = int(page[..., 1].mean())
+    height, width = page.shape[:2]
+    lines = [OcrLine(f"GREEN {green}", 0.9, [(0.0, 0.0), (width, 0.0), (width, height), (0.0, height)])]
+    return OcrResult(lines if green > 128 else [], False, "ocr-model", VERSIONS["ocr"], 0.02)
 
 
 def text_vector(text: str) -> np.ndarray:

@@ -10,13 +10,19 @@ from deployments.errors import ConfigError
 from deployments.fusion import FusionConfig
 from deployments.ingress import IngressConfig
 from deployments.language import GenerationSettings
+from deployments.ocr import OcrSettings
 from deployments.text import TextSettings
 from deployments.vision import VisionSettings
 from pipelines.multimodal import MultimodalArgs, build_app
 
 ROOT = Path(__file__).resolve().parents[2]
 PROFILES = {"cpu": ROOT / "serve_config.yaml", "gpu": ROOT / "serve_config.gpu.yaml"}
-MODEL_CONFIGS = {"VisionClassifier": VisionSettings, "TextEncoder": TextSettings, "FusionScorer": FusionConfig}
+MODEL_CONFIGS = {
+    "VisionClassifier": VisionSettings,
+    "TextEncoder": TextSettings,
+    "FusionScorer": FusionConfig,
+    "TextReader": OcrSettings,
+}
 USER_CONFIGS = {**MODEL_CONFIGS, "TextGenerator": GenerationSettings, "Ingress": IngressConfig}
 
 
