@@ -205,6 +205,10 @@ def markdown(results: dict, plot_name: str) -> str:
         from benchmarks.llm import report as llm_report
 
         lines += ["", *llm_report(results["llm"])]
+    if results.get("describe"):
+        from benchmarks.describe import report as describe_report
+
+        lines += ["", *describe_report(results["describe"]["cluster"], results["describe"]["duration_s"])]
     notes = Path(__file__).with_name("NOTES.md")
     if notes.exists():
         lines += ["", notes.read_text().strip()]

@@ -9,13 +9,16 @@ Each HTTP setup is loaded on the vision and multimodal routes at several
 concurrencies with a closed-loop client. Also measured: cold start, the time
 from ``serve run serve_config.yaml`` to the first multimodal answer; and the
 language model (``benchmarks/llm.py``): streaming clients against the cluster
-and the same model in-process, one request at a time.
+and the same model in-process, one request at a time; and grounded descriptions
+(``benchmarks/describe.py``): vision and OCR in parallel, then the language model.
 
 Writes ``docs/benchmarks/results.json``, ``docs/benchmarks/throughput.png``
 and ``docs/BENCHMARKS.md``. Environment knobs: ``BENCH_DURATION_S`` (per
 point, default 8), ``BENCH_CONCURRENCY`` (default ``1,8,32,64``), ``BENCH_CONFIG`` (the Serve
 config to measure, default serve_config.yaml), the ``BENCH_LLM_*`` knobs of ``benchmarks/llm.py``, and
-``BENCH_SETUPS=llm``: measure the language model alone and update its section of the last report.
+``BENCH_SETUPS=llm``: measure the language model alone and update its section of the last report;
+``BENCH_SETUPS=describe`` likewise for descriptions (and the ``BENCH_DESCRIBE_*`` knobs of
+``benchmarks/describe.py``).
 """
 
 import base64
@@ -37,7 +40,7 @@ import torch
 import yaml
 from PIL import Image
 
-from benchmarks import llm
+from benchmarks import describe, llm
 from benchmarks.loadgen import run_load, run_overload
 from benchmarks.report import write_report
 
@@ -200,8 +203,11 @@ def measure_overload(base: str, requests: dict[str, dict], rows: list[dict]) -> 
     return points
 
 
-def run_cluster(requests: dict[str, dict], only_llm: bool = False) -> tuple[list[dict], float, dict, list[dict]]:
-    """The cluster's rows (batching on and off), cold start, overload points and language-model rows."""
+def run_cluster(
+    requests: dict[str, dict], only: str | None = None
+) -> tuple[list[dict], float, dict, list[dict], list[dict]]:
+    """The cluster's rows (batching on and off), cold start, overload points, language-model rows and
+    description rows; with ``only`` ("llm" or "describe"), that section's rows alone."""
     config = yaml.safe_load(CONFIG.read_text())
     config["http_options"]["port"] = CLUSTER_PORT
     folder = Path(tempfile.mkdtemp(prefix="bench-"))
@@ -219,9 +225,10 @@ def run_cluster(requests: dict[str, dict], only_llm: bool = False) -> tuple[list
     try:
         cold_start_s = wait_for_answer(base, ROUTES["multimodal"], requests["multimodal"], process)
         log(f"cold start: first multimodal answer {cold_start_s:.1f} s after `serve run`")
-        llm_rows = llm.measure_cluster(base, log)
-        if only_llm:
-            return [], cold_start_s, [], llm_rows
+        llm_rows = llm.measure_cluster(base, log) if only in (None, "llm") else []
+        describe_rows = describe.measure_cluster(base, log) if only in (None, "describe") else []
+        if only:
+            return [], cold_start_s, [], llm_rows, describe_rows
         rows = load_all("cluster-batching", base, requests)
         overload = measure_overload(base, requests, rows)
         # Batching off, applied live through user_config (reconfigure), no restart.
@@ -239,7 +246,7 @@ def run_cluster(requests: dict[str, dict], only_llm: bool = False) -> tuple[list
                 break
             time.sleep(1)
         rows += load_all("cluster-no-batching", base, requests)
-        return rows, cold_start_s, overload, llm_rows
+        return rows, cold_start_s, overload, llm_rows, describe_rows
     finally:
         stop(process)
         log(f"cluster stopped ({time.monotonic() - started:.0f} s in all)")
@@ -257,11 +264,16 @@ def main() -> None:
         results["llm"] = measure_llm(requests)
         write_results(results)
         return
+    if os.environ.get("BENCH_SETUPS") == "describe":  # descriptions alone, into the last report
+        results = json.loads((OUT / "results.json").read_text())
+        results["describe"] = describe_results(run_cluster(requests, only="describe")[4])
+        write_results(results)
+        return
     raw = measure_raw(requests)  # its models are freed on return, before the servers start
     in_process = llm.measure_in_process()
     log(f"llm in-process: {in_process['tokens_per_s']:.1f} tokens/s, first token p50 {in_process['ttft_p50_s']:.2f} s")
     rows = run_baseline(requests)
-    cluster_rows, cold_start_s, overload, llm_rows = run_cluster(requests)
+    cluster_rows, cold_start_s, overload, llm_rows, describe_rows = run_cluster(requests)
     results = {
         "machine": {
             "cpus": os.cpu_count(),
@@ -275,8 +287,13 @@ def main() -> None:
         "raw_rps_by_batch": raw,
         "results": rows + cluster_rows,
         "llm": llm_results(in_process, llm_rows),
+        "describe": describe_results(describe_rows),
     }
     write_results(results)
+
+
+def describe_results(rows: list[dict]) -> dict:
+    return {"duration_s": describe.DURATION_S, "cluster": rows}
 
 
 def llm_results(in_process: dict, cluster_rows: list[dict]) -> dict:
@@ -287,7 +304,7 @@ def llm_results(in_process: dict, cluster_rows: list[dict]) -> dict:
 def measure_llm(requests: dict[str, dict]) -> dict:
     in_process = llm.measure_in_process()
     log(f"llm in-process: {in_process['tokens_per_s']:.1f} tokens/s, first token p50 {in_process['ttft_p50_s']:.2f} s")
-    _, _, _, cluster_rows = run_cluster(requests, only_llm=True)
+    cluster_rows = run_cluster(requests, only="llm")[3]
     return llm_results(in_process, cluster_rows)
 
 

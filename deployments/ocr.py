@@ -107,6 +107,7 @@ class OcrModel:
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise InvalidImage("OCR takes (height, width, 3) uint8 RGB pixels", field="image")
         engine = self.engine
+        image = np.ascontiguousarray(image[:, :, ::-1])  # BGR, as RapidOCR hands its models a decoded file
         height, width = image.shape[:2]
         resized, ratio_h, ratio_w = engine.preprocess(image)
         steps = {"preprocess": {"ratio_h": ratio_h, "ratio_w": ratio_w}}
@@ -131,7 +132,6 @@ class OcrModel:
             for i, (text, confidence, *_) in zip(group, read):
                 results[i] = (text, float(confidence))
         return results
-
 
     def _keeps(self, text: str, confidence: float) -> bool:
         needed = self.config.single_character_confidence if len(text) == 1 else self.config.min_confidence

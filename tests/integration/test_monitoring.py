@@ -21,6 +21,7 @@ from urllib.parse import urlparse
 import httpx
 import numpy as np
 import pytest
+import skimage.data
 import yaml
 from PIL import Image
 from ray import serve
@@ -471,6 +472,24 @@ def test_language_model_metrics_match_the_generations_sent(prometheus, drift_app
     running = f'ray_maas_llm_sequences{{{llm}, state="running"}}'
     assert prometheus.wait_for(f"count({running})", lambda v: v >= 2) >= 2
     assert prometheus.wait_for(f"sum({running})", lambda v: v == 0) == 0
+
+
+def test_ocr_metrics_count_each_image_and_its_lines(prometheus, drift_app, chelsea_jpeg):
+    ocr = 'deployment="TextReader"'
+    exprs = {
+        "images": f"sum(ray_maas_ocr_image_seconds_count{{{ocr}}})",
+        "lines_counted": f"sum(ray_maas_ocr_lines_items_count{{{ocr}}})",
+        "without_text": f'sum(ray_maas_ocr_lines_items_bucket{{{ocr}, le="0.5"}})',
+        "up_to_five": f'sum(ray_maas_ocr_lines_items_bucket{{{ocr}, le=~"5|5\\\\.0"}})',
+    }
+    before = prometheus.stable(exprs)
+    page = jpeg(Image.fromarray(skimage.data.page()))  # five lines
+    statuses = post_all(drift_app, "/v1/vision/ocr", [{"image": page}, {"image": b64(chelsea_jpeg)}], concurrency=1)
+    assert statuses == [200, 200]
+    expected = {"images": 2, "lines_counted": 2, "without_text": 1, "up_to_five": 2}
+    for name, delta in expected.items():
+        seen = prometheus.wait_for(exprs[name], lambda v, d=delta, n=name: v >= before[n] + d) - before[name]
+        assert seen == delta, f"{name}: Prometheus saw {seen}, sent {delta} ({exprs[name]})"
 
 
 # --- The dashboard and the alerts use only metrics that exist ----------------------------------
