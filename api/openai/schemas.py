@@ -74,7 +74,7 @@ class ImagePart(Request):
 
 def _part_kind(part) -> str | None:
     kind = part.get("type") if isinstance(part, dict) else getattr(part, "type", None)
-    return {"text": "TextPart", "image_url": "ImagePart"}.get(kind)
+    return {"text": "TextPart", "image_url": "ImagePart"}.get(kind) if isinstance(kind, str) else None
 
 
 def _content_kind(content) -> str | None:

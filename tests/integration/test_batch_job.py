@@ -9,11 +9,13 @@ import os
 import time
 from pathlib import Path
 
+import httpx
 import pytest
+from PIL import Image, ImageDraw, ImageFont
 from ray.job_submission import JobStatus, JobSubmissionClient
 
 from monitoring.tools.profile import augmented, skimage_photos
-from tests.conftest import encode
+from tests.conftest import b64, encode
 from tests.integration.conftest import DASHBOARD_PORT
 from tests.serving import ROOT
 
@@ -123,3 +125,30 @@ def test_job_embeds_a_jsonl_file_and_reports_malformed_lines(jobs, tmp_path):
     errors = {e["id"]: e["reason"] for e in read_parts(out / "errors")}
     assert set(errors) == {str(len(sentences) + 1), "no-text"}  # the bad line is named by its line number
     assert all("'text'" in reason for reason in errors.values())
+
+
+def test_job_describes_a_folder_through_the_same_graph_as_the_describe_route(jobs, tmp_path, chelsea_jpeg, app_url):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "chelsea.jpg").write_bytes(chelsea_jpeg)
+    words = Image.new("RGB", (720, 200), "white")
+    ImageDraw.Draw(words).text((30, 50), "OPEN SESAME", fill="black", font=ImageFont.load_default(size=72))
+    (folder / "words.png").write_bytes(encode(words, "PNG"))
+    (folder / "broken.png").write_bytes(b"not a png")
+    out = tmp_path / "out"
+    job_id = submit(jobs, f"--images {folder} --describe --out {out}")
+    status = wait(jobs, job_id, {JobStatus.SUCCEEDED, JobStatus.FAILED})
+    assert status == JobStatus.SUCCEEDED, jobs.get_job_logs(job_id)[-3000:]
+
+    results = {r["id"]: r for r in read_parts(out / "results")}
+    assert set(results) == {"chelsea.jpg", "words.png"}
+    with httpx.Client(base_url=app_url, timeout=120) as client:  # the same description as the route gives
+        route = client.post("/v1/multimodal/describe", json={"image": b64(chelsea_jpeg)}).json()
+    assert results["chelsea.jpg"]["description"] == route["description"] and "cat" in route["description"].lower()
+    assert results["chelsea.jpg"]["classes"] == [{"label": c["label"], "score": c["score"]} for c in route["evidence"]["classes"]]
+    assert [line["text"] for line in results["words.png"]["text"]] == ["OPEN SESAME"]
+    assert "OPEN SESAME" in results["words.png"]["description"]
+    errors = {e["id"]: e["reason"] for e in read_parts(out / "errors")}
+    assert set(errors) == {"broken.png"} and "not a decodable image" in errors["broken.png"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert any(model.startswith("PP-OCRv4") for model in summary["models"])
