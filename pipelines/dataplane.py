@@ -250,16 +250,9 @@ class Dataplane:
         request = GenerationRequest(
             messages=grounding.describe_messages(looked.evidence), max_tokens=max_tokens, temperature=0.0, stop=["\n"]
         )
-        chunks = await self.generate(request, deadline)
-        parts, last = [], None
-        try:
-            async for chunk in chunks:
-                parts.append(chunk.text)
-                last = chunk
-        finally:
-            await chunks.aclose()
+        text, last = await collect(await self.generate(request, deadline))
         seconds = {**looked.seconds, "llm": time.perf_counter() - seen}
-        return Description("".join(parts).strip(), last.finish_reason, looked, last, seconds)
+        return Description(text.strip(), last.finish_reason, looked, last, seconds)
 
     async def chat_about_images(
         self, request: GenerationRequest, images: list[PreparedImage], deadline: Deadline
@@ -288,6 +281,18 @@ class Dataplane:
 
         head = await call_models(accepted, deadline)
         return _relay(head, stream, deadline)
+
+
+async def collect(chunks: AsyncIterator[GenerationChunk]) -> tuple[str, GenerationChunk]:
+    """A whole answer from its chunks: the text, and the last chunk (finish reason, token counts, model)."""
+    parts, last = [], None
+    try:
+        async for chunk in chunks:
+            parts.append(chunk.text)
+            last = chunk
+    finally:
+        await chunks.aclose()
+    return "".join(parts), last
 
 
 def _in_upload_pixels(result: OcrResult, scale: float) -> OcrResult:

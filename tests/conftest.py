@@ -1,6 +1,7 @@
-"""Shared sample inputs: real photographs from scikit-image, and broken images made from them."""
+"""Shared sample inputs: real photographs from scikit-image, broken images made from them, and text to read."""
 
 import base64
+import difflib
 import io
 import re
 
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 import skimage.color
 import skimage.data
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 
 def encode(image: Image.Image | np.ndarray, fmt: str = "JPEG", **params) -> bytes:
@@ -21,6 +22,32 @@ def encode(image: Image.Image | np.ndarray, fmt: str = "JPEG", **params) -> byte
 
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
+
+
+# scikit-image's page(): a scanned paragraph, as printed on it.
+PAGE_LINES = [
+    "Region-based segmentation",
+    "Let us first determine markers of the coins and the",
+    "background. These markers are pixels that we can label",
+    "unambiguously as either object or background. Here,",
+    "histogram of grey values:",
+]
+
+
+def squeezed(text: str) -> str:
+    """Text without whitespace, in lower case: OCR may drop or add a space between words."""
+    return "".join(text.split()).lower()
+
+
+def same_line(read: str, expected: str) -> bool:
+    return difflib.SequenceMatcher(None, squeezed(read), squeezed(expected)).ratio() >= 0.9
+
+
+def rendered_words(words: str, left: int = 30) -> Image.Image:
+    """A few words in a large font, black on a white 720x200 image."""
+    image = Image.new("RGB", (720, 200), "white")
+    ImageDraw.Draw(image).text((left, 50), words, fill="black", font=ImageFont.load_default(size=72))
+    return image
 
 
 @pytest.fixture(scope="session")

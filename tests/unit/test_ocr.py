@@ -1,31 +1,14 @@
 """The OCR model with its real engine (RapidOCR's PP-OCRv4 on ONNX Runtime; it loads in about a second)."""
 
-import difflib
 import importlib.metadata
 
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw, ImageFont
 from skimage import data
 
 from deployments.errors import InvalidImage
 from deployments.ocr import OcrConfig, OcrModel
-
-PAGE_LINES = [
-    "Region-based segmentation",
-    "Let us first determine markers of the coins and the",
-    "background. These markers are pixels that we can label",
-    "unambiguously as either object or background. Here,",
-    "histogram of grey values:",
-]
-
-
-def squeezed(text: str) -> str:
-    return "".join(text.split()).lower()
-
-
-def same_line(read: str, expected: str) -> bool:
-    return difflib.SequenceMatcher(None, squeezed(read), squeezed(expected)).ratio() >= 0.9
+from tests.conftest import PAGE_LINES, rendered_words, same_line
 
 
 @pytest.fixture(scope="module")
@@ -46,9 +29,7 @@ def cat() -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def sign() -> np.ndarray:
-    image = Image.new("RGB", (720, 200), "white")
-    ImageDraw.Draw(image).text((20, 50), "OPEN SESAME", fill="black", font=ImageFont.load_default(size=72))
-    return np.asarray(image, dtype=np.uint8)
+    return np.asarray(rendered_words("OPEN SESAME", left=20), dtype=np.uint8)
 
 
 def top(box) -> float:
