@@ -6,6 +6,7 @@ output.
 """
 
 import asyncio
+import json
 
 import numpy as np
 from fastapi.testclient import TestClient
@@ -209,6 +210,16 @@ def label_scores(text: str, labels: list[str]) -> np.ndarray:
     """Labels sharing more characters with the text score higher; scores sum to 1."""
     raw = np.array([len(set(text) & set(label)) + 1.0 for label in labels], np.float32)
     return raw / raw.sum()
+
+
+def events(response) -> list:
+    """The SSE ``data:`` payloads of a response, ``[DONE]`` as a string."""
+    payloads = []
+    for line in response.text.splitlines():
+        if line.startswith("data: "):
+            data = line.removeprefix("data: ")
+            payloads.append(data if data == "[DONE]" else json.loads(data))
+    return payloads
 
 
 def client(dataplane=None, admission: dict | None = None) -> TestClient:

@@ -7,7 +7,6 @@ over 128; the vision model's best class is ``class<mean red level mod 10>``; the
 
 import base64
 import io
-import json
 
 import pytest
 from PIL import Image
@@ -15,7 +14,7 @@ from PIL import Image
 from api.openai.schemas import MAX_IMAGE_URL_CHARS
 from deployments.settings import limits
 from pipelines.grounding import CHAT_SYSTEM
-from tests.unit.fake_dataplane import FakeDataplane, client
+from tests.unit.fake_dataplane import FakeDataplane, client, events
 
 GREENISH = (200, 200, 10)  # green over 128: OCR reads "GREEN 200"; red 200: class0
 DARK = (10, 10, 10)  # no text; red 10: class0
@@ -37,16 +36,6 @@ def data_url(colour: tuple[int, int, int]) -> str:
 
 
 NOT_AN_IMAGE = b64(b"this is a secret payload, not an image at all " * 8)
-
-
-@pytest.fixture
-def dataplane():
-    return FakeDataplane()
-
-
-@pytest.fixture
-def api(dataplane):
-    return client(dataplane)
 
 
 def generated(dataplane) -> list:
@@ -212,15 +201,6 @@ def chat(*content: dict, role: str = "user", **extra) -> dict:
 QUESTION = {"type": "text", "text": "What is this?"}
 
 
-def sse(response) -> list:
-    payloads = []
-    for line in response.text.splitlines():
-        if line.startswith("data: "):
-            data = line.removeprefix("data: ")
-            payloads.append(data if data == "[DONE]" else json.loads(data))
-    return payloads
-
-
 def test_a_chat_about_an_image_is_answered_from_its_evidence(api, dataplane):
     response = api.post("/v1/chat/completions", json=chat(QUESTION, image_part(data_url(GREENISH))))
     assert response.status_code == 200, response.text
@@ -236,7 +216,7 @@ def test_a_chat_about_an_image_streams(api):
     response = api.post("/v1/chat/completions", json=chat(QUESTION, image_part(data_url(GREENISH)), stream=True))
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/event-stream")
-    payloads = sse(response)
+    payloads = events(response)
     assert payloads[-1] == "[DONE]"
     chunks = payloads[:-1]
     assert {chunk["object"] for chunk in chunks} == {"chat.completion.chunk"}

@@ -1,34 +1,13 @@
 """The OpenAI-compatible router over a fake dataplane: request parsing, response and SSE shapes, errors."""
 
 import base64
-import json
 
 import numpy as np
 import pytest
 
-from tests.unit.fake_dataplane import FakeDataplane, client, text_vector
+from tests.unit.fake_dataplane import FakeDataplane, client, events, text_vector
 
 CHAT = {"model": "llm", "messages": [{"role": "user", "content": "hello there"}]}
-
-
-@pytest.fixture
-def dataplane():
-    return FakeDataplane()
-
-
-@pytest.fixture
-def api(dataplane):
-    return client(dataplane)
-
-
-def events(response) -> list:
-    """The SSE ``data:`` payloads of a response, ``[DONE]`` as a string."""
-    payloads = []
-    for line in response.text.splitlines():
-        if line.startswith("data: "):
-            data = line.removeprefix("data: ")
-            payloads.append(data if data == "[DONE]" else json.loads(data))
-    return payloads
 
 
 def test_chat_completion_has_openai_shape_and_the_answer(api, dataplane):
