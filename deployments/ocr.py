@@ -69,9 +69,7 @@ class OcrModel:
 
         module = PACKAGED_ENGINE.removeprefix("package:")
         self.config = config
-        self.engine = RapidOCR(
-            intra_op_num_threads=config.threads, inter_op_num_threads=1, text_score=config.min_confidence
-        )
+        self.engine = RapidOCR(intra_op_num_threads=config.threads, inter_op_num_threads=1)
         self.name = config.name or "PP-OCRv4"
         self.version = config.version or f"{package_version(module)}/{_models_digest(package_dir(module))}"
         self.device = "cpu"
@@ -81,25 +79,22 @@ class OcrModel:
     def read(self, images: list[np.ndarray]) -> list[OcrResult]:
         """The lines of each ``(H, W, 3)`` uint8 RGB image, in reading order, with boxes in its pixels."""
         start = time.perf_counter()
-        crops, owners, found = [], [], []
+        crops, owners, truncated = [], [], []  # owners: (image index, box) of each crop
+        limit = self.config.max_lines
         for index, image in enumerate(images):
             boxes, image_crops = self._detect(image)
-            kept = min(len(boxes), self.config.max_lines)
-            found.append((boxes[:kept], len(boxes) > kept))
-            crops += image_crops[:kept]
-            owners += [index] * kept
-        texts = self._recognise(crops)
+            truncated.append(len(boxes) > limit)
+            crops += image_crops[:limit]
+            owners += [(index, box) for box in boxes[:limit]]
         lines: list[list[OcrLine]] = [[] for _ in images]
-        boxes_left = [iter(boxes) for boxes, _ in found]
-        for owner, (text, confidence) in zip(owners, texts):
-            box = next(boxes_left[owner])
+        for (index, box), (text, confidence) in zip(owners, self._recognise(crops)):
             if self._keeps(text.strip(), confidence):
                 points = [(round(float(x), 1), round(float(y), 1)) for x, y in box]
-                lines[owner].append(OcrLine(text=text, confidence=float(confidence), box=points))
+                lines[index].append(OcrLine(text=text, confidence=confidence, box=points))
         seconds = (time.perf_counter() - start) / max(1, len(images))
         return [
-            OcrResult(lines=image_lines, truncated=truncated, model=self.name, version=self.version, seconds=seconds)
-            for image_lines, (_, truncated) in zip(lines, found)
+            OcrResult(lines=found, truncated=cut, model=self.name, version=self.version, seconds=seconds)
+            for found, cut in zip(lines, truncated)
         ]
 
     def _detect(self, image: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -123,9 +118,9 @@ class OcrModel:
         if not crops:
             return []
         crops, _, _ = self.engine.text_cls(crops)
-        narrow = [i for i, crop in enumerate(crops) if crop.shape[1] / crop.shape[0] <= self._base_ratio]
-        groups = [narrow] if narrow else []
-        groups += [[i] for i in range(len(crops)) if i not in set(narrow)]
+        narrow = [crop.shape[1] / crop.shape[0] <= self._base_ratio for crop in crops]
+        groups = [[i for i, fits in enumerate(narrow) if fits]] if any(narrow) else []
+        groups += [[i] for i, fits in enumerate(narrow) if not fits]
         results: list[tuple[str, float]] = [("", 0.0)] * len(crops)
         for group in groups:
             read, _ = self.engine.text_rec([crops[i] for i in group])

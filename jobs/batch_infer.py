@@ -107,7 +107,7 @@ class Job:
             self.versions.add(f"{result.model} {result.version}")
         return {
             "description": described.text,
-            "finish_reason": described.finish_reason,
+            "finish_reason": last.finish_reason,
             "classes": [{"label": label, "score": score} for label, score in looked.evidence.classes],
             "text": [{"text": line.text, "confidence": round(line.confidence, 4)} for line in looked.ocr.lines],
         }

@@ -73,9 +73,8 @@ class Description:
     """A grounded description of an image, with what it was built from."""
 
     text: str
-    finish_reason: str
     looked: Looked
-    last: GenerationChunk  # the answer's last chunk: token counts, model and version
+    last: GenerationChunk  # the answer's last chunk: finish reason, token counts, model and version
     seconds: dict[str, float]  # time spent waiting for vision, ocr (in parallel) and the language model
 
 
@@ -252,17 +251,17 @@ class Dataplane:
         )
         text, last = await collect(await self.generate(request, deadline))
         seconds = {**looked.seconds, "llm": time.perf_counter() - seen}
-        return Description(text.strip(), last.finish_reason, looked, last, seconds)
+        return Description(text.strip(), looked, last, seconds)
 
     async def chat_about_images(
         self, request: GenerationRequest, images: list[PreparedImage], deadline: Deadline
-    ) -> tuple[list[Looked], AsyncIterator[GenerationChunk]]:
+    ) -> AsyncIterator[GenerationChunk]:
         """A chat whose messages hold images (``grounding.ImagePart`` in their content): every image is looked
         at in parallel, each replaced by its evidence, and the language model answers the grounded chat."""
         looked = await asyncio.gather(*(self.look(image, deadline) for image in images))
         messages = grounding.chat_messages(request.messages, [item.evidence for item in looked])
         grounded = dataclasses.replace(request, messages=messages)
-        return list(looked), await self.generate(grounded, deadline)
+        return await self.generate(grounded, deadline)
 
     async def generate(self, request: GenerationRequest, deadline: Deadline) -> AsyncIterator[GenerationChunk]:
         """The language model's answer as it is generated (``llm``'s streaming ``generate``).

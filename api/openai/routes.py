@@ -234,8 +234,7 @@ async def chat_completions(request: Request, dataplane: DataplaneDep, admission:
         if not images:
             return await dataplane.generate(generation, deadline)
         prepared = await asyncio.gather(*(_chat_image(dataplane, where, url, deadline) for where, url in images))
-        _, chunks = await dataplane.chat_about_images(generation, list(prepared), deadline)
-        return chunks
+        return await dataplane.chat_about_images(generation, list(prepared), deadline)
 
     body, chunks, stack = await _generation(request, dataplane, admission, CHAT, schemas.ChatCompletionRequest, start)
     ident, created = schemas.completion_id("chatcmpl"), schemas.now()

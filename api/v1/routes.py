@@ -147,7 +147,7 @@ async def multimodal_describe(
     looked, last = described.looked, described.last
     return schemas.DescribeResponse(
         description=described.text,
-        finish_reason=described.finish_reason,
+        finish_reason=last.finish_reason,
         evidence=schemas.DescriptionEvidence(
             classes=_label_scores(looked.evidence.classes),
             text=_text_lines(looked.ocr),
