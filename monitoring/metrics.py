@@ -17,6 +17,9 @@ from bucket midpoints, so ``_count`` and buckets (quantiles) are exact and
 """
 
 import functools
+import threading
+import time
+import weakref
 from typing import TYPE_CHECKING
 
 from ray.serve import metrics
@@ -55,6 +58,65 @@ LABELS = {
 }
 
 FINISH_REASONS = ("stop", "length", "cancelled", "error")
+
+
+# Ray 2.60 drops a gauge series about 20 s after its last ``set`` (measured: a value set once was scraped for
+# 20 s, then gone), so a value that does not change, such as a drift score between windows of a quiet replica,
+# would vanish from Prometheus and its alert would never hold for its ``for:`` period. Held gauges re-send
+# their last values this often.
+GAUGE_REFRESH_S = 5.0
+
+
+class HeldGauge:
+    """A ``metrics.Gauge`` that keeps reporting its last value per tag set until it is set again or cleared.
+
+    ``set_default_tags`` (a new model version) clears the held values: the old version's series stop.
+    """
+
+    def __init__(self, name: str, description: str, tag_keys: tuple[str, ...]):
+        self.gauge = metrics.Gauge(name, description=description, tag_keys=tag_keys)
+        self._values: dict[frozenset, float] = {}
+        self._lock = threading.Lock()
+        _hold(self)
+
+    def set(self, value: float, tags: dict[str, str] | None = None) -> None:
+        with self._lock:
+            self._values[frozenset((tags or {}).items())] = value
+            self.gauge.set(value, tags=tags)
+
+    def set_default_tags(self, tags: dict[str, str]) -> None:
+        with self._lock:
+            self._values.clear()
+            self.gauge.set_default_tags(tags)
+
+    def refresh(self) -> None:
+        with self._lock:
+            for tags, value in self._values.items():
+                self.gauge.set(value, tags=dict(tags))
+
+
+_held: "weakref.WeakSet[HeldGauge]" = weakref.WeakSet()
+_refresher: threading.Thread | None = None
+_held_lock = threading.Lock()
+
+
+def _hold(gauge: HeldGauge) -> None:
+    """Register a held gauge; the first one starts the process's refresh thread."""
+    global _refresher
+    with _held_lock:
+        _held.add(gauge)
+        if _refresher is None:
+            _refresher = threading.Thread(target=_refresh_forever, name="gauge-refresh", daemon=True)
+            _refresher.start()
+
+
+def _refresh_forever() -> None:
+    while True:
+        time.sleep(GAUGE_REFRESH_S)
+        with _held_lock:
+            gauges = list(_held)
+        for gauge in gauges:
+            gauge.refresh()
 
 
 def class_label(index: int) -> str:
@@ -123,17 +185,17 @@ class ModelMetrics:
             "it kept serving its current model.",
             tag_keys=(*tags, "error_type"),
         )
-        self.drift_score = metrics.Gauge(
+        self.drift_score = HeldGauge(
             PREFIX + "model_drift_score",
             description="Drift of live traffic against the reference profile (see monitoring/README.md).",
             tag_keys=(*tags, "measure"),
         )
-        self.drift_threshold = metrics.Gauge(
+        self.drift_threshold = HeldGauge(
             PREFIX + "model_drift_threshold_score",
             description="Threshold above which a drift measure counts as drift (from user_config).",
             tag_keys=(*tags, "measure"),
         )
-        self.drift_window = metrics.Gauge(
+        self.drift_window = HeldGauge(
             PREFIX + "model_drift_window_items",
             description="Live inputs in the drift window of this replica.",
             tag_keys=tags,

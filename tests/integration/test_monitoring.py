@@ -492,6 +492,16 @@ def test_ocr_metrics_count_each_image_and_its_lines(prometheus, drift_app, chels
         assert seen == delta, f"{name}: Prometheus saw {seen}, sent {delta} ({exprs[name]})"
 
 
+def test_drift_gauges_are_still_reported_when_traffic_stops(prometheus, drift_app):
+    """A quiet replica keeps exporting its drift gauges: Ray drops a gauge not set again within about 20 s,
+    so an alert with ``for: 10m`` would never fire on a replica that drifted and then saw little traffic."""
+    quiet = 25  # seconds without a vision batch (the tests before this one sent none for about a minute)
+    batches = f'sum(increase(ray_maas_model_batches_total{{deployment="VisionClassifier"}}[{quiet}s]))'
+    assert prometheus.wait_for(batches, lambda v: v == 0, timeout_s=quiet + 10) == 0
+    scores = 'count(ray_maas_model_drift_score{deployment="VisionClassifier"})'
+    assert prometheus.query(scores) == VISION_REPLICAS * 2  # confidence_psi and class_psi per replica
+
+
 # --- The dashboard and the alerts use only metrics that exist ----------------------------------
 
 

@@ -76,3 +76,31 @@ def test_class_labels_are_bounded():
     assert metrics.class_label(285) == "285"
     assert metrics.class_label(metrics.MAX_CLASS_INDEX_VALUES) == metrics.OTHER
     assert metrics.class_label(-1) == metrics.OTHER
+
+
+def test_held_gauges_resend_their_last_values_until_a_new_model_version(monkeypatch):
+    # Ray drops a gauge series ~20 s after its last set: a drift score that holds between windows must be re-sent.
+    sent = []
+
+    class Gauge:
+        def __init__(self, name, description="", tag_keys=()):
+            pass
+
+        def set(self, value, tags=None):
+            sent.append((value, tags))
+
+        def set_default_tags(self, tags):
+            pass
+
+    monkeypatch.setattr(metrics.metrics, "Gauge", Gauge)
+    gauge = metrics.HeldGauge("maas_test_score", "a test gauge", ("measure",))
+    gauge.set(0.1, tags={"measure": "a"})
+    gauge.set(0.3, tags={"measure": "a"})
+    gauge.set(0.2, tags={"measure": "b"})
+    sent.clear()
+    gauge.refresh()
+    assert sorted(sent, key=lambda s: s[1]["measure"]) == [(0.3, {"measure": "a"}), (0.2, {"measure": "b"})]
+    gauge.set_default_tags({"model": "m", "version": "2"})
+    sent.clear()
+    gauge.refresh()
+    assert sent == []
