@@ -70,7 +70,7 @@ def test_referenced_metrics_are_ray_serve_or_maas_metrics():
 def test_maas_metrics_are_declared_in_metrics_module():
     source = (catalog.MONITORING_DIR / "metrics.py").read_text()
     declared = set()
-    for kind, name in re.findall(r'metrics\.(Counter|Gauge|Histogram)\(\s*PREFIX \+ "(\w+)"', source):
+    for kind, name in re.findall(r'(?:metrics\.|Held)(Counter|Gauge|Histogram)\(\s*PREFIX \+ "(\w+)"', source):
         series = [f"{name}_bucket", f"{name}_count", f"{name}_sum"] if kind == "Histogram" else [name]
         declared.update("ray_maas_" + s for s in series)
     assert declared
