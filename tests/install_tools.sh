@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
-# Installs the system tools the test suite runs, where this user can: Debian's
-# prometheus package (it brings promtool), as root or with passwordless sudo.
-# Where it cannot, it writes why to the file named by $1, and the tests that
-# need the tool skip with that reason (under CI=true a missing tool without a
-# reason fails them instead).
+# Installs the system packages the test suite reads, where this user can (root or passwordless sudo):
+# Debian's prometheus (it brings promtool) for the monitoring tests, and wordnet-base with
+# wordnet-sense-index (WordNet 3.0's database) to check the shipped knowledge graph against its source.
+# Where it cannot, it writes why to the file named by $1, and the tests that need them skip with that
+# reason (under CI=true a missing package without a reason fails them instead).
 set -u
 reason_file=$1
 rm -f "$reason_file"
-command -v prometheus >/dev/null && command -v promtool >/dev/null && exit 0
+packages="prometheus wordnet-base wordnet-sense-index"
+command -v prometheus >/dev/null && command -v promtool >/dev/null && [ -f /usr/share/wordnet/index.sense ] && exit 0
 
 missing() {
   echo "$1" > "$reason_file"
-  echo "warning: prometheus is not installed: $1; the monitoring tests will skip" >&2
+  echo "warning: $packages are not installed: $1; the tests that need them will skip" >&2
   exit 0
 }
 if [ "$(id -u)" -eq 0 ]; then
@@ -19,11 +20,12 @@ if [ "$(id -u)" -eq 0 ]; then
 elif sudo -n true 2>/dev/null; then
   sudo="sudo -n"
 else
-  missing "installing it needs root or passwordless sudo (apt-get install prometheus)"
+  missing "installing them needs root or passwordless sudo (apt-get install $packages)"
 fi
-command -v apt-get >/dev/null || missing "this machine has no apt-get; install Prometheus 2.x with promtool on PATH"
+command -v apt-get >/dev/null || missing "this machine has no apt-get; install Prometheus 2.x with promtool on PATH, and WordNet 3.0 in /usr/share/wordnet"
 export DEBIAN_FRONTEND=noninteractive
-echo "Installing Debian's prometheus for the monitoring tests"
-$sudo apt-get install -y -q --no-install-recommends prometheus >/dev/null 2>&1 ||
-  { $sudo apt-get update -q >/dev/null 2>&1 && $sudo apt-get install -y -q --no-install-recommends prometheus >/dev/null 2>&1; } ||
-  missing "apt-get install prometheus failed"
+echo "Installing Debian's $packages for the tests"
+# shellcheck disable=SC2086
+$sudo apt-get install -y -q --no-install-recommends $packages >/dev/null 2>&1 ||
+  { $sudo apt-get update -q >/dev/null 2>&1 && $sudo apt-get install -y -q --no-install-recommends $packages >/dev/null 2>&1; } ||
+  missing "apt-get install $packages failed"

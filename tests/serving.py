@@ -124,18 +124,19 @@ def gpu_profile(http_port: int, vision_replicas: int, require_gpus: bool = True)
 
 
 def prometheus_tool(name: str) -> str:
-    """Path of ``prometheus`` or ``promtool`` (Debian's prometheus package).
-
-    Missing: skipped with the reason ``make test`` recorded when it could not
-    install the package (tests/install_tools.sh), a failure under CI otherwise,
-    else skipped.
-    """
+    """Path of ``prometheus`` or ``promtool`` (Debian's prometheus package)."""
     path = shutil.which(name)
     if path is None:
-        report = Path(os.environ.get("MAAS_TEST_TOOLS_MISSING", ROOT / ".venv" / ".test-tools-missing"))
-        if report.is_file():
-            pytest.skip(f"{name} could not be installed: {report.read_text().strip()}")
-        if os.environ.get("CI"):
-            pytest.fail(f"{name} is not on PATH; `make test` installs Debian's prometheus package, which provides it")
-        pytest.skip(f"{name} is not installed (apt-get install prometheus, or run `make test`)")
+        missing_system_package(name, "prometheus")
     return path
+
+
+def missing_system_package(what: str, package: str) -> None:
+    """A Debian package a test reads is not installed: skipped with the reason ``make test`` recorded when it
+    could not install it (tests/install_tools.sh), a failure under CI otherwise, else skipped."""
+    report = Path(os.environ.get("MAAS_TEST_TOOLS_MISSING", ROOT / ".venv" / ".test-tools-missing"))
+    if report.is_file():
+        pytest.skip(f"{what} could not be installed: {report.read_text().strip()}")
+    if os.environ.get("CI"):
+        pytest.fail(f"{what} is not installed; `make test` installs Debian's {package} package, which provides it")
+    pytest.skip(f"{what} is not installed (apt-get install {package}, or run `make test`)")
