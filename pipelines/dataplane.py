@@ -36,9 +36,10 @@ from deployments.contracts import (
     VisionResult,
 )
 from deployments.downstream import Deadline, api_error, call_models
-from deployments.errors import ModelTimeout
+from deployments.errors import InvalidInput, ModelTimeout
 from deployments.imaging import ImageSpec, decode_base64, decode_image, fit_within, prepare
 from deployments.settings import limits
+from knowledge.graph import KnowledgeGraph, Synset, UnknownConcept, knowledge_graph
 from monitoring.metrics import RequestMetrics
 from pipelines import grounding
 from pipelines.grounding import Evidence
@@ -105,12 +106,20 @@ class Dataplane:
     """Calls the ``vision``, ``text`` and ``fusion`` models of ``models``.
 
     ``metrics`` (the ingress's instruments) records each decoded image under the route that sent it; the
-    batch job passes none.
+    batch job passes none. ``knowledge`` (the shipped WordNet graph by default) turns class probabilities into
+    concepts and facts.
     """
 
-    def __init__(self, models: ModelRegistry, max_concurrent_decodes: int = 2, metrics: RequestMetrics | None = None):
+    def __init__(
+        self,
+        models: ModelRegistry,
+        max_concurrent_decodes: int = 2,
+        metrics: RequestMetrics | None = None,
+        knowledge: KnowledgeGraph | None = None,
+    ):
         self.models = models
         self.metrics = metrics
+        self.knowledge = knowledge or knowledge_graph()
         self._decoder = ThreadPoolExecutor(max_concurrent_decodes, thread_name_prefix="decode")
         self._decodes = max_concurrent_decodes
         self._image_spec: ImageSpec | None = None
@@ -158,6 +167,30 @@ class Dataplane:
         """A live model update can change the geometry: ask again once another version answers."""
         if version != self._image_spec_version:
             self._image_spec = None
+
+    # --- knowledge ------------------------------------------------------------------
+
+    def concepts(self, names: list[str], field: str = "concepts") -> list[Synset]:
+        """The synsets ``names`` stand for, before any model work; an unknown one is refused (422, at its index
+        in ``field``) with close matches."""
+        resolved = []
+        for index, name in enumerate(names):
+            try:
+                resolved.append(self.knowledge.resolve(name))
+            except UnknownConcept as exc:
+                raise InvalidInput(str(exc), field=(field, index)) from None
+        return resolved
+
+    def rollups(self, result: VisionResult, synsets: list[Synset], field: str = "concepts") -> list[float]:
+        """The probability that the image is each synset: its ImageNet classes' probabilities summed."""
+        classes = len(self.knowledge.classes)
+        if len(result.probs) != classes:
+            raise InvalidInput(
+                f"concepts need a vision model over the {classes} ImageNet classes; the served model "
+                f"{result.model} has {len(result.probs)}",
+                field=field,
+            )
+        return [self.knowledge.rollup(result.probs, synset.id) for synset in synsets]
 
     # --- models ---------------------------------------------------------------------
 

@@ -74,7 +74,7 @@ async def read_form(request: Request, model: type[Model]) -> tuple[Model, bytes 
                     raise PayloadTooLarge(
                         f"image is larger than the limit of {lim.max_image_bytes} bytes", field="image"
                     )
-            elif key in ("labels", "texts"):
+            elif key in ("labels", "texts", "concepts"):
                 fields.setdefault(key, []).append(value)
             elif key in fields:
                 raise InvalidInput(f"form field {key!r} is given more than once", field=key)

@@ -94,12 +94,26 @@ async def vision_classify(
     request: Request, dataplane: DataplaneDep, admission: AdmissionDep
 ) -> schemas.VisionClassifyResponse:
     route = "/v1/vision/classify"
+    deadline = request.state.deadline
     with admission.slot(route):
-        body, pixels = await _with_image(request, schemas.VisionClassifyRequest, dataplane, route)
-        result = await dataplane.classify(pixels, body.top_k, body.embed, request.state.deadline)
+        body, upload = await read_body(request, schemas.VisionClassifyRequest, multipart=True)
+        synsets = dataplane.concepts(body.concepts or [])  # unknown concepts are refused before any work
+        pixels = await dataplane.prepare_image(route, deadline, raw=upload, image_b64=body.image)
+        result = await dataplane.classify(pixels, body.top_k, body.embed, deadline)
+    concepts = None
+    if body.concepts:
+        probabilities = dataplane.rollups(result, synsets)
+        concepts = [
+            schemas.ConceptScore(
+                concept=name, synset=synset.id, name=synset.name, definition=synset.definition,
+                probability=probability, classes=len(dataplane.knowledge.classes_below(synset.id)),
+            )
+            for name, synset, probability in zip(body.concepts, synsets, probabilities)
+        ]  # fmt: skip
     return schemas.VisionClassifyResponse(
         labels=_label_scores(result.labels),
         embedding=result.embedding.tolist() if result.embedding is not None else None,
+        concepts=concepts,
         model=result.model,
         version=result.version,
     )

@@ -127,12 +127,45 @@ class _Response(BaseModel):
 # --- requests ---------------------------------------------------------------
 
 
+MAX_CONCEPTS = 16
+Concept = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=100, pattern=NOT_BLANK),
+    Field(
+        description="A concept of the knowledge graph: a WordNet noun ('dog', 'hot dog'), a synset name "
+        "('dog.n.01') or a WordNet id ('n02084071'). A word with several senses means its most frequent one "
+        "among the graph's (see the synset returned)."
+    ),
+]
+
+
+def _distinct_concepts(concepts: list[str]) -> list[str]:
+    if len(set(concepts)) != len(concepts):
+        raise ValueError("concepts must be distinct")
+    return concepts
+
+
 class VisionClassifyRequest(_Request):
-    """Classify one image into ImageNet classes."""
+    """Classify one image into ImageNet classes, and optionally into broader concepts (roll-ups)."""
 
     image: ImageB64
     top_k: TopK = 5
     embed: bool = Field(False, description="Also return the image's pooled feature vector.")
+    concepts: (
+        Annotated[
+            list[Concept],
+            Field(
+                min_length=1,
+                max_length=MAX_CONCEPTS,
+                description="Concepts at any level of the WordNet hierarchy ('animal', 'dog', 'vehicle', 'food'): "
+                "each gets the probability that the image is one, the sum over the ImageNet classes below it. "
+                "An unknown concept is refused (422) with close matches.",
+                json_schema_extra={"uniqueItems": True},
+            ),
+            AfterValidator(_distinct_concepts),
+        ]
+        | None
+    ) = None
 
 
 class TextEmbedRequest(_Request):
@@ -254,9 +287,19 @@ class LabelScore(_Response):
     )
 
 
+class ConceptScore(_Response):
+    concept: str = Field(description="The concept as asked for.")
+    synset: str = Field(description="The WordNet synset it names: its id, e.g. n02084071.")
+    name: str = Field(description="The synset's name, e.g. dog.n.01.")
+    definition: str = Field(description="The synset's definition (WordNet's gloss).")
+    probability: float = Field(description="The probability that the image is one: the sum over its classes.")
+    classes: int = Field(description="How many of the 1000 ImageNet classes are at or below it.")
+
+
 class VisionClassifyResponse(_Response):
     labels: list[LabelScore] = Field(description="Top-k ImageNet classes, best first.")
     embedding: list[float] | None = Field(None, description="Pooled image features, if asked for.")
+    concepts: list[ConceptScore] | None = Field(None, description="The concepts asked for, in the order asked.")
     model: str
     version: str
 

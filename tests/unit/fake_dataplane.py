@@ -26,6 +26,7 @@ from deployments.contracts import (
 )
 from deployments.errors import InvalidInput, ModelUnavailable
 from deployments.imaging import ImageSpec, Interpolation
+from knowledge.graph import knowledge_graph
 from pipelines import grounding
 from pipelines.dataplane import Analysis, Dataplane, Looked, PreparedImage, decode_and_prepare
 from pipelines.registry import ModelRegistry
@@ -95,6 +96,7 @@ class FakeDataplane:
         )
         self.unavailable = unavailable
         self.calls: list[tuple] = []
+        self.knowledge = knowledge_graph()
 
     def _check(self, model: str) -> None:
         if model in self.unavailable:
@@ -120,6 +122,8 @@ class FakeDataplane:
     # The real graph over the fakes above: the prompts the language model gets are the real ones.
     describe = Dataplane.describe
     chat_about_images = Dataplane.chat_about_images
+    concepts = Dataplane.concepts
+    rollups = Dataplane.rollups
 
     async def classify(self, pixels, top_k, embed, deadline) -> VisionResult:
         self._check("vision")
@@ -184,7 +188,7 @@ def image_class(pixels: np.ndarray) -> int:
 def vision_result(pixels: np.ndarray, top_k: int, embed: bool) -> VisionResult:
     best = image_class(pixels)
     order = [(best + i) % len(CLASSES) for i in range(top_k)]
-    probs = np.zeros(len(CLASSES), np.float32)
+    probs = np.zeros(1000, np.float32)  # the fake classes are the first ten of ImageNet's thousand
     for rank, index in enumerate(order):
         probs[index] = 0.5 ** (rank + 1)
     embedding = np.array([best, pixels.mean(), 1.0], np.float32) if embed else None
