@@ -42,6 +42,17 @@ class InvalidImage(InvalidInput):
     error_type = "invalid_image"
 
 
+class PolicyBlocked(MaasError):
+    """A rule of the policy the caller chose refused the request; the rule is named, never its condition."""
+
+    status_code = HTTPStatus.FORBIDDEN
+    error_type = "policy_blocked"
+
+    def __init__(self, policy: str, rule: str):
+        super().__init__(f"refused by rule {rule!r} of policy {policy!r}", field="policy")
+        self.policy, self.rule = policy, rule
+
+
 class PayloadTooLarge(MaasError):
     """The body or the image is larger than the configured limits."""
 

@@ -7,7 +7,9 @@ timeouts, admission and decoding in place. Routes live in ``api/``, the request 
 ``pipelines/dataplane.py``; the models it calls are the registry the app builder passes in.
 """
 
+import asyncio
 import logging
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from ray import serve
@@ -16,6 +18,7 @@ from ray.serve.handle import DeploymentHandle
 from api.app import build_app
 from api.context import ApiSettings
 from deployments.admission import Admission
+from knowledge.rules import RuleError, compile_policies, parse_policies
 from monitoring.metrics import request_metrics
 from pipelines.dataplane import Dataplane
 from pipelines.registry import ModelRegistry
@@ -77,6 +80,11 @@ class IngressConfig(BaseModel):
         2, ge=1, le=64, description="Images decoded at once per ingress replica (bounds the ingress's memory)."
     )
     readiness_timeout_s: float = Field(2.0, gt=0.0, le=60.0, description="How long /readyz waits for each model.")
+    policies: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Rule policies a request can name in its `policy` field (knowledge/rules.py): checked when "
+        "loaded, with errors that name the policy and the rule.",
+    )
 
     @model_validator(mode="after")
     def _known_routes(self) -> "IngressConfig":
@@ -85,6 +93,10 @@ class IngressConfig(BaseModel):
             raise ValueError(f"admission names unknown routes {sorted(unknown)}; known: {sorted(ADMITTED_ROUTES)}")
         if any(limit < 1 for limit in self.admission.values()):
             raise ValueError("admission limits must be at least 1")
+        try:
+            compile_policies(parse_policies(self.policies), time_rules=False)  # timed by the replica that loads them
+        except RuleError as exc:
+            raise ValueError(str(exc)) from None
         return self
 
 
@@ -106,14 +118,21 @@ class Ingress:
     def __serve_build_asgi_app__(self):
         return build_app(self.dataplane, self.admission, self.settings, self.metrics)
 
-    def reconfigure(self, user_config: dict) -> None:
+    async def reconfigure(self, user_config: dict) -> None:
         try:
             config = IngressConfig.model_validate(user_config or {})
-        except ValidationError as exc:
+            policies = self.dataplane.policies
+            if not self._configured or config.policies != self.config.policies:
+                # Run on the largest facts in a child process, so a slow rule is refused without stalling this one.
+                policies = await asyncio.to_thread(compile_policies, parse_policies(config.policies))
+        except (ValidationError, RuleError) as exc:
             if not self._configured:
                 raise  # fail this replica's start: the deploy reports the error
             logger.error("Kept the current ingress settings; the new ones are invalid: %s", exc)
+            self.dataplane.policy_update_error = str(exc)
             return
+        self.dataplane.policies = policies
+        self.dataplane.policy_update_error = None
         self.dataplane.configure(config.max_concurrent_decodes)
         self.admission.configure(config.admission, config.retry_after_s)
         self.settings.request_timeout_s = config.request_timeout_s

@@ -36,10 +36,11 @@ from deployments.contracts import (
     VisionResult,
 )
 from deployments.downstream import Deadline, api_error, call_models
-from deployments.errors import InvalidInput, ModelTimeout
+from deployments.errors import InvalidInput, ModelTimeout, PolicyBlocked
 from deployments.imaging import ImageSpec, decode_base64, decode_image, fit_within, prepare
 from deployments.settings import limits
 from knowledge.graph import KnowledgeGraph, Synset, UnknownConcept, knowledge_graph
+from knowledge.rules import CompiledPolicy, Decision, Facts
 from monitoring.metrics import RequestMetrics
 from pipelines import grounding
 from pipelines.grounding import Evidence
@@ -120,6 +121,8 @@ class Dataplane:
         self.models = models
         self.metrics = metrics
         self.knowledge = knowledge or knowledge_graph()
+        self.policies: dict[str, CompiledPolicy] = {}  # the ingress's user_config sets them, live
+        self.policy_update_error: str | None = None  # why the last change of them was refused
         self._decoder = ThreadPoolExecutor(max_concurrent_decodes, thread_name_prefix="decode")
         self._decodes = max_concurrent_decodes
         self._image_spec: ImageSpec | None = None
@@ -191,6 +194,57 @@ class Dataplane:
                 field=field,
             )
         return [self.knowledge.rollup(result.probs, synset.id) for synset in synsets]
+
+    def policy(self, name: str | None) -> CompiledPolicy | None:
+        """The policy a request names (None: no policy); an unknown name is refused before any work."""
+        if name is None:
+            return None
+        policy = self.policies.get(name)
+        if policy is None:
+            known = ", ".join(sorted(self.policies)) or "none are configured"
+            raise InvalidInput(f"unknown policy; the policies are: {known}", field="policy")
+        return policy
+
+    def judge(
+        self,
+        policy: CompiledPolicy,
+        route: str,
+        images: list[VisionResult] = (),
+        ocr: list[OcrResult] = (),
+        labels: dict[str, float] | None = None,
+        output: str = "",
+        input: str = "",
+    ) -> Decision:
+        """The policy's decision on what the models said; a ``block`` raises ``PolicyBlocked`` (403)."""
+        facts = Facts(
+            route=route,
+            classes=[entry for result in images for entry in self._classes(result)],
+            concepts={
+                name: max((self.knowledge.rollup(r.probs, key) for r in images if self._imagenet(r)), default=0.0)
+                for name, key in policy.concepts.items()
+            },
+            labels=labels or {},
+            text="\n".join(line.text for result in ocr for line in result.lines),
+            output=output,
+            input=input,
+        )
+        decision = policy.evaluate(facts)
+        if decision.blocked_by is not None:
+            raise PolicyBlocked(policy.name, decision.blocked_by)
+        return decision
+
+    def _imagenet(self, result: VisionResult) -> bool:
+        return len(result.probs) == len(self.knowledge.classes)
+
+    def _classes(self, result: VisionResult) -> list[dict]:
+        """A vision result's top classes as facts, each with its synset (the order ``result.labels`` has)."""
+        if not self._imagenet(result):
+            return [{"label": label, "probability": p, "synset": ""} for label, p in result.labels]
+        order = np.argsort(-result.probs)[: len(result.labels)]
+        return [
+            {"label": label, "probability": p, "synset": self.knowledge.classes[index]}
+            for (label, p), index in zip(result.labels, order)
+        ]
 
     # --- models ---------------------------------------------------------------------
 

@@ -5,7 +5,7 @@ result in its response schema (``schemas``). Errors are ``{"detail": [{"loc", "m
 FastAPI gives validation errors, so clients parse one format.
 """
 
-from typing import Any
+import dataclasses
 
 import numpy as np
 from fastapi import APIRouter, Request
@@ -16,9 +16,9 @@ from pydantic import BaseModel
 from api.context import AdmissionDep, DataplaneDep
 from api.problems import Problem
 from api.v1 import schemas
-from api.v1.bodies import JSON, MULTIPART, Model, read_body
+from api.v1.bodies import JSON, MULTIPART, read_body
 from deployments.scoring import top_k
-from pipelines.dataplane import Dataplane
+from knowledge.rules import Decision
 
 IMAGE_MEDIA_TYPES = ("image/jpeg", "image/png", "image/webp", "image/gif", "image/bmp", "image/tiff")
 
@@ -76,14 +76,6 @@ def _post(path: str, request: type[BaseModel], response: type[BaseModel], multip
 
 def _label_scores(pairs: list[tuple[str, float]]) -> list[schemas.LabelScore]:
     return [schemas.LabelScore(label=label, score=score) for label, score in pairs]
-
-
-async def _with_image(request: Request, model: type[Model], dataplane: Dataplane, route: str) -> tuple[Model, Any]:
-    """The body of an image route (JSON or form), and its image prepared for the vision model (None if none)."""
-    body, upload = await read_body(request, model, multipart=True)
-    if upload is None and body.image is None:
-        return body, None
-    return body, await dataplane.prepare_image(route, request.state.deadline, raw=upload, image_b64=body.image)
 
 
 # --- routes -----------------------------------------------------------------------
@@ -154,20 +146,33 @@ async def multimodal_describe(
     route = "/v1/multimodal/describe"
     with admission.slot(route):
         body, upload = await read_body(request, schemas.DescribeRequest, multipart=True)
+        policy = dataplane.policy(body.policy)  # an unknown policy is refused before any work
         image = await dataplane.prepare_views(
             route, request.state.deadline, raw=upload, image_b64=body.image, vision=True, ocr=True
         )
         described = await dataplane.describe(image, body.max_tokens, request.state.deadline)
     looked, last = described.looked, described.last
+    description, lines, prompt, decision = described.text, _text_lines(looked.ocr), looked.evidence.render(), None
+    if policy is not None:
+        judged = dataplane.judge(policy, route, [looked.vision], [looked.ocr], output=described.text)
+        masked = 0
+        description, count = judged.mask(description)
+        masked += count
+        prompt, _ = judged.mask(prompt)  # the same text again
+        for line in lines:
+            line.text, count = judged.mask(line.text)
+            masked += count
+        decision = _decision(judged, masked)
     return schemas.DescribeResponse(
-        description=described.text,
+        description=description,
         finish_reason=last.finish_reason,
         evidence=schemas.DescriptionEvidence(
             classes=_label_scores(looked.evidence.classes),
-            text=_text_lines(looked.ocr),
+            text=lines,
             text_truncated=looked.evidence.text_truncated,
-            prompt=looked.evidence.render(),
+            prompt=prompt,
         ),
+        policy=decision,
         models={
             "vision": f"{looked.vision.model} {looked.vision.version}",
             "ocr": f"{looked.ocr.model} {looked.ocr.version}",
@@ -205,7 +210,11 @@ async def multimodal_analyze(
 ) -> schemas.MultimodalResponse:
     route = "/v1/multimodal/analyze"
     with admission.slot(route):
-        body, pixels = await _with_image(request, schemas.MultimodalRequest, dataplane, route)
+        body, upload = await read_body(request, schemas.MultimodalRequest, multipart=True)
+        policy = dataplane.policy(body.policy)  # an unknown policy is refused before any work
+        pixels = None
+        if upload is not None or body.image is not None:
+            pixels = await dataplane.prepare_image(route, request.state.deadline, raw=upload, image_b64=body.image)
         analysis = await dataplane.analyze(
             pixels, body.text, body.labels, request.state.deadline, body.top_k, body.vision_weight, body.text_weight
         )
@@ -219,10 +228,48 @@ async def multimodal_analyze(
         vision_branch = schemas.VisionBranch(
             classes=_label_scores(analysis.image.labels), labels=ranked(result.vision_scores)
         )
+    fused = ranked(result.fused)
+    decision = None
+    if policy is not None:
+        images = [analysis.image] if analysis.image is not None else []
+        labels = {item.label: item.score for item in fused}
+        decision = _decision(dataplane.judge(policy, route, images, labels=labels, input=body.text or ""), 0)
     return schemas.MultimodalResponse(
         vision=vision_branch,
         text=schemas.TextBranch(labels=ranked(result.text_scores)) if body.text is not None else None,
-        fused=ranked(result.fused),
+        fused=fused,
         weights=result.weights,
+        policy=decision,
         method="conse+late-fusion",
+    )
+
+
+@router.get("/v1/policies", response_model=schemas.PoliciesResponse)
+async def policies(dataplane: DataplaneDep) -> schemas.PoliciesResponse:
+    """The policies a request can name: each rule's id, action and priority (never its condition)."""
+    return schemas.PoliciesResponse(
+        policies=[
+            schemas.PolicySummary(
+                name=name, description=compiled.policy.description, concepts=list(compiled.concepts),
+                rules=[schemas.PolicyRule(id=r.rule.id, action=r.rule.kind, priority=r.rule.priority)
+                       for r in compiled.rules],
+            )
+            for name, compiled in sorted(dataplane.policies.items())
+        ],
+        update_error=dataplane.policy_update_error,
+    )  # fmt: skip
+
+
+def _decision(decision: Decision, masked: int) -> schemas.PolicyDecision:
+    return schemas.PolicyDecision(
+        policy=decision.policy,
+        decision="allow",
+        route=decision.route,
+        flags=decision.flags,
+        annotations=decision.annotations,
+        masked=masked,
+        fired=[schemas.FiredRule(**dataclasses.asdict(fired)) for fired in decision.fired],
+        errors=decision.errors,
+        evaluated=decision.evaluated,
+        seconds=round(decision.seconds, 6),
     )

@@ -187,6 +187,14 @@ class OcrRequest(_Request):
     image: ImageB64
 
 
+PolicyName = Annotated[
+    str,
+    StringConstraints(pattern=r"^[a-z0-9][a-z0-9_.-]{0,63}$"),
+    Field(
+        description="A policy of the service's config (GET /v1/policies) to check the models' answer with: the "
+        "response carries its decision and the rules that fired; a `block` rule refuses the request (403).",
+    ),
+]
 MAX_DESCRIPTION_TOKENS = 128
 
 
@@ -199,6 +207,7 @@ class DescribeRequest(_Request):
         Field(ge=1, le=MAX_DESCRIPTION_TOKENS, description="Most tokens the description may have."),
         BeforeValidator(integral),
     ] = 60
+    policy: PolicyName | None = None
 
 
 def _present(field: str) -> dict:
@@ -261,6 +270,7 @@ class MultimodalRequest(_Request):
     text_weight: Weight | None = Field(
         None, description="Weight of the text's label scores in the fusion (default from config)."
     )
+    policy: PolicyName | None = None
 
     @model_validator(mode="after")
     def _check(self) -> "MultimodalRequest":
@@ -317,6 +327,48 @@ class TextClassifyResponse(_Response):
     version: str
 
 
+class FiredRule(_Response):
+    rule: str = Field(description="The rule's id.")
+    action: Literal["flag", "block", "annotate", "route", "mask"]
+    priority: int
+    facts: dict[str, Any] = Field(description="The facts its condition read, as they were (long values cut).")
+    route: str | None = Field(None, description="Where a `route` rule sends the request.")
+    message: str | None = None
+
+
+class PolicyDecision(_Response):
+    policy: str
+    decision: Literal["allow"] = Field(description="A blocked request gets 403 instead of an answer.")
+    route: str | None = Field(None, description="Where the request should go next (the first `route` rule's).")
+    flags: list[str] = Field(description="The ids of the `flag` rules that fired.")
+    annotations: list[dict[str, str]] = Field(description="`{rule, message}` of the `annotate` rules that fired.")
+    masked: int = Field(description="How many matches of `mask` rules were replaced by [masked] in the answer.")
+    fired: list[FiredRule] = Field(description="Every rule that fired, in the order run (highest priority first).")
+    errors: list[dict[str, str]] = Field(description="Rules that could not be evaluated (`{rule, error}`): not fired.")
+    evaluated: int = Field(description="How many rules ran.")
+    seconds: float = Field(description="Time the rules took.")
+
+
+class PolicyRule(_Response):
+    id: str
+    action: str = Field(description="flag, block, annotate, route or mask.")
+    priority: int
+
+
+class PolicySummary(_Response):
+    name: str
+    description: str
+    concepts: list[str]
+    rules: list[PolicyRule] = Field(description="In the order they run.")
+
+
+class PoliciesResponse(_Response):
+    policies: list[PolicySummary]
+    update_error: str | None = Field(
+        None, description="Why the last change of the policies was refused (the ones listed stayed in force)."
+    )
+
+
 class VisionBranch(_Response):
     classes: list[LabelScore] = Field(description="Top-k ImageNet classes of the image.")
     labels: list[LabelScore] = Field(description="The labels scored against the image by ConSE.")
@@ -331,6 +383,7 @@ class MultimodalResponse(_Response):
     text: TextBranch | None
     fused: list[LabelScore] = Field(description="All labels, best first, after late fusion.")
     weights: dict[str, float] = Field(description="Fusion weights applied, per modality present.")
+    policy: PolicyDecision | None = Field(None, description="The decision of the policy asked for.")
     method: str = Field(
         description="How image and text were compared: ConSE (convex combination of the "
         "embeddings of the image's top ImageNet classes in the text space) and weighted "
@@ -382,6 +435,7 @@ class DescribeResponse(_Response):
     seconds: dict[str, float] = Field(
         description="Time waiting for each model: vision and ocr (in parallel), then llm."
     )
+    policy: PolicyDecision | None = Field(None, description="The decision of the policy asked for.")
     method: str = Field(
         description="How the description was made: not a trained captioning model, but a language model "
         "prompted with what an ImageNet classifier and OCR found (grounded prompting)."

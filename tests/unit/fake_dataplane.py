@@ -97,6 +97,7 @@ class FakeDataplane:
         self.unavailable = unavailable
         self.calls: list[tuple] = []
         self.knowledge = knowledge_graph()
+        self.policies, self.policy_update_error = {}, None
 
     def _check(self, model: str) -> None:
         if model in self.unavailable:
@@ -124,6 +125,10 @@ class FakeDataplane:
     chat_about_images = Dataplane.chat_about_images
     concepts = Dataplane.concepts
     rollups = Dataplane.rollups
+    policy = Dataplane.policy
+    judge = Dataplane.judge
+    _classes = Dataplane._classes
+    _imagenet = Dataplane._imagenet
 
     async def classify(self, pixels, top_k, embed, deadline) -> VisionResult:
         self._check("vision")

@@ -92,7 +92,8 @@ def test_describe_returns_the_description_with_its_evidence_models_usage_and_tim
     response = api.post("/v1/multimodal/describe", json={"image": b64(png(GREENISH))})
     assert response.status_code == 200, response.text
     body = response.json()
-    assert set(body) == {"description", "finish_reason", "evidence", "models", "usage", "seconds", "method"}
+    assert set(body) == {"description", "finish_reason", "evidence", "models", "usage", "seconds", "method", "policy"}
+    assert body["policy"] is None  # none asked for
     evidence = body["evidence"]
     assert [c["label"] for c in evidence["classes"]] == ["class0", "class1", "class2"]
     assert all(c["score"] >= 0.1 for c in evidence["classes"])

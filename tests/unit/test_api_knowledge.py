@@ -2,6 +2,8 @@
 
 import pytest
 
+from knowledge.rules import compile_policies, parse_policies
+from tests.unit import test_api_images as images
 from tests.unit.fake_dataplane import FakeDataplane, client
 from tests.unit.test_api_v1 import b64, png
 
@@ -57,3 +59,77 @@ def test_a_form_sends_concepts_as_repeated_fields(dataplane):
     response = client(dataplane).post("/v1/vision/classify", data=form, files=files)
     assert response.status_code == 200, response.text
     assert [c["probability"] for c in response.json()["concepts"]] == pytest.approx([0.9375, 0.03125])
+
+
+# --- policies on the routes -------------------------------------------------------------------------
+
+POLICIES = {
+    "fish-check": {
+        "concepts": ["fish", "shark"],
+        "rules": [
+            {"id": "no-sharks", "when": 'concepts["shark"] > 0.9', "action": "block", "priority": 10},
+            {"id": "fishy", "when": 'concepts["fish"] > 0.5', "action": "flag"},
+            {"id": "to-review", "when": "top_label.score < 0.9", "action": {"route": "review"}},
+            {"id": "hide-green", "when": "true", "action": {"mask": "GREEN"}},
+        ],
+    }
+}
+
+
+@pytest.fixture
+def judged() -> FakeDataplane:
+    dataplane = FakeDataplane()
+    dataplane.policies = compile_policies(parse_policies(POLICIES), time_rules=False)
+    return dataplane
+
+
+def test_analyze_returns_the_policy_decision_with_its_trace(judged):
+    body = {"image": b64(png(13)), "labels": ["a fish", "a car"], "policy": "fish-check"}
+    response = client(judged).post("/v1/multimodal/analyze", json=body)
+    assert response.status_code == 200, response.text
+    decision = response.json()["policy"]
+    assert decision["policy"] == "fish-check" and decision["decision"] == "allow"
+    assert decision["flags"] == ["fishy"] and decision["route"] == "review"
+    fired = {f["rule"]: f for f in decision["fired"]}
+    assert fired["fishy"]["facts"]["concepts"] == pytest.approx({"fish": 0.9375, "shark": 0.75})
+    assert decision["evaluated"] == 4 and decision["errors"] == []
+
+
+def test_a_block_is_a_403_that_names_the_rule_and_not_its_condition(judged):
+    # Fish are 0.9375 of png(13)'s probability: over the block rule's 0.9 once it counts every fish as a shark.
+    body = {"image": b64(png(13)), "top_k": 5, "labels": ["x"], "policy": "fish-check"}
+    judged.policies["fish-check"].concepts["shark"] = judged.knowledge.resolve("fish").id  # any fish is a "shark"
+    response = client(judged).post("/v1/multimodal/analyze", json=body)
+    assert response.status_code == 403, response.text
+    (error,) = response.json()["detail"]
+    assert error == {"loc": ["body", "policy"], "msg": "refused by rule 'no-sharks' of policy 'fish-check'",
+                     "type": "policy_blocked"}  # fmt: skip
+
+
+def test_describe_masks_what_the_policy_masks(judged):
+    green = b64(images.png(images.GREENISH))  # the fake OCR reads "GREEN 200" in it
+    response = client(judged).post("/v1/multimodal/describe", json={"image": green, "policy": "fish-check"})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["policy"]["masked"] >= 1
+    assert "GREEN" not in body["description"] and "GREEN" not in body["evidence"]["prompt"]
+    assert [line["text"] for line in body["evidence"]["text"]] == ["[masked] 200"]
+
+
+def test_an_unknown_policy_is_refused_before_any_work(judged):
+    response = client(judged).post("/v1/multimodal/analyze", json={"text": "x", "labels": ["a"], "policy": "nope"})
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["msg"] == "unknown policy; the policies are: fish-check"
+    assert judged.calls == []
+
+
+def test_the_policies_are_listed_without_their_conditions(judged):
+    judged.policy_update_error = "policy 'x': rule 'y': the condition does not parse"
+    body = client(judged).get("/v1/policies").json()
+    assert body["update_error"] == judged.policy_update_error
+    (policy,) = body["policies"]
+    assert policy["name"] == "fish-check" and policy["concepts"] == ["fish", "shark"]
+    assert [(r["id"], r["action"], r["priority"]) for r in policy["rules"]] == [
+        ("no-sharks", "block", 10), ("fishy", "flag", 0), ("to-review", "route", 0), ("hide-green", "mask", 0)
+    ]  # fmt: skip
+    assert "concepts[" not in str(body)
