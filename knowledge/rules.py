@@ -267,6 +267,9 @@ class CompiledPolicy:
                 decision.route = route
             elif kind == "mask":
                 decision.masks.append((rule.id, compiled.pattern))
+        if decision.masks:  # what is masked in the answer is masked in the trace too
+            for fired in decision.fired:
+                fired.facts = _masked_facts(fired.facts, decision)
         decision.seconds = time.perf_counter() - start
         return decision
 
@@ -464,6 +467,16 @@ def _error_message(exc: Exception) -> str:
     if isinstance(exc, KeyError):
         return f"no key {message} in the facts"
     return message
+
+
+def _masked_facts(value: Any, decision: Decision) -> Any:
+    if isinstance(value, str):
+        return decision.mask(value)[0]
+    if isinstance(value, list):
+        return [_masked_facts(item, decision) for item in value]
+    if isinstance(value, dict):
+        return {key: _masked_facts(item, decision) for key, item in value.items()}
+    return value
 
 
 def _traced(value: Any) -> Any:

@@ -78,6 +78,8 @@ class Description:
     looked: Looked
     last: GenerationChunk  # the answer's last chunk: finish reason, token counts, model and version
     seconds: dict[str, float]  # time spent waiting for vision, ocr (in parallel) and the language model
+    decision: Decision | None = None  # the policy's, when one was asked for
+    masked: int = 0  # matches of the policy's masks replaced, in the text read and in the description
 
 
 @dataclass
@@ -329,16 +331,37 @@ class Dataplane:
         evidence = grounding.gather(classes.labels, lines.lines)
         return Looked(classes, lines, evidence, {"vision": vision_s, "ocr": ocr_s})
 
-    async def describe(self, image: PreparedImage, max_tokens: int, deadline: Deadline) -> Description:
-        """One or two sentences about an image, from the language model given only what vision and OCR found."""
+    async def describe(
+        self,
+        image: PreparedImage,
+        max_tokens: int,
+        deadline: Deadline,
+        policy: CompiledPolicy | None = None,
+        route: str = "",
+    ) -> Description:
+        """One or two sentences about an image, from the language model given only what vision and OCR found.
+
+        With a ``policy``: its rules first run on what vision and OCR found, so a ``block`` refuses the request
+        before the language model works, and text its ``mask`` rules match is masked before the model reads it
+        (masking only the answer would not do: the model can repeat part of it); then on the answer too.
+        """
         looked = await self.look(image, deadline)
+        masked = 0
+        if policy is not None:
+            before = self.judge(policy, route, [looked.vision], [looked.ocr])
+            looked, masked = _masked(looked, before)
         seen = time.perf_counter()
         request = GenerationRequest(
             messages=grounding.describe_messages(looked.evidence), max_tokens=max_tokens, temperature=0.0, stop=["\n"]
         )
         text, last = await collect(await self.generate(request, deadline))
         seconds = {**looked.seconds, "llm": time.perf_counter() - seen}
-        return Description(text.strip(), looked, last, seconds)
+        text, decision = text.strip(), None
+        if policy is not None:
+            decision = self.judge(policy, route, [looked.vision], [looked.ocr], output=text)
+            text, count = decision.mask(text)
+            masked += count
+        return Description(text, looked, last, seconds, decision, masked)
 
     async def chat_about_images(
         self, request: GenerationRequest, images: list[PreparedImage], deadline: Deadline
@@ -379,6 +402,20 @@ async def collect(chunks: AsyncIterator[GenerationChunk]) -> tuple[str, Generati
     finally:
         await chunks.aclose()
     return "".join(parts), last
+
+
+def _masked(looked: Looked, decision: Decision) -> tuple[Looked, int]:
+    """What vision and OCR found, with the text the decision's masks match masked; how many matches."""
+    if not decision.masks:
+        return looked, 0
+    lines, total = [], 0
+    for line in looked.ocr.lines:
+        text, count = decision.mask(line.text)
+        lines.append(OcrLine(text, line.confidence, line.box))
+        total += count
+    ocr = dataclasses.replace(looked.ocr, lines=lines)
+    evidence = grounding.gather(looked.vision.labels, lines)
+    return dataclasses.replace(looked, ocr=ocr, evidence=evidence), total
 
 
 def _in_upload_pixels(result: OcrResult, scale: float) -> OcrResult:

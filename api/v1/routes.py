@@ -150,29 +150,18 @@ async def multimodal_describe(
         image = await dataplane.prepare_views(
             route, request.state.deadline, raw=upload, image_b64=body.image, vision=True, ocr=True
         )
-        described = await dataplane.describe(image, body.max_tokens, request.state.deadline)
+        described = await dataplane.describe(image, body.max_tokens, request.state.deadline, policy, route)
     looked, last = described.looked, described.last
-    description, lines, prompt, decision = described.text, _text_lines(looked.ocr), looked.evidence.render(), None
-    if policy is not None:
-        judged = dataplane.judge(policy, route, [looked.vision], [looked.ocr], output=described.text)
-        masked = 0
-        description, count = judged.mask(description)
-        masked += count
-        prompt, _ = judged.mask(prompt)  # the same text again
-        for line in lines:
-            line.text, count = judged.mask(line.text)
-            masked += count
-        decision = _decision(judged, masked)
     return schemas.DescribeResponse(
-        description=description,
+        description=described.text,
         finish_reason=last.finish_reason,
         evidence=schemas.DescriptionEvidence(
             classes=_label_scores(looked.evidence.classes),
-            text=lines,
+            text=_text_lines(looked.ocr),
             text_truncated=looked.evidence.text_truncated,
-            prompt=prompt,
+            prompt=looked.evidence.render(),
         ),
-        policy=decision,
+        policy=_decision(described.decision, described.masked) if described.decision else None,
         models={
             "vision": f"{looked.vision.model} {looked.vision.version}",
             "ocr": f"{looked.ocr.model} {looked.ocr.version}",

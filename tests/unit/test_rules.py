@@ -57,7 +57,11 @@ def test_document_routing_routes_by_text_or_label_and_masks_card_numbers(policie
     routing = policies["document-routing"]
     invoice = routing.evaluate(Facts(text="ACME Ltd\nINVOICE No. 42\nCard 4111 1111 1111 1111"))
     assert invoice.route == "finance"
+    traced = {f.rule: f.facts for f in invoice.fired}["invoices"]["text"]
+    assert traced == "ACME Ltd\nINVOICE No. 42\nCard [masked]"  # the trace masks what the answer masks
     assert invoice.mask("Card 4111 1111 1111 1111, total 12") == ("Card [masked], total 12", 1)
+    assert invoice.mask("Card41111111 1111 1111 (as OCR read it)")[0] == "Card[masked] (as OCR read it)"
+    assert invoice.mask("Call 555 0100 at 9") == ("Call 555 0100 at 9", 0)  # too short for a card
     contract = routing.evaluate(Facts(labels={"contract": 0.7, "invoice": 0.2, "letter": 0.1}))
     assert contract.route == "legal"
     both = routing.evaluate(Facts(text="contract", input="please pay this invoice"))
