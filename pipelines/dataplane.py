@@ -11,7 +11,7 @@ back (the dataclasses of ``deployments.contracts``). Here, once for all of them:
   without the caller waiting in between (Serve resolves them as arguments);
 * image to words to answers: vision and OCR look at an image in parallel (``look``), their evidence goes into
   the language model's prompt (``pipelines.grounding``), and the model answers: a description
-  (``describe``) or a chat turn about the images in it (``chat_about_images``). The describe route, OpenAI
+  (``describe``) or a chat turn about the images in it (``chat``). The describe route, OpenAI
   chat and the batch job's ``--describe`` all go through these.
 """
 
@@ -39,7 +39,7 @@ from deployments.downstream import Deadline, api_error, call_models
 from deployments.errors import InvalidInput, ModelTimeout, PolicyBlocked
 from deployments.imaging import ImageSpec, decode_base64, decode_image, fit_within, prepare
 from deployments.settings import limits
-from knowledge.graph import KnowledgeGraph, Synset, UnknownConcept, knowledge_graph
+from knowledge.graph import Fact, KnowledgeGraph, Synset, UnknownConcept, knowledge_graph
 from knowledge.rules import CompiledPolicy, Decision, Facts
 from monitoring.metrics import RequestMetrics
 from pipelines import grounding
@@ -80,6 +80,16 @@ class Description:
     seconds: dict[str, float]  # time spent waiting for vision, ocr (in parallel) and the language model
     decision: Decision | None = None  # the policy's, when one was asked for
     masked: int = 0  # matches of the policy's masks replaced, in the text read and in the description
+
+
+@dataclass
+class Chat:
+    """A chat turn being answered, with what it was grounded in."""
+
+    chunks: AsyncIterator[GenerationChunk]
+    looked: list[Looked]  # each image's findings
+    facts: list[Fact]  # the knowledge given: about the images' classes, then the concepts the user named
+    masked: int = 0  # matches of the policy's masks replaced in the images' text before the model read it
 
 
 @dataclass
@@ -311,8 +321,9 @@ class Dataplane:
         result = await call_models(lambda: ocr.read.remote(image.page), deadline)
         return _in_upload_pixels(result, image.page_scale)
 
-    async def look(self, image: PreparedImage, deadline: Deadline) -> Looked:
-        """Vision and OCR on one image (prepared for both), in parallel, and the evidence they give."""
+    async def look(self, image: PreparedImage, deadline: Deadline, knowledge: bool = False) -> Looked:
+        """Vision and OCR on one image (prepared for both), in parallel, and the evidence they give (with
+        ``knowledge``, the knowledge graph's facts about the classes in it too)."""
         vision, ocr = self.models["vision"], self.models["ocr"]
 
         async def timed(response) -> tuple[object, float]:
@@ -328,8 +339,19 @@ class Dataplane:
         (classes, vision_s), (lines, ocr_s) = await call_models(both, deadline)
         self._seen_vision_version(classes.version)
         lines = _in_upload_pixels(lines, image.page_scale)
-        evidence = grounding.gather(classes.labels, lines.lines)
+        facts = self.class_facts(classes) if knowledge else []
+        evidence = grounding.gather(classes.labels, lines.lines, facts)
         return Looked(classes, lines, evidence, {"vision": vision_s, "ocr": ocr_s})
+
+    def class_facts(self, result: VisionResult) -> list[Fact]:
+        """The knowledge graph's facts about the classes a prompt gets from a vision result."""
+        kept = {name for name, _ in grounding.kept_classes(result.labels)}
+        return [self.knowledge.fact(c["synset"]) for c in self._classes(result) if c["label"] in kept and c["synset"]]
+
+    def named_facts(self, messages: list[dict]) -> list[Fact]:
+        """The knowledge graph's facts about the concepts the chat's last user message names."""
+        text = self.last_user_text(messages)
+        return [self.knowledge.fact(synset.id) for synset in self.knowledge.mentioned(text, grounding.MAX_FACTS)]
 
     async def describe(
         self,
@@ -338,6 +360,7 @@ class Dataplane:
         deadline: Deadline,
         policy: CompiledPolicy | None = None,
         route: str = "",
+        knowledge: bool = False,
     ) -> Description:
         """One or two sentences about an image, from the language model given only what vision and OCR found.
 
@@ -345,7 +368,7 @@ class Dataplane:
         before the language model works, and text its ``mask`` rules match is masked before the model reads it
         (masking only the answer would not do: the model can repeat part of it); then on the answer too.
         """
-        looked = await self.look(image, deadline)
+        looked = await self.look(image, deadline, knowledge)
         masked = 0
         if policy is not None:
             before = self.judge(policy, route, [looked.vision], [looked.ocr])
@@ -363,15 +386,37 @@ class Dataplane:
             masked += count
         return Description(text, looked, last, seconds, decision, masked)
 
-    async def chat_about_images(
-        self, request: GenerationRequest, images: list[PreparedImage], deadline: Deadline
-    ) -> AsyncIterator[GenerationChunk]:
-        """A chat whose messages hold images (``grounding.ImagePart`` in their content): every image is looked
-        at in parallel, each replaced by its evidence, and the language model answers the grounded chat."""
-        looked = await asyncio.gather(*(self.look(image, deadline) for image in images))
-        messages = grounding.chat_messages(request.messages, [item.evidence for item in looked])
-        grounded = dataclasses.replace(request, messages=messages)
-        return await self.generate(grounded, deadline)
+    async def chat(
+        self,
+        request: GenerationRequest,
+        images: list[PreparedImage],
+        deadline: Deadline,
+        knowledge: bool = False,
+        policy: CompiledPolicy | None = None,
+        route: str = "",
+    ) -> "Chat":
+        """A chat turn. Messages may hold images (``grounding.ImagePart`` in their content): every image is
+        looked at in parallel and replaced by its evidence. With ``knowledge``, the knowledge graph's facts
+        about the images' classes and the concepts the last user message names are given too. With a
+        ``policy``, its rules run on what vision and OCR found before the language model starts (a block
+        refuses, masked text is masked in the prompt); the answer is the caller's to judge (``judge``)."""
+        looked = list(await asyncio.gather(*(self.look(image, deadline, knowledge) for image in images)))
+        facts = self.named_facts(request.messages) if knowledge else []
+        masked = 0
+        if policy is not None:
+            before = self.judge(policy, route, [item.vision for item in looked], [item.ocr for item in looked],
+                                input=self.last_user_text(request.messages))  # fmt: skip
+            for index, item in enumerate(looked):
+                looked[index], count = _masked(item, before)
+                masked += count
+        messages = grounding.chat_messages(request.messages, [item.evidence for item in looked], facts)
+        chunks = await self.generate(dataclasses.replace(request, messages=messages), deadline)
+        sources = [fact for item in looked for fact in item.evidence.facts] + facts
+        return Chat(chunks, looked, sources, masked)
+
+    @staticmethod
+    def last_user_text(messages: list[dict]) -> str:
+        return next((_text_of(m["content"]) for m in reversed(messages) if m["role"] == "user"), "")
 
     async def generate(self, request: GenerationRequest, deadline: Deadline) -> AsyncIterator[GenerationChunk]:
         """The language model's answer as it is generated (``llm``'s streaming ``generate``).
@@ -404,6 +449,11 @@ async def collect(chunks: AsyncIterator[GenerationChunk]) -> tuple[str, Generati
     return "".join(parts), last
 
 
+def _text_of(content: str | list) -> str:
+    """A message's text: its string, or its text parts joined."""
+    return content if isinstance(content, str) else " ".join(part for part in content if isinstance(part, str))
+
+
 def _masked(looked: Looked, decision: Decision) -> tuple[Looked, int]:
     """What vision and OCR found, with the text the decision's masks match masked; how many matches."""
     if not decision.masks:
@@ -414,7 +464,7 @@ def _masked(looked: Looked, decision: Decision) -> tuple[Looked, int]:
         lines.append(OcrLine(text, line.confidence, line.box))
         total += count
     ocr = dataclasses.replace(looked.ocr, lines=lines)
-    evidence = grounding.gather(looked.vision.labels, lines)
+    evidence = grounding.gather(looked.vision.labels, lines, looked.evidence.facts)
     return dataclasses.replace(looked, ocr=ocr, evidence=evidence), total
 
 

@@ -12,19 +12,30 @@ exactly as the model reads it::
 (``Text read: no text.`` when OCR found none.) In a chat, each image part becomes ``[Image N]`` followed by its
 evidence, in place, and a system message tells the model to answer about images from that evidence only.
 
+With knowledge, the evidence also carries what the cluster's knowledge graph (WordNet) says about the classes
+in it: each class's definition and what it is a kind of, at most ``MAX_FACT_CHARS`` characters each::
+
+    Known facts: Egyptian cat: a domestic cat of Egypt. It is a kind of domestic cat, cat, feline, carnivore.
+
+and in a chat, the facts about the concepts the user's last message names go in the system message
+(``knowledge_message``). Each fact's synset is returned with the answer as its source.
+
 Descriptions are not captions from a trained captioning model: a 135M-parameter model writes one or two
 sentences from the evidence, guided by a few worked examples (chosen by whether text was found, since a
 small model copies what its examples contain). The evidence is returned with the description so a client
 can check it.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from deployments.contracts import OcrLine
+from knowledge.graph import Fact
 
 MAX_CLASSES = 3
 MIN_CLASS_PROBABILITY = 0.1
 MAX_TEXT_CHARS = 400
+MAX_FACTS = 3  # facts about an image's classes, or about the concepts a chat message names
+MAX_FACT_CHARS = 300
 TEXT_SEPARATOR = " / "
 
 DESCRIBE_SYSTEM = (
@@ -49,21 +60,40 @@ class Evidence:
     lines: list[OcrLine]  # every line OCR read, in reading order
     text: str  # the OCR text put in the prompt ("" if none), at most MAX_TEXT_CHARS
     text_truncated: bool  # OCR read more than the prompt holds
+    facts: list[Fact] = field(default_factory=list)  # what the knowledge graph says about the classes
 
     def render(self) -> str:
         classes = ", ".join(f"{name} ({probability:.0%})" for name, probability in self.classes)
         text = f'"{self.text}"' if self.text else "no text"
-        return f"Objects recognised: {classes or 'nothing with confidence'}.\nText read: {text}."
+        rendered = f"Objects recognised: {classes or 'nothing with confidence'}.\nText read: {text}."
+        if self.facts:
+            rendered += "\nKnown facts: " + " ".join(render_fact(fact) for fact in self.facts)
+        return rendered
 
 
-def gather(classes: list[tuple[str, float]], lines: list[OcrLine]) -> Evidence:
-    """Evidence from the vision model's top classes (best first) and OCR's lines, within the bounds above."""
-    kept = [(name, probability) for name, probability in classes[:MAX_CLASSES] if probability >= MIN_CLASS_PROBABILITY]
+def render_fact(fact: Fact) -> str:
+    text = fact.render()
+    return text if len(text) <= MAX_FACT_CHARS else text[: MAX_FACT_CHARS - 1].rstrip() + "…"
+
+
+def knowledge_message(facts: list[Fact]) -> str:
+    """The system message's part that gives the facts about the concepts a chat message names."""
+    return "Facts from the service's knowledge graph, to answer from: " + " ".join(render_fact(f) for f in facts)
+
+
+def kept_classes(classes: list[tuple[str, float]]) -> list[tuple[str, float]]:
+    """The classes the prompt gets: the likely ones among the best."""
+    return [(name, probability) for name, probability in classes[:MAX_CLASSES] if probability >= MIN_CLASS_PROBABILITY]
+
+
+def gather(classes: list[tuple[str, float]], lines: list[OcrLine], facts: list[Fact] = ()) -> Evidence:
+    """Evidence from the vision model's top classes (best first), OCR's lines and, with knowledge, the facts
+    about the classes kept, within the bounds above."""
     text = TEXT_SEPARATOR.join(" ".join(line.text.split()) for line in lines)
     truncated = len(text) > MAX_TEXT_CHARS
     if truncated:
         text = text[: MAX_TEXT_CHARS - 1].rstrip() + "…"
-    return Evidence(classes=kept, lines=lines, text=text, text_truncated=truncated)
+    return Evidence(kept_classes(classes), lines, text, truncated, list(facts)[:MAX_FACTS])
 
 
 def _example(classes: list[tuple[str, float]], lines: list[str]) -> Evidence:
@@ -104,9 +134,13 @@ class ImagePart:
     index: int
 
 
-def chat_messages(messages: list[dict], evidence: list[Evidence]) -> list[dict[str, str]]:
+def chat_messages(messages: list[dict], evidence: list[Evidence], facts: list[Fact] = ()) -> list[dict[str, str]]:
     """A chat whose messages' content is a list of ``str`` and ``ImagePart``, as plain-text messages: each image
-    part replaced by ``[Image N]`` and its evidence, after a system message that says what that is."""
+    part replaced by ``[Image N]`` and its evidence, after a system message that says what that is (and, with
+    ``facts``, gives them)."""
+    system = CHAT_SYSTEM if evidence else ""
+    if facts:
+        system = f"{system}\n\n{knowledge_message(list(facts)[:MAX_FACTS])}".strip()
     grounded = []
     for message in messages:
         parts = message["content"] if isinstance(message["content"], list) else [message["content"]]
@@ -115,6 +149,8 @@ def chat_messages(messages: list[dict], evidence: list[Evidence]) -> list[dict[s
             for part in parts
         ]
         grounded.append({"role": message["role"], "content": "\n\n".join(pieces)})
+    if not system:
+        return grounded
     if grounded and grounded[0]["role"] == "system":  # one system message: ours, then the caller's
-        return [{"role": "system", "content": f"{CHAT_SYSTEM}\n\n{grounded[0]['content']}"}, *grounded[1:]]
-    return [{"role": "system", "content": CHAT_SYSTEM}, *grounded]
+        return [{"role": "system", "content": f"{system}\n\n{grounded[0]['content']}"}, *grounded[1:]]
+    return [{"role": "system", "content": system}, *grounded]

@@ -10,6 +10,7 @@ Generation is the ``llm`` model, streamed as Server-Sent Events when ``stream`` 
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import json
 import re
 from collections.abc import AsyncIterator, Callable
@@ -19,6 +20,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from api.context import AdmissionDep, DataplaneDep
+from api.knowledge import render_decision, render_sources
 from api.openai import schemas
 from api.openapi import inline
 from api.problems import Problem, problem
@@ -227,14 +229,27 @@ async def chat_completions(request: Request, dataplane: DataplaneDep, admission:
     is most sure of and the text read), and is told to answer about images from that evidence only.
     """
     deadline = request.state.deadline
+    grounded: dict = {}  # what start() learnt: the knowledge given, the policy's decision
 
     async def start(body: schemas.ChatCompletionRequest) -> AsyncIterator[GenerationChunk]:
+        policy = dataplane.policy(body.policy)  # an unknown policy is refused before any work
         images = body.image_urls()
         generation = GenerationRequest(messages=_chat_messages(body), **_sampling(body, body.token_cap()))
-        if not images:
+        if not images and not body.knowledge and policy is None:
             return await dataplane.generate(generation, deadline)
         prepared = await asyncio.gather(*(_chat_image(dataplane, where, url, deadline) for where, url in images))
-        return await dataplane.chat_about_images(generation, list(prepared), deadline)
+        chat = await dataplane.chat(generation, list(prepared), deadline, body.knowledge, policy, CHAT)
+        grounded["knowledge"] = render_sources(chat.facts) if body.knowledge else None
+        if policy is None:
+            return chat.chunks
+        # The answer is judged whole before any of it is sent: a block is a 403, not an error mid-stream.
+        text, last = await collect(chat.chunks)
+        looked = chat.looked
+        decision = dataplane.judge(policy, CHAT, [item.vision for item in looked], [item.ocr for item in looked],
+                                   output=text, input=dataplane.last_user_text(generation.messages))  # fmt: skip
+        text, masked = decision.mask(text)
+        grounded["policy"] = render_decision(decision, chat.masked + masked)
+        return _whole(text, last)
 
     body, chunks, stack = await _generation(request, dataplane, admission, CHAT, schemas.ChatCompletionRequest, start)
     ident, created = schemas.completion_id("chatcmpl"), schemas.now()
@@ -249,8 +264,8 @@ async def chat_completions(request: Request, dataplane: DataplaneDep, admission:
                 events.append({**envelope, "choices": [{"index": 0, "delta": delta, "logprobs": None,
                                                          "finish_reason": None}]})  # fmt: skip
             if chunk.finish_reason is not None:
-                events.append({**envelope, "choices": [{"index": 0, "delta": {}, "logprobs": None,
-                                                         "finish_reason": chunk.finish_reason}]})  # fmt: skip
+                ending = {"index": 0, "delta": {}, "logprobs": None, "finish_reason": chunk.finish_reason}
+                events.append({**envelope, "choices": [ending], **_extensions(grounded)})
                 if include_usage:
                     events.append({**envelope, "choices": [], "usage": _usage(chunk).model_dump()})
             return events
@@ -264,7 +279,25 @@ async def chat_completions(request: Request, dataplane: DataplaneDep, admission:
         system_fingerprint=last.version,
         choices=[schemas.ChatChoice(message=schemas.AssistantMessage(content=text), finish_reason=last.finish_reason)],
         usage=_usage(last),
+        knowledge=grounded.get("knowledge"),
+        policy=grounded.get("policy"),
     )
+
+
+def _extensions(grounded: dict) -> dict:
+    """The knowledge and policy fields of a streamed answer's last event, where there are any."""
+    extensions = {}
+    if grounded.get("knowledge") is not None:
+        extensions["knowledge"] = [source.model_dump() for source in grounded["knowledge"]]
+    if grounded.get("policy") is not None:
+        extensions["policy"] = grounded["policy"].model_dump()
+    return extensions
+
+
+async def _whole(text: str, last: GenerationChunk) -> AsyncIterator[GenerationChunk]:
+    """A checked answer as a generation's stream: the opening chunk, then the whole text with the last's ending."""
+    yield dataclasses.replace(last, text="", completion_tokens=0, finish_reason=None)
+    yield dataclasses.replace(last, text=text)
 
 
 @router.post(

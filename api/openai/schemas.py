@@ -12,8 +12,19 @@ import time
 import uuid
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    StringConstraints,
+    Tag,
+    field_validator,
+    model_validator,
+)
 
+from api.knowledge import KnowledgeSource, PolicyDecision
 from api.openapi import integral
 from deployments.settings import limits
 
@@ -168,6 +179,18 @@ class ChatCompletionRequest(Sampling):
     messages: Annotated[list[Message], Field(min_length=1, max_length=MAX_MESSAGES)]
     max_completion_tokens: Tokens | None = Field(None, description="The newer name of `max_tokens`.")
     logprobs: Literal[False] = False
+    # Extensions (the openai client sends them with extra_body):
+    knowledge: bool = Field(
+        False,
+        description="Extension: give the model the knowledge graph's facts (WordNet) about the images' classes and "
+        "the concepts the last user message names; the answer's `knowledge` lists them as sources.",
+    )
+    policy: Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_.-]{0,63}$")] | None = Field(
+        None,
+        description="Extension: a policy (GET /v1/policies) to check the answer with; its decision is in the "
+        "answer's `policy`, and a `block` refuses the request (403). With `stream`, the answer is checked "
+        "whole before it is sent, in one chunk.",
+    )
 
     @field_validator("messages")
     @classmethod
@@ -257,6 +280,8 @@ class ChatCompletion(BaseModel):
     system_fingerprint: str = Field(description="The served model's version.")
     choices: list[ChatChoice]
     usage: Usage
+    knowledge: list[KnowledgeSource] | None = Field(None, description="Extension: the facts given, with knowledge.")
+    policy: PolicyDecision | None = Field(None, description="Extension: the decision of the policy asked for.")
 
 
 class Delta(BaseModel):

@@ -5,8 +5,6 @@ result in its response schema (``schemas``). Errors are ``{"detail": [{"loc", "m
 FastAPI gives validation errors, so clients parse one format.
 """
 
-import dataclasses
-
 import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.encoders import jsonable_encoder
@@ -14,11 +12,11 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from api.context import AdmissionDep, DataplaneDep
+from api.knowledge import render_decision, render_sources
 from api.problems import Problem
 from api.v1 import schemas
 from api.v1.bodies import JSON, MULTIPART, read_body
 from deployments.scoring import top_k
-from knowledge.rules import Decision
 
 IMAGE_MEDIA_TYPES = ("image/jpeg", "image/png", "image/webp", "image/gif", "image/bmp", "image/tiff")
 
@@ -150,7 +148,9 @@ async def multimodal_describe(
         image = await dataplane.prepare_views(
             route, request.state.deadline, raw=upload, image_b64=body.image, vision=True, ocr=True
         )
-        described = await dataplane.describe(image, body.max_tokens, request.state.deadline, policy, route)
+        described = await dataplane.describe(
+            image, body.max_tokens, request.state.deadline, policy, route, knowledge=body.knowledge
+        )
     looked, last = described.looked, described.last
     return schemas.DescribeResponse(
         description=described.text,
@@ -160,8 +160,9 @@ async def multimodal_describe(
             text=_text_lines(looked.ocr),
             text_truncated=looked.evidence.text_truncated,
             prompt=looked.evidence.render(),
+            knowledge=render_sources(looked.evidence.facts),
         ),
-        policy=_decision(described.decision, described.masked) if described.decision else None,
+        policy=render_decision(described.decision, described.masked) if described.decision else None,
         models={
             "vision": f"{looked.vision.model} {looked.vision.version}",
             "ocr": f"{looked.ocr.model} {looked.ocr.version}",
@@ -222,7 +223,7 @@ async def multimodal_analyze(
     if policy is not None:
         images = [analysis.image] if analysis.image is not None else []
         labels = {item.label: item.score for item in fused}
-        decision = _decision(dataplane.judge(policy, route, images, labels=labels, input=body.text or ""), 0)
+        decision = render_decision(dataplane.judge(policy, route, images, labels=labels, input=body.text or ""), 0)
     return schemas.MultimodalResponse(
         vision=vision_branch,
         text=schemas.TextBranch(labels=ranked(result.text_scores)) if body.text is not None else None,
@@ -247,18 +248,3 @@ async def policies(dataplane: DataplaneDep) -> schemas.PoliciesResponse:
         ],
         update_error=dataplane.policy_update_error,
     )  # fmt: skip
-
-
-def _decision(decision: Decision, masked: int) -> schemas.PolicyDecision:
-    return schemas.PolicyDecision(
-        policy=decision.policy,
-        decision="allow",
-        route=decision.route,
-        flags=decision.flags,
-        annotations=decision.annotations,
-        masked=masked,
-        fired=[schemas.FiredRule(**dataclasses.asdict(fired)) for fired in decision.fired],
-        errors=decision.errors,
-        evaluated=decision.evaluated,
-        seconds=round(decision.seconds, 6),
-    )

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, model_validator
 
+from api.knowledge import KnowledgeSource, PolicyDecision
 from api.openapi import integral
 from deployments.settings import limits
 
@@ -208,6 +209,11 @@ class DescribeRequest(_Request):
         BeforeValidator(integral),
     ] = 60
     policy: PolicyName | None = None
+    knowledge: bool = Field(
+        True,
+        description="Give the language model the knowledge graph's facts (WordNet: definition, what it is a kind "
+        "of) about the classes recognised, returned in evidence.knowledge as the sources.",
+    )
 
 
 def _present(field: str) -> dict:
@@ -327,28 +333,6 @@ class TextClassifyResponse(_Response):
     version: str
 
 
-class FiredRule(_Response):
-    rule: str = Field(description="The rule's id.")
-    action: Literal["flag", "block", "annotate", "route", "mask"]
-    priority: int
-    facts: dict[str, Any] = Field(description="The facts its condition read, as they were (long values cut).")
-    route: str | None = Field(None, description="Where a `route` rule sends the request.")
-    message: str | None = None
-
-
-class PolicyDecision(_Response):
-    policy: str
-    decision: Literal["allow"] = Field(description="A blocked request gets 403 instead of an answer.")
-    route: str | None = Field(None, description="Where the request should go next (the first `route` rule's).")
-    flags: list[str] = Field(description="The ids of the `flag` rules that fired.")
-    annotations: list[dict[str, str]] = Field(description="`{rule, message}` of the `annotate` rules that fired.")
-    masked: int = Field(description="How many matches of `mask` rules were replaced by [masked] in the answer.")
-    fired: list[FiredRule] = Field(description="Every rule that fired, in the order run (highest priority first).")
-    errors: list[dict[str, str]] = Field(description="Rules that could not be evaluated (`{rule, error}`): not fired.")
-    evaluated: int = Field(description="How many rules ran.")
-    seconds: float = Field(description="Time the rules took.")
-
-
 class PolicyRule(_Response):
     id: str
     action: str = Field(description="flag, block, annotate, route or mask.")
@@ -419,6 +403,9 @@ class DescriptionEvidence(_Response):
     text: list[TextLine] = Field(description="The lines OCR read, in reading order.")
     text_truncated: bool = Field(description="The text read was longer than the prompt holds (400 characters).")
     prompt: str = Field(description="The evidence exactly as the language model read it.")
+    knowledge: list[KnowledgeSource] = Field(
+        description="The knowledge graph's facts the language model was given, with their synsets (sources)."
+    )
 
 
 class DescribeUsage(_Response):

@@ -7,6 +7,7 @@ import time
 
 import httpx
 import numpy as np
+import openai
 import pytest
 from PIL import Image, ImageDraw, ImageFont
 from skimage import data
@@ -178,3 +179,37 @@ def test_a_malformed_rule_in_a_live_update_is_refused_by_name_and_the_policies_s
         assert "policy 'content-safety': rule 'weapons': the condition does not parse" in listing["update_error"]
     assert {"weapons", "weapon-like"} <= rule_ids(client, "content-safety")  # still in force
     assert analyze(client, rocket_png(), "content-safety").json()["policy"]["flags"] == ["weapon-like"]
+
+
+# --- knowledge-grounded answers (the real language model, through OpenAI's client) -----------
+
+
+@pytest.fixture(scope="module")
+def llm(app_url):
+    client = openai.OpenAI(base_url=f"{app_url}/v1", api_key="unused", timeout=120, max_retries=0)
+    yield client
+    client.close()
+
+
+def test_a_question_about_the_object_in_an_image_is_answered_from_its_definition(llm, chelsea_jpeg):
+    content = [
+        {"type": "image_url", "image_url": {"url": "data:image/jpeg;base64," + b64(chelsea_jpeg)}},
+        {"type": "text", "text": "What country does this kind of cat come from?"},
+    ]
+    reply = llm.chat.completions.create(
+        model="llm", messages=[{"role": "user", "content": content}], temperature=0, max_tokens=60,
+        extra_body={"knowledge": True},
+    )  # fmt: skip
+    sources = {source["name"]: source for source in reply.model_extra["knowledge"]}
+    assert "egyptian_cat.n.01" in sources and sources["egyptian_cat.n.01"]["definition"] == "a domestic cat of Egypt"
+    assert "egypt" in reply.choices[0].message.content.lower()
+
+
+def test_a_question_naming_a_concept_is_answered_from_its_definition(llm):
+    reply = llm.chat.completions.create(
+        model="llm", messages=[{"role": "user", "content": "What is a hartebeest?"}], temperature=0, max_tokens=60,
+        extra_body={"knowledge": True},
+    )  # fmt: skip
+    (source,) = reply.model_extra["knowledge"]
+    assert source["name"] == "hartebeest.n.01" and "antelope" in source["definition"]
+    assert "antelope" in reply.choices[0].message.content.lower()  # without the fact, 135M parameters guess wrong

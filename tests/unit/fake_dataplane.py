@@ -114,15 +114,19 @@ class FakeDataplane:
         self.calls.append(("read_text", image.page.shape))
         return ocr_result(image.page)
 
-    async def look(self, image: PreparedImage, deadline) -> Looked:
+    async def look(self, image: PreparedImage, deadline, knowledge: bool = False) -> Looked:
         self._check("vision")
         self._check("ocr")
         vision, lines = vision_result(image.pixels, 5, False), ocr_result(image.page)
-        return Looked(vision, lines, grounding.gather(vision.labels, lines.lines), {"vision": 0.01, "ocr": 0.02})
+        facts = self.class_facts(vision) if knowledge else []
+        return Looked(vision, lines, grounding.gather(vision.labels, lines.lines, facts), {"vision": 0.01, "ocr": 0.02})
 
     # The real graph over the fakes above: the prompts the language model gets are the real ones.
     describe = Dataplane.describe
-    chat_about_images = Dataplane.chat_about_images
+    chat = Dataplane.chat
+    last_user_text = staticmethod(Dataplane.last_user_text)
+    named_facts = Dataplane.named_facts
+    class_facts = Dataplane.class_facts
     concepts = Dataplane.concepts
     rollups = Dataplane.rollups
     policy = Dataplane.policy

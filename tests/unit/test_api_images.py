@@ -89,7 +89,7 @@ def test_ocr_refuses_what_is_not_an_image_without_echoing_it(api):
 
 
 def test_describe_returns_the_description_with_its_evidence_models_usage_and_timings(api):
-    response = api.post("/v1/multimodal/describe", json={"image": b64(png(GREENISH))})
+    response = api.post("/v1/multimodal/describe", json={"image": b64(png(GREENISH)), "knowledge": False})
     assert response.status_code == 200, response.text
     body = response.json()
     assert set(body) == {"description", "finish_reason", "evidence", "models", "usage", "seconds", "method", "policy"}
@@ -99,7 +99,7 @@ def test_describe_returns_the_description_with_its_evidence_models_usage_and_tim
     assert all(c["score"] >= 0.1 for c in evidence["classes"])
     assert [line["text"] for line in evidence["text"]] == ["GREEN 200"]
     assert evidence["text_truncated"] is False
-    assert evidence["prompt"] == GREENISH_PROMPT
+    assert evidence["prompt"] == GREENISH_PROMPT and evidence["knowledge"] == []
     assert body["models"] == {
         "vision": "vision-model vision-weights==1/abc",
         "ocr": "ocr-model ocr==4/abc",
@@ -112,9 +112,17 @@ def test_describe_returns_the_description_with_its_evidence_models_usage_and_tim
     assert "grounded" in body["method"]
 
 
+def test_by_default_the_knowledge_graphs_facts_about_the_classes_are_in_the_prompt_with_their_sources(api):
+    evidence = api.post("/v1/multimodal/describe", json={"image": b64(png(GREENISH))}).json()["evidence"]
+    assert [k["name"] for k in evidence["knowledge"]] == ["tench.n.01", "goldfish.n.01", "great_white_shark.n.01"]
+    assert evidence["prompt"].startswith(GREENISH_PROMPT + "\nKnown facts: tench, Tinca tinca: freshwater dace-like")
+    assert all(source["fact"] in evidence["prompt"] for source in evidence["knowledge"])
+    assert evidence["knowledge"][0]["kind_of"][:2] == ["cyprinid", "cypriniform fish"]
+
+
 def test_the_description_is_written_from_the_evidence(api):
     """The fake language model echoes its last message: every word of the evidence reached the prompt."""
-    body = api.post("/v1/multimodal/describe", json={"image": b64(png(GREENISH))}).json()
+    body = api.post("/v1/multimodal/describe", json={"image": b64(png(GREENISH)), "knowledge": False}).json()
     assert body["description"].startswith("you said ")
     said = body["description"].split()
     assert all(word in said for word in body["evidence"]["prompt"].split())
@@ -131,7 +139,7 @@ def test_describe_takes_a_multipart_upload_with_max_tokens(api):
 
 
 def test_a_description_of_an_image_without_text_says_no_text_and_is_shown_no_text_examples(api, dataplane):
-    body = api.post("/v1/multimodal/describe", json={"image": b64(png(DARK))}).json()
+    body = api.post("/v1/multimodal/describe", json={"image": b64(png(DARK)), "knowledge": False}).json()
     assert body["evidence"]["text"] == []
     assert body["evidence"]["prompt"].endswith("Text read: no text.")
     (request,) = generated(dataplane)

@@ -3,6 +3,7 @@
 import pytest
 
 from knowledge.rules import compile_policies, parse_policies
+from tests.unit import fake_dataplane as fake
 from tests.unit import test_api_images as images
 from tests.unit.fake_dataplane import FakeDataplane, client
 from tests.unit.test_api_v1 import b64, png
@@ -133,3 +134,61 @@ def test_the_policies_are_listed_without_their_conditions(judged):
         ("no-sharks", "block", 10), ("fishy", "flag", 0), ("to-review", "route", 0), ("hide-green", "mask", 0)
     ]  # fmt: skip
     assert "concepts[" not in str(body)
+
+
+# --- knowledge and policies in chat ------------------------------------------------------------------
+
+
+def chat(content, **extra) -> dict:
+    return {"model": "llm", "messages": [{"role": "user", "content": content}], "max_tokens": 60} | extra
+
+
+def test_a_chat_with_knowledge_gives_the_model_the_facts_about_the_concepts_named(judged):
+    response = client(judged).post("/v1/chat/completions", json=chat("What is a dingo?", knowledge=True))
+    assert response.status_code == 200, response.text
+    (source,) = response.json()["knowledge"]
+    assert source["name"] == "dingo.n.01" and "Australia" in source["definition"]
+    (request,) = images.generated(judged)
+    system = request.messages[0]
+    assert system["role"] == "system" and source["fact"] in system["content"]
+
+
+def test_without_knowledge_a_chat_is_plain(judged):
+    body = client(judged).post("/v1/chat/completions", json=chat("What is a dingo?")).json()
+    assert body["knowledge"] is None and body["policy"] is None
+    (request,) = images.generated(judged)
+    assert [m["role"] for m in request.messages] == ["user"]
+
+
+def test_a_chat_about_an_image_with_knowledge_returns_the_class_facts_as_sources(judged):
+    content = [{"type": "text", "text": "What is this?"}, images.image_part(images.data_url(images.GREENISH))]
+    body = client(judged).post("/v1/chat/completions", json=chat(content, knowledge=True)).json()
+    assert [s["name"] for s in body["knowledge"]] == ["tench.n.01", "goldfish.n.01", "great_white_shark.n.01"]
+
+
+def test_a_chat_answer_is_checked_by_its_policy_and_masked(judged):
+    content = [{"type": "text", "text": "Read it"}, images.image_part(images.data_url(images.GREENISH))]
+    body = client(judged).post("/v1/chat/completions", json=chat(content, policy="fish-check")).json()
+    assert body["policy"]["policy"] == "fish-check" and body["policy"]["masked"] >= 1
+    assert "GREEN" not in body["choices"][0]["message"]["content"]
+    (request,) = images.generated(judged)
+    assert all("GREEN" not in message["content"] for message in request.messages)  # masked before the model read
+
+
+def test_a_streamed_chat_with_a_policy_is_sent_once_checked_with_the_decision_last(judged):
+    response = client(judged).post("/v1/chat/completions", json=chat("tell me", policy="fish-check", stream=True))
+    assert response.status_code == 200
+    payloads = fake.events(response)
+    assert payloads[-1] == "[DONE]"
+    deltas = [p["choices"][0]["delta"] for p in payloads[:-1] if p["choices"]]
+    assert deltas[0] == {"role": "assistant", "content": ""} and deltas[1]["content"] == "you said tell me"
+    assert payloads[-2]["policy"]["policy"] == "fish-check" and payloads[-2]["choices"][0]["finish_reason"]
+
+
+def test_a_chat_blocked_by_its_policy_is_a_403_even_when_streamed(judged):
+    judged.policies["fish-check"].concepts["shark"] = judged.knowledge.resolve("fish").id
+    content = [{"type": "text", "text": "What is it?"}, images.image_part(images.data_url((13, 200, 10)))]
+    for stream in (False, True):
+        response = client(judged).post("/v1/chat/completions", json=chat(content, policy="fish-check", stream=stream))
+        assert response.status_code == 403, response.text
+        assert "no-sharks" in response.text
