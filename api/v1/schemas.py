@@ -210,9 +210,10 @@ class DescribeRequest(_Request):
     ] = 60
     policy: PolicyName | None = None
     knowledge: bool = Field(
-        True,
+        False,
         description="Give the language model the knowledge graph's facts (WordNet: definition, what it is a kind "
-        "of) about the classes recognised, returned in evidence.knowledge as the sources.",
+        "of) about the classes recognised, returned in evidence.knowledge as the sources. Off by default: the "
+        "facts help answers to questions (chat's `knowledge`), but a description given them tends to recite them.",
     )
 
 

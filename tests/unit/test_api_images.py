@@ -89,7 +89,7 @@ def test_ocr_refuses_what_is_not_an_image_without_echoing_it(api):
 
 
 def test_describe_returns_the_description_with_its_evidence_models_usage_and_timings(api):
-    response = api.post("/v1/multimodal/describe", json={"image": b64(png(GREENISH)), "knowledge": False})
+    response = api.post("/v1/multimodal/describe", json={"image": b64(png(GREENISH))})
     assert response.status_code == 200, response.text
     body = response.json()
     assert set(body) == {"description", "finish_reason", "evidence", "models", "usage", "seconds", "method", "policy"}
@@ -112,8 +112,9 @@ def test_describe_returns_the_description_with_its_evidence_models_usage_and_tim
     assert "grounded" in body["method"]
 
 
-def test_by_default_the_knowledge_graphs_facts_about_the_classes_are_in_the_prompt_with_their_sources(api):
-    evidence = api.post("/v1/multimodal/describe", json={"image": b64(png(GREENISH))}).json()["evidence"]
+def test_with_knowledge_the_graphs_facts_about_the_classes_are_in_the_prompt_with_their_sources(api):
+    body = {"image": b64(png(GREENISH)), "knowledge": True}
+    evidence = api.post("/v1/multimodal/describe", json=body).json()["evidence"]
     assert [k["name"] for k in evidence["knowledge"]] == ["tench.n.01", "goldfish.n.01", "great_white_shark.n.01"]
     assert evidence["prompt"].startswith(GREENISH_PROMPT + "\nKnown facts: tench, Tinca tinca: freshwater dace-like")
     assert all(source["fact"] in evidence["prompt"] for source in evidence["knowledge"])
@@ -122,7 +123,7 @@ def test_by_default_the_knowledge_graphs_facts_about_the_classes_are_in_the_prom
 
 def test_the_description_is_written_from_the_evidence(api):
     """The fake language model echoes its last message: every word of the evidence reached the prompt."""
-    body = api.post("/v1/multimodal/describe", json={"image": b64(png(GREENISH)), "knowledge": False}).json()
+    body = api.post("/v1/multimodal/describe", json={"image": b64(png(GREENISH))}).json()
     assert body["description"].startswith("you said ")
     said = body["description"].split()
     assert all(word in said for word in body["evidence"]["prompt"].split())
@@ -139,7 +140,7 @@ def test_describe_takes_a_multipart_upload_with_max_tokens(api):
 
 
 def test_a_description_of_an_image_without_text_says_no_text_and_is_shown_no_text_examples(api, dataplane):
-    body = api.post("/v1/multimodal/describe", json={"image": b64(png(DARK)), "knowledge": False}).json()
+    body = api.post("/v1/multimodal/describe", json={"image": b64(png(DARK))}).json()
     assert body["evidence"]["text"] == []
     assert body["evidence"]["prompt"].endswith("Text read: no text.")
     (request,) = generated(dataplane)
