@@ -93,6 +93,8 @@ def _known_names(body: dict) -> dict:
     if isinstance(body.get("policy"), str):
         body = {**body, "policy": POLICY}
     return body
+
+
 DESCRIBE = "/v1/multimodal/describe"
 
 
