@@ -46,6 +46,7 @@ import functools
 import io
 import json
 import os
+import re
 
 import httpx
 import jsonschema_rs
@@ -82,15 +83,21 @@ def _served_version() -> str:
 OPENAI_MODELS = {"/v1/chat/completions": "llm", "/v1/completions": "llm", "/v1/embeddings": "text"}
 FUZZ_TOKENS, FUZZ_MESSAGES, FUZZ_CHARS = 2, 4, 40
 CONCEPTS = ["beverage", "animal", "n00001740", "dog.n.01", "vehicle", "food", "cup", "device", "plant", "tabby",
-            "bird", "fish", "car", "weapon", "container", "structure"]  # fmt: skip
+            "bird", "fish", "car", "weapon", "container", "structure", "mammal", "tool"]  # fmt: skip
 POLICY = "confidence-gate"  # never blocks: a photo of coffee, and any text, pass it
+POLICY_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 
 
 def _known_names(body: dict) -> dict:
-    """The body with generated concept and policy names replaced by ones the service knows."""
+    """The body with generated concept and policy names replaced by ones the service knows, and nothing else
+    changed: as many items, equal where they were equal, invalid ones (too long, blank, not text) kept."""
     if isinstance(body.get("concepts"), list):
-        body = {**body, "concepts": CONCEPTS[: len(body["concepts"])]}
-    if isinstance(body.get("policy"), str):
+        valid = [v for v in body["concepts"] if isinstance(v, str) and 0 < len(v) <= 100 and not v.isspace()]
+        known = {value: CONCEPTS[i % len(CONCEPTS)] for i, value in enumerate(dict.fromkeys(valid))}
+        body = {**body, "concepts": [known.get(v, v) if isinstance(v, str) else v for v in body["concepts"]]}
+    if "policy" in body and body["policy"] is None:
+        body = {k: v for k, v in body.items() if k != "policy"}  # null is absent; a form would send "null"
+    elif isinstance(body.get("policy"), str) and POLICY_NAME.match(body["policy"]):
         body = {**body, "policy": POLICY}
     return body
 
