@@ -201,10 +201,15 @@ def wire_form(fields: dict, schema: dict) -> dict:
         if not texts:
             continue  # an empty list sends no field at all
         if _takes_text(schema["properties"].get(name, {})):
-            form[name] = texts if schema["properties"][name].get("type") == "array" else texts[-1]
+            form[name] = texts if _is_array(schema["properties"][name]) else texts[-1]
         else:
             form[name] = [_json(text) for text in texts] if len(texts) != 1 else _json(texts[0])
     return form
+
+
+def _is_array(schema: dict) -> bool:
+    """A repeated form field: an array, or an array or null (``concepts``)."""
+    return schema.get("type") == "array" or any(_is_array(option) for option in schema.get("anyOf", ()))
 
 
 def _sent(value) -> str:
