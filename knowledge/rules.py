@@ -86,9 +86,10 @@ TRACE_ITEMS = 10  # a list fact in a trace, at most
 COMPREHENSIONS = ("all", "exists", "exists_one", "map", "filter")
 FACTS = ("route", "classes", "top_class", "concepts", "labels", "top_label", "text", "output", "input")
 
-NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
+NAME_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,63}$"  # policy, rule and route names
+NAME = re.compile(NAME_PATTERN)
 MAX_MASK_CHARS = 200
-Name = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_.-]{0,63}$")]
+Name = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
 
 
 class RuleError(ValueError):
@@ -238,8 +239,8 @@ class CompiledPolicy:
     def evaluate(self, facts: Facts) -> Decision:
         start = time.perf_counter()
         decision = Decision(self.name)
-        context = _context(facts.variables())
         variables = facts.variables()
+        context = _context(variables)
         for compiled in self.rules:
             rule = compiled.rule
             decision.evaluated += 1
@@ -406,7 +407,8 @@ def _compile(policy: str, rule: Rule) -> CompiledRule:
         program = cel.compile(rule.when)
     except Exception as exc:  # noqa: BLE001 - the library raises ValueError with the parser's message
         raise RuleError(f"{where}: the condition does not parse: {_error_message(exc)}") from None
-    unknown = sorted(set(program.variables()) - set(FACTS) - _bound_names(rule.when))
+    names = set(program.variables())
+    unknown = sorted(names - set(FACTS) - _bound_names(rule.when))
     if unknown:
         raise RuleError(f"{where}: unknown names {', '.join(unknown)}; the facts are {', '.join(FACTS)}")
     pattern = None
@@ -417,7 +419,7 @@ def _compile(policy: str, rule: Rule) -> CompiledRule:
             raise RuleError(f"{where}: the mask is not a valid regular expression: {exc}") from None
     if rule.kind == "annotate" and not rule.message:
         raise RuleError(f"{where}: an annotate rule needs a message")
-    reads = tuple(name for name in FACTS if name in program.variables())
+    reads = tuple(name for name in FACTS if name in names)
     return CompiledRule(rule, program, reads, pattern)
 
 

@@ -27,6 +27,7 @@ from pydantic import (
 from api.knowledge import KnowledgeSource, PolicyDecision
 from api.openapi import integral
 from deployments.settings import limits
+from knowledge.rules import NAME_PATTERN
 
 _L = limits()
 MAX_MESSAGES = _L.max_messages
@@ -185,7 +186,7 @@ class ChatCompletionRequest(Sampling):
         description="Extension: give the model the knowledge graph's facts (WordNet) about the images' classes and "
         "the concepts the last user message names; the answer's `knowledge` lists them as sources.",
     )
-    policy: Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_.-]{0,63}$")] | None = Field(
+    policy: Annotated[str, StringConstraints(pattern=NAME_PATTERN)] | None = Field(
         None,
         description="Extension: a policy (GET /v1/policies) to check the answer with; its decision is in the "
         "answer's `policy`, and a `block` refuses the request (403). With `stream`, the answer is checked "

@@ -17,6 +17,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 from api.knowledge import KnowledgeSource, PolicyDecision
 from api.openapi import integral
 from deployments.settings import limits
+from knowledge.rules import NAME_PATTERN
 
 _L = limits()
 
@@ -190,7 +191,7 @@ class OcrRequest(_Request):
 
 PolicyName = Annotated[
     str,
-    StringConstraints(pattern=r"^[a-z0-9][a-z0-9_.-]{0,63}$"),
+    StringConstraints(pattern=NAME_PATTERN),
     Field(
         description="A policy of the service's config (GET /v1/policies) to check the models' answer with: the "
         "response carries its decision and the rules that fired; a `block` rule refuses the request (403).",

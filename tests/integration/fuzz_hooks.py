@@ -57,6 +57,8 @@ from schemathesis.core.failures import AcceptedNegativeData
 from schemathesis.openapi.checks import RejectedPositiveData
 from schemathesis.transport.serialization import Binary
 
+from knowledge.rules import NAME_PATTERN
+
 MULTIPART = "multipart/form-data"
 
 
@@ -85,7 +87,7 @@ FUZZ_TOKENS, FUZZ_MESSAGES, FUZZ_CHARS = 2, 4, 40
 CONCEPTS = ["beverage", "animal", "n00001740", "dog.n.01", "vehicle", "food", "cup", "device", "plant", "tabby",
             "bird", "fish", "car", "weapon", "container", "structure", "mammal", "tool"]  # fmt: skip
 POLICY = "confidence-gate"  # never blocks: a photo of coffee, and any text, pass it
-POLICY_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+POLICY_NAME = re.compile(NAME_PATTERN)
 
 
 def _known_names(body: dict) -> dict:
