@@ -5,6 +5,7 @@ import pytest
 import ray
 
 from tests.conftest import b64
+from tests.integration.conftest import shipped_config
 
 CAT_CLASSES = {"Egyptian cat", "tabby", "tiger cat", "Persian cat", "Siamese cat", "lynx"}
 LABELS = ["a photo of a cat", "a cup of coffee", "a rocket launch"]
@@ -126,8 +127,9 @@ def test_models_lists_each_model_with_its_source_version_device_and_resources(cl
         assert "GPU" not in models[name]["resources"]
         assert models[name]["torch_threads"] >= 1
     # The reservations in force are the ones serve_config.yaml asks for.
-    assert models["vision"]["resources"]["CPU"] == 0.3
-    assert models["text"]["resources"]["CPU"] == 0.2
+    asked = {d["name"]: d["ray_actor_options"]["num_cpus"] for d in shipped_config()["applications"][0]["deployments"]}
+    assert models["vision"]["resources"]["CPU"] == asked["VisionClassifier"]
+    assert models["text"]["resources"]["CPU"] == asked["TextEncoder"]
     # No server directories: the drift profile is named relative to the package.
     assert models["vision"]["drift"]["reference"]["path"] == "monitoring/profiles/mobilenet_v2.json"
 
