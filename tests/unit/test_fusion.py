@@ -10,7 +10,7 @@ import pytest
 
 from deployments.contracts import TextEmbeddings
 from deployments.errors import InvalidInput, ModelUnavailable
-from deployments.fusion import METHOD, NAME, ClassEmbeddings, FusionConfig, FusionScorer
+from deployments.fusion import CLASS_EMBEDDING_CHUNK, METHOD, NAME, ClassEmbeddings, FusionConfig, FusionScorer
 
 
 @dataclass
@@ -77,6 +77,24 @@ def test_a_new_text_version_or_prompt_gets_its_own_matrix_and_concurrent_request
     assert text.calls == 3  # one per (classes, text version, prompt), not one per request
     assert all(m is together[0] for m in together)
     assert not np.array_equal(together[0], newer) and not np.array_equal(newer, prompted)
+
+
+def test_many_class_names_are_embedded_a_chunk_per_call_in_order_and_by_one_text_version():
+    """A call of 1000 names would queue every live text request behind all of them."""
+    names = [f"class {i}" for i in range(2 * CLASS_EMBEDDING_CHUNK + 3)]
+    vision, text = FakeVision(names, "v1"), FakeText("t1")
+    answered_by = iter(["t1", "t0", "t1", "t1"])  # the second call meets a replica of the outgoing version
+
+    def remote(texts, monitor=True):
+        assert len(texts) <= CLASS_EMBEDDING_CHUNK and monitor is False
+        text.version = next(answered_by)
+        return FakeText.remote(text, texts, monitor)
+
+    text.embed = Mock(remote=remote)
+    matrix = run(ClassEmbeddings(vision, text).get("v1", "t1", "{}"))
+    assert text.calls == 4  # three chunks, one asked twice
+    whole = FakeText("t1").remote(names).value.vectors
+    np.testing.assert_array_equal(matrix, whole)
 
 
 def test_a_version_no_longer_served_is_a_retryable_unavailability():
