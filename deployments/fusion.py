@@ -192,8 +192,8 @@ class ClassEmbeddings:
 # Matrices kept (each 1000 classes x 384 floats, 1.5 MB): enough for the old
 # and the new classes and text model during an update.
 CLASS_EMBEDDING_VERSIONS = 4
-# Class names embedded per call to the text deployment (its max_batch_size): a call waits its turn behind
-# the live requests queued before it, and they wait behind at most one such call.
+# Class names embedded per call to the text deployment, one batch at the shipped max_batch_size: a call
+# waits its turn behind the live requests queued before it, and they wait behind at most one such call.
 CLASS_EMBEDDING_CHUNK = 16
 # How often to ask a deployment again when a replica of another version answers.
 SAME_VERSION_ATTEMPTS = 20
