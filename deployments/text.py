@@ -208,23 +208,28 @@ class TextEncoder(LiveModelDeployment):
             vectors, model, tokens = await self._embed_labels(labels, text)
             return TextEmbeddings(vectors=vectors, model=model.name, version=model.version, tokens=tokens)
 
-    async def classify(self, text: str, labels: list[str]) -> TextRanking:
+    async def classify(self, text: str, labels: list[str], monitor: bool = True) -> TextRanking:
+        """Labels ranked by their zero-shot score for ``text``. ``monitor=False`` keeps the text out of the drift
+        window and the prediction metrics (the explainer's variants of a text are not traffic)."""
         with self.counted():
-            vectors, model, _ = await self._embed_labels(labels, text)
+            vectors, model, _ = await self._embed_labels(labels, text, monitor)
             ranked = zero_shot(vectors, labels, model.config.temperature)
             best, score = ranked[0]
-            # Zero-shot labels are free text, so the class index is the winner's position in the request.
-            self.metrics.observe_prediction(labels.index(best), score)
+            if monitor:
+                # Zero-shot labels are free text, so the class index is the winner's position in the request.
+                self.metrics.observe_prediction(labels.index(best), score)
             return TextRanking(labels=ranked, model=model.name, version=model.version)
 
-    async def _embed_labels(self, labels: list[str], text: str | None) -> tuple[np.ndarray, "TextModel", int]:
+    async def _embed_labels(
+        self, labels: list[str], text: str | None, monitor: bool = True
+    ) -> tuple[np.ndarray, "TextModel", int]:
         vectors, model, tokens = await self._same_model(
             lambda: [
                 *(self._label_vector(label) for label in labels),
                 *([self._embed_batch(text)] if text is not None else []),
             ]
         )
-        if text is not None:
+        if text is not None and monitor:
             self._watch(vectors[-1][None, :], model)
         return vectors, model, tokens
 
