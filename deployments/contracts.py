@@ -46,11 +46,28 @@ class FusionInput:
 
 
 @dataclass
+class FusionExplanation:
+    """How fusion's scores were made, exactly (``scoring.conse_decomposition``).
+
+    For label ``j``: ``fused[j] = sum over modalities m of weights[m] * scores_m[j]``; the image's score is
+    ``softmax(vision_similarity / temperature)[j]``, and ``vision_similarity[j]`` is the sum of
+    ``class_contributions[:, j]``; the text's score is ``softmax(text_similarity / temperature)[j]``.
+    """
+
+    temperature: float
+    classes: list[tuple[str, float, float]]  # ConSE's top-T classes: (name, probability, weight in the mix)
+    class_contributions: np.ndarray | None  # (T, L) each class's part of each label's similarity
+    vision_similarity: np.ndarray | None  # (L,) cosine of the image's ConSE embedding with each label
+    text_similarity: np.ndarray | None  # (L,) cosine of the text's embedding with each label
+
+
+@dataclass
 class FusionResult:
     vision_scores: np.ndarray | None  # (L,) ConSE scores of the labels against the image
     text_scores: np.ndarray | None  # (L,) scores of the labels against the text
     fused: np.ndarray  # (L,)
     weights: dict[str, float]
+    explanation: FusionExplanation | None = None  # when asked for
 
 
 @dataclass
@@ -94,3 +111,41 @@ class OcrResult:
     version: str
     seconds: float  # the replica's time per image of the batch this was read in
     batch_size: int = 1
+
+
+@dataclass
+class ImageExplanation:
+    """Why the vision model gave an image a class: a saliency map over the crop it classified."""
+
+    saliency: np.ndarray | None  # (crop, crop) float32 in [0, 1]; not sent back by the deployment (the grid is)
+    class_index: int
+    class_name: str
+    probability: float  # of that class for this image
+    method: str  # "gradcam" or "integrated_gradients"
+    parameters: dict  # the method's, as run
+    model: str
+    version: str
+    seconds: float  # in the explainer replica
+    grid: np.ndarray | None = None  # (G, G) float32: the map's share in each cell, summing to 1
+    heatmap_png: bytes | None = None  # the map in colour over the crop
+
+
+@dataclass
+class WordContribution:
+    word: str
+    start: int  # its first character's index in the text
+    contribution: float  # the label's score with the word minus without it
+
+
+@dataclass
+class TextExplanation:
+    """Why a text got a zero-shot label: each word's contribution to the label's score, in text order."""
+
+    words: list[WordContribution]
+    label: str
+    score: float  # the label's score for the whole text
+    method: str
+    parameters: dict
+    model: str
+    version: str
+    seconds: float

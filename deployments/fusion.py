@@ -15,13 +15,15 @@ from pydantic import Field, field_validator, model_validator
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from deployments.contracts import FusionInput, FusionResult, TextEmbeddings, VisionResult
+from deployments.contracts import FusionExplanation, FusionInput, FusionResult, TextEmbeddings, VisionResult
 from deployments.errors import InvalidInput, ModelUnavailable
 from deployments.runtime import BatchingConfig, ModelDeployment
 from deployments.scoring import (
     DEFAULT_CONSE_TOP_T,
     DEFAULT_TEMPERATURE,
+    conse_decomposition,
     conse_embedding,
+    l2_normalize,
     late_fusion,
     similarity_scores,
 )
@@ -93,6 +95,21 @@ def fuse(batch: list[FusionInput], config: FusionConfig) -> list[FusionResult]:
     return results
 
 
+def explain_fusion(item: FusionInput, class_names: list[str], config: FusionConfig) -> FusionExplanation:
+    """The exact decomposition of one item's scores, from the same embeddings ``fuse`` scored it with."""
+    classes, contributions, vision_similarity, text_similarity = [], None, None, None
+    if item.vision is not None:
+        top, weights, contributions = conse_decomposition(
+            item.vision.probs, item.class_embeddings, item.label_embeddings, config.top_t
+        )
+        classes = [(class_names[i], float(item.vision.probs[i]), float(w)) for i, w in zip(top, weights)]
+        vision_similarity = contributions.sum(axis=0)
+    if item.text_embedding is not None:
+        labels = l2_normalize(item.label_embeddings.astype(np.float64))
+        text_similarity = labels @ l2_normalize(item.text_embedding.astype(np.float64))
+    return FusionExplanation(config.temperature, classes, contributions, vision_similarity, text_similarity)
+
+
 class ClassEmbeddings:
     """The ConSE class-name embeddings, one matrix per (vision classes, text version, class prompt).
 
@@ -119,6 +136,10 @@ class ClassEmbeddings:
             future = self._store(key, asyncio.ensure_future(self._make(names, text_version, prompt)))
         self._matrices.move_to_end(key)
         return await asyncio.shield(future)
+
+    async def names(self, vision_version: str) -> list[str]:
+        """The class names of a vision version."""
+        return (await self._class_names(vision_version))[1]
 
     async def warm(self, prompt: str) -> None:
         """Make the matrix for the models last used (or served now) and ``prompt``, before a request needs it."""
@@ -248,8 +269,10 @@ class FusionScorer(ModelDeployment):
         with_text: bool,
         vision_weight: float | None = None,
         text_weight: float | None = None,
+        explain: bool = False,
     ) -> FusionResult:
-        """Fuse one request. ``embeddings`` holds the labels' embeddings, then the text's if any."""
+        """Fuse one request. ``embeddings`` holds the labels' embeddings, then the text's if any. With
+        ``explain``, the result says exactly how its scores were made (``FusionExplanation``)."""
         with self.counted():
             settings = self.settings
             weights = {
@@ -274,7 +297,11 @@ class FusionScorer(ModelDeployment):
                 item.class_embeddings = await self.class_embeddings.get(
                     vision.version, embeddings.version, settings.class_prompt
                 )
-            return await self._fuse_batch(item)
+            result = await self._fuse_batch(item)
+            if explain:
+                names = await self.class_embeddings.names(vision.version) if vision is not None else []
+                result.explanation = explain_fusion(item, names, settings)
+            return result
 
     @serve.batch(**FusionConfig.batch_defaults())
     async def _fuse_batch(self, items: list[FusionInput]) -> list[FusionResult]:

@@ -421,3 +421,17 @@ def fit_within(image: Image.Image, max_side: int = OCR_MAX_SIDE_PX) -> tuple[np.
         image = image.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0)
         return np.asarray(image, dtype=np.uint8), width / size[0]
     return np.asarray(image, dtype=np.uint8), 1.0
+
+
+def crop_region(size: tuple[int, int], resize: int, crop: int) -> tuple[float, float, float, float]:
+    """Where the crop ``prepare`` keeps lies in an upload of ``size`` (width, height): x, y, width and height in
+    the upload's pixels, by ``prepare``'s own arithmetic (short side resized to ``resize``, centre ``crop``)."""
+    width, height = size
+    short, long = sorted((width, height))
+    new_long = int(resize * long / short)
+    new_width, new_height = (resize, new_long) if width <= height else (new_long, resize)
+    out_width, out_height = min(crop, new_width), min(crop, new_height)
+    left, top = int(round((new_width - out_width) / 2.0)), int(round((new_height - out_height) / 2.0))
+    scale_x, scale_y = width / new_width, height / new_height
+    return (round(left * scale_x, 1), round(top * scale_y, 1), round(out_width * scale_x, 1),
+            round(out_height * scale_y, 1))  # fmt: skip

@@ -54,6 +54,27 @@ def conse_embedding(
     return out[0] if class_probs.ndim == 1 else out
 
 
+def conse_decomposition(
+    class_probs: np.ndarray, class_embeddings: np.ndarray, label_embeddings: np.ndarray, top_t: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ConSE's image-to-label cosine similarities, split exactly into the image's top-T classes.
+
+    The image's embedding is ``m / |m|`` with ``m = sum_t w_t e_t`` (``conse_embedding``), so its cosine with a
+    label ``l`` is ``sum_t w_t (e_t . l/|l|) / |m|``: class ``t`` contributes its term. Returns the classes
+    (indices, by weight, largest first), their weights ``w_t`` (summing to 1) and the contributions ``(T, L)``,
+    whose columns sum to each label's similarity. In float64: sums agree with the scores to about 1e-7.
+    """
+    probs = class_probs.astype(np.float64)
+    top_t = min(top_t, probs.shape[0])
+    top = np.argpartition(-probs, top_t - 1)[:top_t]
+    top = top[np.argsort(-probs[top], kind="stable")]
+    weights = probs[top] / max(probs[top].sum(), 1e-12)
+    mixed = weights @ class_embeddings[top].astype(np.float64)
+    labels = l2_normalize(label_embeddings.astype(np.float64))
+    contributions = weights[:, None] * (class_embeddings[top].astype(np.float64) @ labels.T)
+    return top, weights, contributions / max(np.linalg.norm(mixed), 1e-12)
+
+
 def late_fusion(scores: dict[str, np.ndarray], weights: dict[str, float]) -> np.ndarray:
     """Weighted mean of per-modality label scores, over the modalities present.
 

@@ -52,6 +52,13 @@ class Limits(BaseSettings):
     token limits (``max_prompt_tokens``, ``max_tokens``) are its deployment's settings; this bounds the
     tokenizing that checking them costs."""
 
+    max_explain_steps: int = Field(64, gt=0)
+    """Most integration steps of one Integrated Gradients explanation (each a forward and a backward pass)."""
+    max_explanations: int = Field(4, gt=0)
+    """Most inputs (images or texts) explained in one Open Inference Protocol explain request."""
+    max_explain_words: int = Field(64, gt=0)
+    """Most words in a text to explain: each word is removed in turn and the text scored again."""
+
 
 @lru_cache(maxsize=1)
 def limits() -> Limits:

@@ -333,6 +333,35 @@ class OcrMetrics:
         self.lines.observe(lines)
 
 
+class ExplainerMetrics:
+    """The explainer deployment's own instruments, beside its ``ModelMetrics``. Create it inside the replica."""
+
+    def __init__(self):
+        tags = ("model", "version", "kind", "method")
+        self.seconds = metrics.Histogram(
+            PREFIX + "explanation_seconds",
+            description="Time of one explanation in the explainer replica, by kind (image, text) and method.",
+            boundaries=list(LATENCY_BUCKETS_S),
+            tag_keys=tags,
+        )
+        self.explanations = metrics.Counter(
+            PREFIX + "explanations_total",
+            description="Explanations made (outcome ok) or stopped at their time budget (outcome timeout).",
+            tag_keys=(*tags, "outcome"),
+        )
+        self.set_model("", "")
+
+    def set_model(self, model: str, version: str) -> None:
+        for instrument in (self.seconds, self.explanations):
+            instrument.set_default_tags({"model": model, "version": version})
+
+    def observe(self, kind: str, method: str, seconds: float, timed_out: bool = False) -> None:
+        tags = {"kind": kind, "method": method}
+        self.explanations.inc(tags={**tags, "outcome": "timeout" if timed_out else "ok"})
+        if not timed_out:
+            self.seconds.observe(seconds, tags=tags)
+
+
 class RequestMetrics:
     """The ingress's instruments: every HTTP request by route and status, and the images it decodes."""
 
