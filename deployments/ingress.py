@@ -36,6 +36,9 @@ ADMITTED_ROUTES = (
     "/v1/chat/completions",
     "/v1/completions",
     "/v1/embeddings",
+    "/v1/vision/explain",
+    "/v1/text/explain",
+    "/v2/models/{model_name}/explain",
 )
 
 
@@ -63,6 +66,9 @@ class IngressConfig(BaseModel):
             "/v1/chat/completions": 32,
             "/v1/completions": 32,
             "/v1/embeddings": 32,
+            "/v1/vision/explain": 8,
+            "/v1/text/explain": 8,
+            "/v2/models/{model_name}/explain": 8,
         },
         description="Requests in flight per route at one ingress replica; the next one gets 503 at once. "
         "The Open Inference Protocol's infer routes share one limit, whatever the model. A streamed answer "
@@ -100,7 +106,7 @@ class IngressConfig(BaseModel):
         return self
 
 
-@serve.deployment(max_ongoing_requests=288, ray_actor_options={"num_cpus": 0.1}, user_config={})
+@serve.deployment(max_ongoing_requests=304, ray_actor_options={"num_cpus": 0.1}, user_config={})
 @serve.ingress()
 class Ingress:
     """HTTP ingress over the models the app builder names (``{"vision": handle, ...}``)."""

@@ -19,7 +19,8 @@ and, where the defaults do not suit, in the same place:
 * ``MAAS_HTTP_ADMISSION`` (JSON object of path to limit; default
   ``{"/v1/vision/classify": 48, "/v1/multimodal/analyze": 48, "/v1/vision/ocr": 32, "/v1/multimodal/describe": 32,
   "/v1/text/embed": 64, "/v1/text/classify": 64}``, 48 for each model's
-  ``/v2/models/{name}/infer`` and 64 for each OpenAI route; ``{}`` for none): requests in flight per exact
+  ``/v2/models/{name}/infer``, 64 for each OpenAI route and 16 for each explain route; ``{}`` for none):
+  requests in flight per exact
   path at this proxy;
 * ``MAAS_HTTP_RETRY_AFTER_S`` (default 1): ``Retry-After`` of its refusals.
 
@@ -130,6 +131,12 @@ DEFAULT_ADMISSION = {
     "/v1/chat/completions": 64,
     "/v1/completions": 64,
     "/v1/embeddings": 64,
+    # An explanation takes one to a hundred passes of a model; the ingress admits 8 per replica for them all.
+    "/v1/vision/explain": 16,
+    "/v1/text/explain": 16,
+    "/v2/models/vision/explain": 16,
+    "/v2/models/text/explain": 16,
+    "/v2/models/fusion/explain": 16,
 }
 
 

@@ -29,16 +29,19 @@ from deployments.contracts import (
     FusionResult,
     GenerationChunk,
     GenerationRequest,
+    ImageExplanation,
     OcrLine,
     OcrResult,
     TextEmbeddings,
+    TextExplanation,
     TextRanking,
     VisionResult,
 )
 from deployments.downstream import Deadline, api_error, call_models
 from deployments.errors import InvalidInput, ModelTimeout, PolicyBlocked
-from deployments.imaging import ImageSpec, decode_base64, decode_image, fit_within, prepare
+from deployments.imaging import ImageSpec, crop_region, decode_base64, decode_image, fit_within, prepare
 from deployments.settings import limits
+from deployments.words import check_words
 from knowledge.graph import Fact, KnowledgeGraph, Synset, UnknownConcept, knowledge_graph
 from knowledge.rules import CompiledPolicy, Decision, Facts
 from monitoring.metrics import RequestMetrics
@@ -297,8 +300,10 @@ class Dataplane:
         top_k: int = 5,
         vision_weight: float | None = None,
         text_weight: float | None = None,
+        explain: bool = False,
     ) -> Analysis:
-        """Score ``labels`` against an image, a text or both, and fuse the scores (ConSE + late fusion)."""
+        """Score ``labels`` against an image, a text or both, and fuse the scores (ConSE + late fusion); with
+        ``explain``, fusion says exactly how (``FusionResult.explanation``)."""
         vision, text_model, fusion = self.models["vision"], self.models["text"], self.models["fusion"]
         with_text = text is not None
 
@@ -307,13 +312,40 @@ class Dataplane:
             # responses as arguments, so it starts as soon as both are done.
             image = vision.classify.remote(pixels, top_k) if pixels is not None else None
             embeddings = text_model.embed_labels.remote(labels, text)
-            fused = fusion.fuse.remote(image, embeddings, with_text, vision_weight, text_weight)
+            fused = fusion.fuse.remote(image, embeddings, with_text, vision_weight, text_weight, explain)
             return Analysis(fusion=await fused, image=await image if image is not None else None)
 
         analysis = await call_models(graph, deadline)
         if analysis.image is not None:
             self._seen_vision_version(analysis.image.version)
         return analysis
+
+    # --- explanations -----------------------------------------------------------------
+
+    async def explain_image(
+        self, pixels: np.ndarray, label: str | None, method: str, steps: int, grid: int, heatmap: bool,
+        deadline: Deadline,
+    ) -> ImageExplanation:  # fmt: skip
+        """A saliency map of a prepared image for a class (None: the top one), by the explainer deployment."""
+        explainer = self.models["explainer"]
+        return await call_models(
+            lambda: explainer.explain_image.remote(pixels, label, method, steps, grid, heatmap), deadline
+        )
+
+    def crop_region(self, image: PreparedImage) -> tuple[float, float, float, float]:
+        """Where the crop the vision model classified lies in the upload (x, y, width, height)."""
+        spec = self._image_spec
+        return crop_region(image.size, spec.resize_size, spec.crop_size)
+
+    async def explain_text(
+        self, text: str, labels: list[str], label: str | None, deadline: Deadline
+    ) -> TextExplanation:
+        """Each word's contribution to a zero-shot label of ``text``; a text of too many words is refused first."""
+        check_words(text)
+        if label is not None and label not in labels:
+            raise InvalidInput("label must be one of labels", field="label")
+        explainer = self.models["explainer"]
+        return await call_models(lambda: explainer.explain_text.remote(text, labels, label), deadline)
 
     async def read_text(self, image: PreparedImage, deadline: Deadline) -> OcrResult:
         """The lines of text in an image (prepared with ``ocr``), with boxes in the upload's pixels."""

@@ -1,4 +1,5 @@
-"""The multimodal application: ingress -> (vision || text) -> fusion, and OCR and the language model beside them.
+"""The multimodal application: ingress -> (vision || text) -> fusion; OCR, the language model and the explainer
+beside them.
 
 ``build_app`` binds the model deployments and hands the ingress a registry of them by name; the request
 graph over them is ``pipelines.dataplane``.
@@ -24,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from ray.serve import Application
 
 from deployments.errors import ConfigError
+from deployments.explainer import Explainer
 from deployments.fusion import FusionScorer
 from deployments.ingress import Ingress
 from deployments.language import TextGenerator
@@ -66,7 +68,7 @@ class MultimodalArgs(BaseModel):
 
 
 def build_app(args: MultimodalArgs | dict | None = None) -> Application:
-    """Bind the vision, text, fusion, OCR, language-model and ingress deployments into one application."""
+    """Bind the vision, text, fusion, OCR, language-model, explainer and ingress deployments into one application."""
     try:
         args = MultimodalArgs.model_validate(args or {})
     except ValidationError as exc:
@@ -79,8 +81,10 @@ def build_app(args: MultimodalArgs | dict | None = None) -> Application:
     fusion = FusionScorer.bind(vision, text)
     ocr = TextReader.bind()
     llm = TextGenerator.bind()
+    explainer = Explainer.bind(text)
     # The models by the names every protocol knows them by (GET /v1/models, /v2/models/{name}, OpenAI's model).
-    return Ingress.bind({"vision": vision, "text": text, "fusion": fusion, "ocr": ocr, "llm": llm})
+    models = {"vision": vision, "text": text, "fusion": fusion, "ocr": ocr, "llm": llm, "explainer": explainer}
+    return Ingress.bind(models)
 
 
 MODEL_DEPLOYMENTS = {
@@ -89,6 +93,7 @@ MODEL_DEPLOYMENTS = {
     "fusion": FusionScorer.name,
     "ocr": TextReader.name,
     "llm": TextGenerator.name,
+    "explainer": Explainer.name,
 }
 
 

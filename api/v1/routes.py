@@ -5,6 +5,8 @@ result in its response schema (``schemas``). Errors are ``{"detail": [{"loc", "m
 FastAPI gives validation errors, so clients parse one format.
 """
 
+import base64
+
 import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.encoders import jsonable_encoder
@@ -38,6 +40,7 @@ ERRORS = {
     422: "A field is missing, malformed or out of its limits, or the image cannot be decoded; `detail` says which.",
     503: "Overloaded (the route's admission limit or a model's queue is full), or a model has no replica able to "
     "answer within the request's deadline (starting or updating). Retry after `Retry-After` seconds.",
+    504: "The explanation took longer than the explainer's time budget (its `budget_s`) and was stopped.",
 }
 
 
@@ -63,11 +66,11 @@ def _openapi_body(model: type[BaseModel], multipart: bool) -> dict:
     return {"requestBody": {"required": True, "content": content}}
 
 
-def _post(path: str, request: type[BaseModel], response: type[BaseModel], multipart: bool):
+def _post(path: str, request: type[BaseModel], response: type[BaseModel], multipart: bool, *more: int):
     return router.post(
         path,
         response_model=response,
-        responses=responses(*((400,) if multipart else ()), 413, 415, 422, 503),
+        responses=responses(*((400,) if multipart else ()), 413, 415, 422, 503, *more),
         openapi_extra=_openapi_body(request, multipart=multipart),
     )
 
@@ -206,7 +209,14 @@ async def multimodal_analyze(
         if upload is not None or body.image is not None:
             pixels = await dataplane.prepare_image(route, request.state.deadline, raw=upload, image_b64=body.image)
         analysis = await dataplane.analyze(
-            pixels, body.text, body.labels, request.state.deadline, body.top_k, body.vision_weight, body.text_weight
+            pixels,
+            body.text,
+            body.labels,
+            request.state.deadline,
+            body.top_k,
+            body.vision_weight,
+            body.text_weight,
+            explain=body.explain,
         )
     result = analysis.fusion
 
@@ -230,7 +240,98 @@ async def multimodal_analyze(
         fused=fused,
         weights=result.weights,
         policy=decision,
+        explanation=_fusion_explanation(result, body.labels, fused) if body.explain else None,
         method="conse+late-fusion",
+    )
+
+
+def _fusion_explanation(result, labels: list[str], fused: list[schemas.LabelScore]) -> schemas.MultimodalExplanation:
+    """How fusion made each label's score, best label first (``FusionExplanation``)."""
+    explained, weights = result.explanation, result.weights
+    index = {label: i for i, label in enumerate(labels)}
+    rows = []
+    for item in fused:
+        j = index[item.label]
+        parts, vision, text = {}, None, None
+        if explained.vision_similarity is not None:
+            parts["vision"] = weights["vision"] * float(result.vision_scores[j])
+            order = np.argsort(-explained.class_contributions[:, j], kind="stable")
+            vision = schemas.VisionPart(
+                score=float(result.vision_scores[j]),
+                similarity=float(explained.vision_similarity[j]),
+                classes=[
+                    schemas.ClassContribution(
+                        label=explained.classes[t][0], contribution=float(explained.class_contributions[t, j])
+                    )
+                    for t in order
+                ],
+            )
+        if explained.text_similarity is not None:
+            parts["text"] = weights["text"] * float(result.text_scores[j])
+            text = schemas.TextPart(score=float(result.text_scores[j]), similarity=float(explained.text_similarity[j]))
+        rows.append(schemas.LabelExplanation(label=item.label, score=item.score, parts=parts, vision=vision, text=text))
+    return schemas.MultimodalExplanation(
+        method="exact: fused = sum of weight x score per modality; score = softmax(similarity / temperature); "
+        "image similarity = sum of its ConSE classes' contributions",
+        temperature=explained.temperature,
+        weights=weights,
+        classes=[schemas.ConseClass(label=name, probability=p, weight=w) for name, p, w in explained.classes],
+        labels=rows,
+    )
+
+
+@_post("/v1/vision/explain", schemas.VisionExplainRequest, schemas.VisionExplainResponse, True, 504)
+async def vision_explain(
+    request: Request, dataplane: DataplaneDep, admission: AdmissionDep
+) -> schemas.VisionExplainResponse:
+    """Where in the image the evidence for a class lies (the top class, or the one named in `label`).
+
+    A saliency map over the centre crop the classifier sees (`region` places it in the image), as a coarse
+    grid of shares and a heatmap PNG over the crop. Made by the explainer deployment, with its own copy of the
+    vision model, within its time budget (504 past it).
+    """
+    route = "/v1/vision/explain"
+    deadline = request.state.deadline
+    with admission.slot(route):
+        body, upload = await read_body(request, schemas.VisionExplainRequest, multipart=True)
+        image = await dataplane.prepare_views(route, deadline, raw=upload, image_b64=body.image)
+        result = await dataplane.explain_image(
+            image.pixels, body.label, body.method, body.steps, body.grid, body.heatmap, deadline
+        )
+    return schemas.VisionExplainResponse(
+        explained=schemas.ExplainedClass(label=result.class_name, index=result.class_index,
+                                         probability=result.probability),
+        method=result.method,
+        parameters=result.parameters,
+        grid=np.round(result.grid.astype(np.float64), 4).tolist(),
+        heatmap_png=base64.b64encode(result.heatmap_png).decode("ascii") if result.heatmap_png else None,
+        region=list(dataplane.crop_region(image)),
+        model=result.model,
+        version=result.version,
+        seconds=round(result.seconds, 4),
+    )  # fmt: skip
+
+
+@_post("/v1/text/explain", schemas.TextExplainRequest, schemas.TextExplainResponse, False, 504)
+async def text_explain(
+    request: Request, dataplane: DataplaneDep, admission: AdmissionDep
+) -> schemas.TextExplainResponse:
+    """Why a text gets a zero-shot label: each word's contribution to the label's score (occlusion: the score
+    of the whole text minus the score without the word). The top label by default, or the one named."""
+    with admission.slot("/v1/text/explain"):
+        body, _ = await read_body(request, schemas.TextExplainRequest)
+        result = await dataplane.explain_text(body.text, body.labels, body.label, request.state.deadline)
+    ranking = sorted(range(len(result.words)), key=lambda i: -result.words[i].contribution)
+    return schemas.TextExplainResponse(
+        label=result.label,
+        score=result.score,
+        words=[schemas.WordScore(word=w.word, start=w.start, contribution=w.contribution) for w in result.words],
+        ranking=[result.words[i].word for i in ranking],
+        method=result.method,
+        parameters=result.parameters,
+        model=result.model,
+        version=result.version,
+        seconds=round(result.seconds, 4),
     )
 
 

@@ -218,6 +218,49 @@ class DescribeRequest(_Request):
     )
 
 
+MAX_GRID = 28
+ClassName = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=_L.max_label_chars, pattern=NOT_BLANK),
+    Field(
+        description="The class to explain, by its name in the vision model (an ImageNet class such as 'tabby' or "
+        "'Egyptian cat', case-insensitive; GET /v1/vision/classify gives the names). Default: the top class. "
+        "An unknown name is refused (422) with close matches."
+    ),
+]
+
+
+class VisionExplainRequest(_Request):
+    """Explain why the vision model gives an image a class: where in the image the evidence for it lies."""
+
+    image: ImageB64
+    label: ClassName | None = None
+    method: Literal["gradcam", "integrated_gradients"] = Field(
+        "gradcam",
+        description="`gradcam`: Grad-CAM on the last feature map (one forward and one backward pass, coarse and "
+        "fast); `integrated_gradients`: Integrated Gradients from the mean colour (`steps` passes, per pixel).",
+    )
+    steps: Annotated[
+        int,
+        Field(ge=1, le=_L.max_explain_steps, description="Integration steps of integrated_gradients."),
+        BeforeValidator(integral),
+    ] = 16
+    grid: Annotated[
+        int,
+        Field(ge=1, le=MAX_GRID, description="The coarse map has grid x grid cells over the classified crop."),
+        BeforeValidator(integral),
+    ] = 7
+    heatmap: bool = Field(True, description="Return the heatmap over the image as a PNG (base64).")
+
+
+class TextExplainRequest(_Request):
+    """Explain a zero-shot label of a text: each word's contribution to the label's score."""
+
+    text: Text = Field(description="The text; at most max_explain_words words (64), each scored without it.")
+    labels: Labels
+    label: Label | None = Field(None, description="The label to explain, one of `labels`. Default: the top one.")
+
+
 def _present(field: str) -> dict:
     return {"required": [field], "properties": {field: {"type": "string"}}}
 
@@ -279,6 +322,12 @@ class MultimodalRequest(_Request):
         None, description="Weight of the text's label scores in the fusion (default from config)."
     )
     policy: PolicyName | None = None
+    explain: bool = Field(
+        False,
+        description="Also return `explanation`: how each label's score was made, exactly. The fused score is the "
+        "sum of each modality's weight times its score; the image's score comes from the cosine similarity of "
+        "its ConSE embedding with the label, which is the sum of its top classes' contributions.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> "MultimodalRequest":
@@ -355,6 +404,44 @@ class PoliciesResponse(_Response):
     )
 
 
+class ClassContribution(_Response):
+    label: str = Field(description="An ImageNet class of the image's ConSE embedding.")
+    contribution: float = Field(description="Its part of the label's similarity.")
+
+
+class VisionPart(_Response):
+    score: float = Field(description="The image's score of the label: softmax(similarity / temperature).")
+    similarity: float = Field(description="Cosine of the image's ConSE embedding with the label: the sum of classes.")
+    classes: list[ClassContribution] = Field(description="Each class's part of the similarity, by weight.")
+
+
+class TextPart(_Response):
+    score: float = Field(description="The text's score of the label: softmax(similarity / temperature).")
+    similarity: float = Field(description="Cosine of the text's embedding with the label.")
+
+
+class LabelExplanation(_Response):
+    label: str
+    score: float = Field(description="The fused score: the sum of `parts`.")
+    parts: dict[str, float] = Field(description="Each modality's weight times its score.")
+    vision: VisionPart | None = None
+    text: TextPart | None = None
+
+
+class ConseClass(_Response):
+    label: str = Field(description="An ImageNet class among the image's top classes (fusion's top_t).")
+    probability: float = Field(description="Its probability for the image.")
+    weight: float = Field(description="Its weight in the image's ConSE embedding (probabilities renormalised).")
+
+
+class MultimodalExplanation(_Response):
+    method: str
+    temperature: float = Field(description="Softmax temperature over each modality's similarities.")
+    weights: dict[str, float] = Field(description="The fusion weights applied, per modality present.")
+    classes: list[ConseClass] = Field(description="The classes that make the image's ConSE embedding.")
+    labels: list[LabelExplanation] = Field(description="Every label, best first, with how its score was made.")
+
+
 class VisionBranch(_Response):
     classes: list[LabelScore] = Field(description="Top-k ImageNet classes of the image.")
     labels: list[LabelScore] = Field(description="The labels scored against the image by ConSE.")
@@ -370,6 +457,7 @@ class MultimodalResponse(_Response):
     fused: list[LabelScore] = Field(description="All labels, best first, after late fusion.")
     weights: dict[str, float] = Field(description="Fusion weights applied, per modality present.")
     policy: PolicyDecision | None = Field(None, description="The decision of the policy asked for.")
+    explanation: MultimodalExplanation | None = Field(None, description="With `explain`: how the scores were made.")
     method: str = Field(
         description="How image and text were compared: ConSE (convex combination of the "
         "embeddings of the image's top ImageNet classes in the text space) and weighted "
@@ -429,6 +517,51 @@ class DescribeResponse(_Response):
         description="How the description was made: not a trained captioning model, but a language model "
         "prompted with what an ImageNet classifier and OCR found (grounded prompting)."
     )
+
+
+class ExplainedClass(_Response):
+    label: str = Field(description="The class explained.")
+    index: int = Field(description="Its index among the model's classes.")
+    probability: float = Field(description="Its probability for the image.")
+
+
+class VisionExplainResponse(_Response):
+    explained: ExplainedClass
+    method: str
+    parameters: dict[str, Any] = Field(description="The method's parameters, as run.")
+    grid: list[list[float]] = Field(
+        description="The saliency's share in each cell of a grid over the crop (rows top to bottom); sums to 1."
+    )
+    heatmap_png: str | None = Field(
+        None, description="The saliency in colour (blue low, red high) over the crop, as a base64 PNG."
+    )
+    region: list[float] = Field(
+        description="The crop the model classified and the map covers: [x, y, width, height] in the upload's "
+        "pixels (the classifier sees the centre square of the image)."
+    )
+    model: str
+    version: str
+    seconds: float = Field(description="Time of the explanation in the explainer replica.")
+
+
+class WordScore(_Response):
+    word: str
+    start: int = Field(description="Index of its first character in the text.")
+    contribution: float = Field(
+        description="The label's score with the word minus its score without it: positive words support the label."
+    )
+
+
+class TextExplainResponse(_Response):
+    label: str = Field(description="The label explained.")
+    score: float = Field(description="Its score for the whole text, as /v1/text/classify gives it.")
+    words: list[WordScore] = Field(description="Every word, in text order.")
+    ranking: list[str] = Field(description="The words by contribution, largest first (ties in text order).")
+    method: str
+    parameters: dict[str, Any]
+    model: str
+    version: str
+    seconds: float
 
 
 class Health(_Response):

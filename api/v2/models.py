@@ -205,6 +205,10 @@ class FusionModel(TensorModel):
         return {"scores"} | {output for name, output in modalities.items() if name in inputs}
 
     async def infer(self, inputs, parameters, outputs, dataplane, deadline):
+        return self.scores(await self.analyses(inputs, parameters, dataplane, deadline)), None
+
+    async def analyses(self, inputs, parameters, dataplane, deadline, explain: bool = False) -> list:
+        """One fusion per element of the batch (with ``explain``, each says how its scores were made)."""
         lim = limits()
         if "image" not in inputs and "text" not in inputs:
             raise BadTensor("send input 'image', input 'text', or both")
@@ -217,25 +221,31 @@ class FusionModel(TensorModel):
         sentences = texts(inputs["text"], "text", lim.max_text_chars) if "text" in inputs else None
         pixels = await prepared(dataplane, ROUTE, inputs["image"], "image", deadline) if "image" in inputs else None
         count = len(pixels if pixels is not None else sentences)
-        analyses = await asyncio.gather(
-            *(
-                dataplane.analyze(
-                    pixels[i] if pixels is not None else None,
-                    sentences[i] if sentences is not None else None,
-                    labels,
-                    deadline,
-                    vision_weight=weights[0],
-                    text_weight=weights[1],
+        return list(
+            await asyncio.gather(
+                *(
+                    dataplane.analyze(
+                        pixels[i] if pixels is not None else None,
+                        sentences[i] if sentences is not None else None,
+                        labels,
+                        deadline,
+                        vision_weight=weights[0],
+                        text_weight=weights[1],
+                        explain=explain,
+                    )
+                    for i in range(count)
                 )
-                for i in range(count)
             )
         )
+
+    @staticmethod
+    def scores(analyses: list) -> dict[str, np.ndarray]:
         arrays = {"scores": np.stack([a.fusion.fused for a in analyses]).astype(np.float32)}
-        if pixels is not None:
+        if analyses[0].fusion.vision_scores is not None:
             arrays["vision_scores"] = np.stack([a.fusion.vision_scores for a in analyses]).astype(np.float32)
-        if sentences is not None:
+        if analyses[0].fusion.text_scores is not None:
             arrays["text_scores"] = np.stack([a.fusion.text_scores for a in analyses]).astype(np.float32)
-        return arrays, None
+        return arrays
 
 
 MODELS: dict[str, TensorModel] = {model.name: model for model in (VisionModel(), TextModel(), FusionModel())}

@@ -1,7 +1,9 @@
 """The Open Inference Protocol's REST routes (``/v2``) over the dataplane.
 
 Server and model metadata, liveness and readiness, and inference with JSON tensors or the binary tensor
-data extension, for every model of ``models.MODELS`` that the registry holds. Errors are the spec's
+data extension, for every model of ``models.MODELS`` that the registry holds; and, as KServe routes
+``:explain`` beside ``:predict``, an explain route for each model of ``explainers.EXPLAINERS``, with the same
+tensors in and the explanation out. Errors are the spec's
 ``{"error": "..."}``: 400 for a request that does not fit the model (validation included), 404 for an
 unknown model or version, and this service's 413, 415 and 503 (with ``Retry-After``) as on ``/v1``.
 """
@@ -16,6 +18,7 @@ from api.context import AdmissionDep, DataplaneDep, SettingsDep
 from api.openapi import inline
 from api.problems import Problem
 from api.v2 import schemas
+from api.v2.explainers import EXPLAIN_ROUTE, EXPLAINERS
 from api.v2.models import MODELS, ROUTE, Element, TensorModel
 from api.v2.tensors import HEADER_LENGTH, BadTensor, bytes_elements, flatten, join_body, output_data, split_body
 from deployments.downstream import Deadline, call_models
@@ -134,8 +137,48 @@ async def infer(
     model_version: str | None = None,
 ) -> Response:
     """Run the model on the request's input tensors: JSON, or JSON followed by binary tensor data."""
-    model, deadline = tensor_model(model_name, dataplane), request.state.deadline
-    with admission.slot(ROUTE):
+    model = tensor_model(model_name, dataplane)
+    return await run(model, ROUTE, model_name, request, dataplane, admission, model_version)
+
+
+EXPLAIN = {
+    **INFER,
+    "responses": {
+        **INFER["responses"],
+        504: {"model": schemas.ErrorResponse, "description": "The explanation took longer than its time budget."},
+    },
+}
+
+
+@model_route("POST", "/explain", **EXPLAIN)
+async def explain(
+    model_name: str,
+    request: Request,
+    dataplane: DataplaneDep,
+    admission: AdmissionDep,
+    model_version: str | None = None,
+) -> Response:
+    """Explain the model's answer to the request's input tensors (the infer route's inputs; for `text`, with the
+    zero-shot `labels`): `vision` gives a saliency grid per image, `text` each word's contribution to a label,
+    `fusion` the exact decomposition of its scores."""
+    tensor_model(model_name, dataplane)
+    if model_name not in EXPLAINERS:
+        raise UnknownModel(f"model {model_name!r} has no explainer; these do: {', '.join(EXPLAINERS)}")
+    return await run(EXPLAINERS[model_name], EXPLAIN_ROUTE, model_name, request, dataplane, admission, model_version)
+
+
+async def run(
+    model: TensorModel,
+    route: str,
+    model_name: str,
+    request: Request,
+    dataplane: Dataplane,
+    admission,
+    model_version: str | None,
+) -> Response:
+    """Decode the request's tensors for ``model``, run it within the route's admission, encode its outputs."""
+    deadline = request.state.deadline
+    with admission.slot(route):
         encoding = request.headers.get("content-encoding", "identity").strip().lower()
         if encoding != "identity":
             raise UnsupportedMediaType("compressed request bodies are not accepted; send Content-Encoding: identity")

@@ -37,6 +37,10 @@ more:
 - a valid request's ``concepts`` are concepts the knowledge graph holds, and its ``policy`` one the service
   is configured with: which words are WordNet nouns and which policies exist is data and configuration, not
   schema, so a generated name is rightly a 422.
+- a valid explanation names a class the vision model has (``label`` of an image), or one of the request's
+  ``labels`` (of a text); a text to explain keeps its first ``max_explain_words`` words; and Integrated
+  Gradients runs at most ``FUZZ_STEPS`` steps (up to 64 are valid, seconds each here). The v2 explain
+  route gets the text explainer's tensors.
 
 Every other failure stands.
 """
@@ -74,6 +78,8 @@ PHOTO_URL = "data:image/jpeg;base64," + base64.b64encode(PHOTO).decode()
 
 OIP_MODEL = "text"
 OIP_INFER = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["fuzzing the protocol"]}]}
+OIP_LABELS = {"name": "labels", "datatype": "BYTES", "shape": [2], "data": ["testing", "cooking"]}
+OIP_EXPLAIN = {"inputs": [*OIP_INFER["inputs"], OIP_LABELS]}
 
 
 @functools.cache
@@ -86,6 +92,9 @@ OPENAI_MODELS = {"/v1/chat/completions": "llm", "/v1/completions": "llm", "/v1/e
 FUZZ_TOKENS, FUZZ_MESSAGES, FUZZ_CHARS = 2, 4, 40
 CONCEPTS = ["beverage", "animal", "n00001740", "dog.n.01", "vehicle", "food", "cup", "device", "plant", "tabby",
             "bird", "fish", "car", "weapon", "container", "structure", "mammal", "tool"]  # fmt: skip
+CLASSES = ["espresso", "cup", "tabby", "Egyptian cat", "coffee mug", "rocket", "pizza", "golden retriever"]
+FUZZ_STEPS = 4
+EXPLAIN_WORDS = re.compile(r"\s*\S+")
 POLICY = "confidence-gate"  # never blocks: a photo of coffee, and any text, pass it
 POLICY_NAME = re.compile(NAME_PATTERN)
 
@@ -105,6 +114,25 @@ def _known_names(body: dict) -> dict:
 
 
 DESCRIBE = "/v1/multimodal/describe"
+
+
+def _explainable(path: str, body: dict) -> dict:
+    """An explanation request the service can answer: see the module's docstring."""
+    body = dict(body)
+    if path == "/v1/vision/explain":
+        if isinstance(body.get("label"), str) and body["label"].strip():
+            body["label"] = CLASSES[len(body["label"]) % len(CLASSES)]
+        if isinstance(body.get("steps"), int) and not isinstance(body["steps"], bool):
+            body["steps"] = min(body["steps"], FUZZ_STEPS)
+        elif isinstance(body.get("steps"), str) and body["steps"].isdigit():  # a form's text
+            body["steps"] = str(min(int(body["steps"]), FUZZ_STEPS))
+    elif path == "/v1/text/explain":
+        if isinstance(body.get("text"), str):
+            body["text"] = "".join(EXPLAIN_WORDS.findall(body["text"])[:64]) or body["text"]
+        labels = body.get("labels")
+        if body.get("label") is not None and isinstance(labels, list) and labels and body["label"] not in labels:
+            body["label"] = labels[0]
+    return body
 
 
 def _short(text):
@@ -163,10 +191,13 @@ def before_call(ctx, case, **kwargs):
         if "model_version" in case.path_parameters:
             served["model_version"] = _served_version()
         case.path_parameters = {**case.path_parameters, **served}
-        if case.operation.path.endswith("/infer"):
+        if case.operation.path.endswith(("/infer", "/explain")):
             request_id = case.body.get("id") if isinstance(case.body, dict) else None
-            case.body = {**OIP_INFER, **({"id": request_id} if isinstance(request_id, str) else {})}
+            tensors = OIP_INFER if case.operation.path.endswith("/infer") else OIP_EXPLAIN
+            case.body = {**tensors, **({"id": request_id} if isinstance(request_id, str) else {})}
         return
+    if path in ("/v1/vision/explain", "/v1/text/explain") and isinstance(case.body, dict):
+        case.body = _explainable(path, case.body)
     if not isinstance(case.body, dict) or "image" not in case.body:
         return
     photo = base64.b64encode(PHOTO).decode() if case.media_type == "application/json" else PHOTO

@@ -15,17 +15,22 @@ from api.app import build_app
 from api.context import ApiSettings
 from deployments.admission import Admission
 from deployments.contracts import (
+    FusionExplanation,
     FusionResult,
     GenerationChunk,
     GenerationRequest,
+    ImageExplanation,
     OcrLine,
     OcrResult,
     TextEmbeddings,
+    TextExplanation,
     TextRanking,
     VisionResult,
+    WordContribution,
 )
 from deployments.errors import InvalidInput, ModelUnavailable
-from deployments.imaging import ImageSpec, Interpolation
+from deployments.imaging import ImageSpec, Interpolation, crop_region
+from deployments.words import check_words, words
 from knowledge.graph import knowledge_graph
 from pipelines import grounding
 from pipelines.dataplane import Analysis, Dataplane, Looked, PreparedImage, decode_and_prepare
@@ -40,6 +45,7 @@ VERSIONS = {
     "fusion": "conse-top10",
     "ocr": "ocr==4/abc",
     "llm": "llm==3/def",
+    "explainer": "vision-weights==1/abc",
 }
 DETAILS = {
     "vision": {"embedding_dim": 3},
@@ -47,6 +53,7 @@ DETAILS = {
     "fusion": {},
     "ocr": {"max_lines": 200},
     "llm": {"context_tokens": 64},
+    "explainer": {"image_methods": ["gradcam", "integrated_gradients"]},
 }
 MAX_TOKENS_CAP = 100
 
@@ -178,7 +185,9 @@ class FakeDataplane:
         ranked = sorted(zip(labels, scores.tolist()), key=lambda pair: -pair[1])
         return TextRanking(ranked, "text-model", VERSIONS["text"])
 
-    async def analyze(self, pixels, text, labels, deadline, top_k=5, vision_weight=None, text_weight=None):
+    async def analyze(
+        self, pixels, text, labels, deadline, top_k=5, vision_weight=None, text_weight=None, explain=False
+    ):
         self._check("fusion")
         self.calls.append(("analyze", text, tuple(labels), vision_weight, text_weight))
         image = vision_result(pixels, top_k, False) if pixels is not None else None
@@ -187,7 +196,49 @@ class FakeDataplane:
         present = [s for s in (vision_scores, text_scores) if s is not None]
         fused = np.mean(present, axis=0).astype(np.float32)
         weights = {"vision": 0.5, "text": 0.5} if len(present) == 2 else {("vision" if image else "text"): 1.0}
-        return Analysis(FusionResult(vision_scores, text_scores, fused, weights), image)
+        result = FusionResult(vision_scores, text_scores, fused, weights)
+        if explain:
+            result.explanation = fusion_explanation(image, vision_scores, text_scores)
+        return Analysis(result, image)
+
+    async def explain_image(self, pixels, label, method, steps, grid, heatmap, deadline) -> ImageExplanation:
+        """The class explained is the image's fake class (or the one named); all saliency in the first cell."""
+        self._check("explainer")
+        self.calls.append(("explain_image", label, method, steps, grid, heatmap))
+        index = image_class(pixels) if label is None else CLASSES.index(label) if label in CLASSES else None
+        if index is None:
+            raise InvalidInput("unknown class", field="label")
+        cells = np.zeros((grid, grid), np.float32)
+        cells[0, 0] = 1.0
+        parameters = {"steps": steps} if method == "integrated_gradients" else {"layer": "features"}
+        return ImageExplanation(None, index, CLASSES[index], 0.5, method, parameters, "vision-model",
+                                VERSIONS["vision"], 0.01, cells, b"\x89PNG" if heatmap else None)  # fmt: skip
+
+    def crop_region(self, image: PreparedImage):
+        return crop_region(image.size, SPEC.resize_size, SPEC.crop_size)
+
+    async def explain_text(self, text, labels, label, deadline) -> TextExplanation:
+        """A word's contribution is its length if it is a label's first word, else 0."""
+        check_words(text)
+        self._check("explainer")
+        chosen = label or labels[0]
+        found = [
+            WordContribution(w.group(), w.start(), float(len(w.group())) if w.group() == chosen.split()[0] else 0.0)
+            for w in words(text)
+        ]
+        return TextExplanation(found, chosen, 0.9, "occlusion", {}, "text-model", VERSIONS["text"], 0.01)
+
+
+def fusion_explanation(image, vision_scores, text_scores, temperature: float = 0.05) -> FusionExplanation:
+    """Similarities whose softmax gives the scores, the image's split evenly between its first two classes."""
+    contributions, vision_similarity, text_similarity, classes = None, None, None, []
+    if image is not None:
+        vision_similarity = temperature * np.log(vision_scores.astype(np.float64))
+        contributions = np.stack([vision_similarity / 2, vision_similarity / 2])
+        classes = [(name, p, 0.5) for name, p in image.labels[:2]]
+    if text_scores is not None:
+        text_similarity = temperature * np.log(text_scores.astype(np.float64))
+    return FusionExplanation(temperature, classes, contributions, vision_similarity, text_similarity)
 
 
 def image_class(pixels: np.ndarray) -> int:

@@ -8,6 +8,7 @@ import yaml
 from ray.serve.schema import ServeDeploySchema
 
 from deployments.errors import ConfigError
+from deployments.explainer import ExplainerSettings
 from deployments.fusion import FusionConfig
 from deployments.ingress import IngressConfig
 from deployments.language import GenerationSettings
@@ -24,7 +25,12 @@ MODEL_CONFIGS = {
     "FusionScorer": FusionConfig,
     "TextReader": OcrSettings,
 }
-USER_CONFIGS = {**MODEL_CONFIGS, "TextGenerator": GenerationSettings, "Ingress": IngressConfig}
+USER_CONFIGS = {
+    **MODEL_CONFIGS,
+    "TextGenerator": GenerationSettings,
+    "Explainer": ExplainerSettings,
+    "Ingress": IngressConfig,
+}
 
 
 def load(profile: str) -> dict:
@@ -88,6 +94,12 @@ def test_every_model_deployment_autoscales(profile):
 def test_cpu_profile_asks_for_no_gpu():
     for deployment in deployments(load("cpu")).values():
         assert deployment["ray_actor_options"].get("num_gpus", 0) == 0
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_the_explainer_explains_the_served_vision_model(profile):
+    served = deployments(load(profile))
+    assert served["Explainer"]["user_config"]["model"] == served["VisionClassifier"]["user_config"]["model"]
 
 
 def test_gpu_profile_shares_gpus_fractionally_and_refuses_gpu_less_clusters():
