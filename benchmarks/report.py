@@ -209,6 +209,10 @@ def markdown(results: dict, plot_name: str) -> str:
         from benchmarks.describe import report as describe_report
 
         lines += ["", *describe_report(results["describe"]["cluster"], results["describe"]["duration_s"])]
+    if results.get("faithfulness"):
+        from benchmarks.faithfulness import report as faithfulness_report
+
+        lines += ["", *faithfulness_report(results["faithfulness"])]
     notes = Path(__file__).with_name("NOTES.md")
     if notes.exists():
         lines += ["", notes.read_text().strip()]

@@ -18,7 +18,8 @@ point, default 8), ``BENCH_CONCURRENCY`` (default ``1,8,32,64``), ``BENCH_CONFIG
 config to measure, default serve_config.yaml), the ``BENCH_LLM_*`` knobs of ``benchmarks/llm.py``, and
 ``BENCH_SETUPS=llm``: measure the language model alone and update its section of the last report;
 ``BENCH_SETUPS=describe`` likewise for descriptions (and the ``BENCH_DESCRIBE_*`` knobs of
-``benchmarks/describe.py``).
+``benchmarks/describe.py``); ``BENCH_SETUPS=faithfulness`` likewise for the explainers' deletion curves
+(``benchmarks/faithfulness.py``, in-process).
 """
 
 import base64
@@ -40,7 +41,7 @@ import torch
 import yaml
 from PIL import Image
 
-from benchmarks import describe, llm
+from benchmarks import describe, faithfulness, llm
 from benchmarks.loadgen import run_load, run_overload
 from benchmarks.report import write_report
 
@@ -269,9 +270,15 @@ def main() -> None:
         results["describe"] = describe_results(run_cluster(requests, only="describe")[4])
         write_results(results)
         return
+    if os.environ.get("BENCH_SETUPS") == "faithfulness":  # the explainers alone, into the last report
+        results = json.loads((OUT / "results.json").read_text())
+        results["faithfulness"] = faithfulness.measure(log)
+        write_results(results)
+        return
     raw = measure_raw(requests)  # its models are freed on return, before the servers start
     in_process = llm.measure_in_process()
     log(f"llm in-process: {in_process['tokens_per_s']:.1f} tokens/s, first token p50 {in_process['ttft_p50_s']:.2f} s")
+    explained = faithfulness.measure(log)
     rows = run_baseline(requests)
     cluster_rows, cold_start_s, overload, llm_rows, describe_rows = run_cluster(requests)
     results = {
@@ -288,6 +295,7 @@ def main() -> None:
         "results": rows + cluster_rows,
         "llm": llm_results(in_process, llm_rows),
         "describe": describe_results(describe_rows),
+        "faithfulness": explained,
     }
     write_results(results)
 
