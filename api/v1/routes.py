@@ -303,7 +303,7 @@ async def vision_explain(
                                          probability=result.probability),
         method=result.method,
         parameters=result.parameters,
-        grid=np.round(result.grid.astype(np.float64), 4).tolist(),
+        grid=[[float(f"{share:.4g}") for share in row] for row in result.grid.tolist()],
         heatmap_png=base64.b64encode(result.heatmap_png).decode("ascii") if result.heatmap_png else None,
         region=list(dataplane.crop_region(image)),
         model=result.model,
