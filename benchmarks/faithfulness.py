@@ -175,18 +175,24 @@ def text_faithfulness(model: TextModel, sentence: str, seed: int = 0) -> dict:
 
 
 def measure(log=print) -> dict:
-    torch.set_num_threads(1)  # as a replica runs
-    explainer = ImageExplainer(VisionModel(VisionConfig()))
-    images = []
-    for name in IMAGES:
-        for method in IMAGE_METHODS:
-            row = image_faithfulness(explainer, name, method)
-            images.append(row)
-            log(f"faithfulness {name} {method}: {row['class']} deletion {row['salient_first']:.3f}, "
-                f"random {row['random']:.3f}, least salient first {row['least_salient_first']:.3f}")  # fmt: skip
-    text_model = TextModel(TextConfig())
-    texts = [text_faithfulness(text_model, sentence) for sentence in SENTENCES]
-    return {"images": images, "texts": texts, "threads": torch.get_num_threads()}
+    """Every photograph by every method, and every sentence, on one thread as a replica runs (the process's
+    thread count is restored after)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        explainer = ImageExplainer(VisionModel(VisionConfig()))
+        images = []
+        for name in IMAGES:
+            for method in IMAGE_METHODS:
+                row = image_faithfulness(explainer, name, method)
+                images.append(row)
+                log(f"faithfulness {name} {method}: {row['class']} deletion {row['salient_first']:.3f}, "
+                    f"random {row['random']:.3f}, least salient first {row['least_salient_first']:.3f}")  # fmt: skip
+        text_model = TextModel(TextConfig())
+        texts = [text_faithfulness(text_model, sentence) for sentence in SENTENCES]
+        return {"images": images, "texts": texts, "threads": torch.get_num_threads()}
+    finally:
+        torch.set_num_threads(threads)
 
 
 def summary(rows: list[dict], keys: tuple[str, ...]) -> dict:
