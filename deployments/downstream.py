@@ -30,6 +30,10 @@ ATTEMPTS = 3
 RETRY_BACKOFF_S = 0.1
 # The answer has to reach the HTTP proxy before the proxy's own timeout.
 RESPONSE_MARGIN_S = 1.0
+# A deployment that needs every part of its work from one version of another model (fusion's class names,
+# the explainer's text variants) asks again this often when a replica of another version answers.
+SAME_VERSION_ATTEMPTS = 20
+SAME_VERSION_RETRY_S = 0.05
 
 
 class Deadline:

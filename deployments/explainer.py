@@ -48,6 +48,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from deployments.contracts import ImageExplanation, TextExplanation, TextRanking, WordContribution
+from deployments.downstream import SAME_VERSION_ATTEMPTS, SAME_VERSION_RETRY_S
 from deployments.errors import InvalidInput, ModelTimeout, ModelUnavailable
 from deployments.runtime import ModelDeployment, configure_threads
 from deployments.vision import VisionConfig, VisionModel
@@ -397,7 +398,3 @@ class Explainer(ModelDeployment):
                 return ranking
             await asyncio.sleep(SAME_VERSION_RETRY_S)
         raise ModelUnavailable(f"text model version {version} is no longer served; retry", retryable=True)
-
-
-SAME_VERSION_ATTEMPTS = 20
-SAME_VERSION_RETRY_S = 0.05

@@ -16,6 +16,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from deployments.contracts import FusionExplanation, FusionInput, FusionResult, TextEmbeddings, VisionResult
+from deployments.downstream import SAME_VERSION_ATTEMPTS, SAME_VERSION_RETRY_S
 from deployments.errors import InvalidInput, ModelUnavailable
 from deployments.runtime import BatchingConfig, ModelDeployment
 from deployments.scoring import (
@@ -216,9 +217,6 @@ CLASS_EMBEDDING_VERSIONS = 4
 # Class names embedded per call to the text deployment, one batch at the shipped max_batch_size: a call
 # waits its turn behind the live requests queued before it, and they wait behind at most one such call.
 CLASS_EMBEDDING_CHUNK = 16
-# How often to ask a deployment again when a replica of another version answers.
-SAME_VERSION_ATTEMPTS = 20
-SAME_VERSION_RETRY_S = 0.05
 
 
 @serve.deployment(max_ongoing_requests=32, ray_actor_options={"num_cpus": 0.1}, user_config={})
