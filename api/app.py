@@ -9,8 +9,11 @@ from dataclasses import dataclass
 
 from fastapi import APIRouter, FastAPI, Request, Response
 from starlette.requests import ClientDisconnect
+from starlette.routing import Route
 
 from api import health
+from api.access import AccessMiddleware, Guard
+from api.audit import Audit, AuditMiddleware
 from api.context import ApiSettings
 from api.middleware import RequestMetricsMiddleware
 from api.openai import routes as openai
@@ -71,9 +74,28 @@ PROTOCOLS = (
 )
 
 
-def build_app(dataplane: Dataplane, admission: Admission, settings: ApiSettings, metrics: RequestMetrics) -> FastAPI:
+def protocol_of(path: str) -> Protocol:
+    return next(p for p in PROTOCOLS if p.owns(path))
+
+
+def build_app(
+    dataplane: Dataplane,
+    admission: Admission,
+    settings: ApiSettings,
+    metrics: RequestMetrics,
+    guard: Guard | None = None,
+    audit: Audit | None = None,
+) -> FastAPI:
+    """The app; ``guard`` checks API keys and limits (default: none), ``audit`` writes the audit trail."""
     app = FastAPI(title="maas-cluster", version="0.1.0", description=DESCRIPTION)
     app.state.dataplane, app.state.admission, app.state.settings = dataplane, admission, settings
+    # Outermost last: the request's deadline and metrics, then its audit line, then access control.
+    # FastAPI's own routes (/openapi.json, /docs) and every protocol's, for access control to match requests to.
+    routes = [route for route in app.router.routes if isinstance(route, Route)]
+    routes += [route for protocol in PROTOCOLS for route in protocol.router.routes]
+    app.add_middleware(AccessMiddleware, guard=guard or Guard(), routes=routes,
+                       render=lambda path, answer: protocol_of(path).render_error(answer))  # fmt: skip
+    app.add_middleware(AuditMiddleware, audit=audit or Audit())
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics, settings=settings)
     for protocol in PROTOCOLS:
         app.include_router(protocol.router)
@@ -81,7 +103,7 @@ def build_app(dataplane: Dataplane, admission: Admission, settings: ApiSettings,
     async def render(request: Request, exc: Exception) -> Response:
         answer = problem(exc)
         request.state.error_type = answer.type
-        return next(p for p in PROTOCOLS if p.owns(request.url.path)).render_error(answer)
+        return protocol_of(request.url.path).render_error(answer)
 
     async def client_disconnected(request: Request, exc: ClientDisconnect) -> Response:
         """The client hung up while its body was being read: 499, as nginx logs it. Nobody reads it; it is

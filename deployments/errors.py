@@ -106,3 +106,51 @@ class ModelTimeout(MaasError):
 
 class ConfigError(ValueError):
     """A deployment or application config is invalid; raised at build time."""
+
+
+class Unauthorized(MaasError):
+    """No API key, or one the service does not know (RFC 6750: ``WWW-Authenticate: Bearer``)."""
+
+    status_code = HTTPStatus.UNAUTHORIZED
+    error_type = "invalid_api_key"
+
+    def __init__(self, message: str, *, presented: bool):
+        super().__init__(message)
+        self.presented = presented
+
+    def detail(self) -> list[dict]:
+        return [{"loc": ["header", "authorization"], "msg": self.message, "type": self.error_type}]
+
+    def headers(self) -> dict[str, str]:
+        challenge = 'Bearer realm="maas-cluster"'
+        return {"WWW-Authenticate": challenge + (', error="invalid_token"' if self.presented else "")}
+
+
+class Forbidden(MaasError):
+    """A valid key without the scope the request needs."""
+
+    status_code = HTTPStatus.FORBIDDEN
+    error_type = "insufficient_scope"
+
+    def detail(self) -> list[dict]:
+        return [{"loc": [], "msg": self.message, "type": self.error_type}]
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": 'Bearer realm="maas-cluster", error="insufficient_scope"'}
+
+
+class RateLimited(MaasError):
+    """The key sent more than its rate limit allows; the same request may succeed after ``Retry-After``."""
+
+    status_code = HTTPStatus.TOO_MANY_REQUESTS
+    error_type = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, retry_after_s: int):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+    def detail(self) -> list[dict]:
+        return [{"loc": [], "msg": self.message, "type": self.error_type}]
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)}

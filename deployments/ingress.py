@@ -11,15 +11,19 @@ import asyncio
 import logging
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from api.access import Guard
 from api.app import build_app
+from api.audit import Audit, replica_name
 from api.context import ApiSettings
+from api.limits import SharedLimits
+from api.security import SecurityConfig
 from deployments.admission import Admission
 from knowledge.rules import RuleError, compile_policies, parse_policies
-from monitoring.metrics import request_metrics
+from monitoring.metrics import key_metrics, request_metrics
 from pipelines.dataplane import Dataplane
 from pipelines.registry import ModelRegistry
 
@@ -92,6 +96,11 @@ class IngressConfig(BaseModel):
         "loaded, with errors that name the policy and the rule.",
     )
 
+    security: SecurityConfig = Field(
+        default_factory=SecurityConfig,
+        description="API keys (off by default), their scopes and rate limits, and the audit trail: README, Security.",
+    )
+
     @model_validator(mode="after")
     def _known_routes(self) -> "IngressConfig":
         unknown = set(self.admission) - set(ADMITTED_ROUTES)
@@ -120,9 +129,18 @@ class Ingress:
         self.admission = Admission(self.config.admission, self.config.retry_after_s)
         self.metrics = request_metrics()
         self.dataplane = Dataplane(ModelRegistry(models), self.config.max_concurrent_decodes, self.metrics)
+        self.guard = Guard(SharedLimits(f"maas-rate-limits-{serve.get_replica_context().app_name}"))
+        self.audit = Audit()
 
     def __serve_build_asgi_app__(self):
-        return build_app(self.dataplane, self.admission, self.settings, self.metrics)
+        return build_app(self.dataplane, self.admission, self.settings, self.metrics, self.guard, self.audit)
+
+    def _secure(self, security: SecurityConfig) -> None:
+        """Apply the key and audit settings; ``ValueError`` (nothing changed) for an unusable key file."""
+        keys, audit = security.api_keys, security.audit
+        self.guard.configure(keys.required, keys.keys, keys.file)
+        self.audit.configure(audit.enabled, audit.dir, audit.max_bytes, audit.backups, replica_name())
+        self.audit.metrics = key_metrics() if self.guard.enabled else None
 
     async def reconfigure(self, user_config: dict) -> None:
         try:
@@ -131,7 +149,10 @@ class Ingress:
             if not self._configured or config.policies != self.config.policies:
                 # Run on the largest facts in a child process, so a slow rule is refused without stalling this one.
                 policies = await asyncio.to_thread(compile_policies, parse_policies(config.policies))
-        except (ValidationError, RuleError) as exc:
+            self._secure(config.security)
+            if self.guard.keys and any(key.rate_limit for key in self.guard.keys.keys):
+                await self.guard.limits.start()
+        except (ValueError, RuleError) as exc:  # pydantic's ValidationError is a ValueError
             if not self._configured:
                 raise  # fail this replica's start: the deploy reports the error
             logger.error("Kept the current ingress settings; the new ones are invalid: %s", exc)

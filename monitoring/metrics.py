@@ -45,6 +45,9 @@ OCR_LINES_BUCKETS = (0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500)  # le="0.5": image
 MAX_CLASS_INDEX_VALUES = 1000
 OTHER = "other"
 
+NO_KEY = "none"
+REFUSALS = ("invalid_api_key", "insufficient_scope", "rate_limit_exceeded")
+
 LABELS = {
     "model": "model name as reported by GET /v1/models",
     "version": "model version as reported by GET /v1/models",
@@ -55,6 +58,9 @@ LABELS = {
     "measure": "drift measure: confidence_psi, class_psi or embedding_cosine_shift",
     "finish_reason": "why a generation ended: stop, length, cancelled (the client left) or error",
     "state": "a language-model sequence's state: running (being decoded) or waiting (for a slot)",
+    "key_id": f"an API key's configured id, or {NO_KEY!r} (none presented, or an unknown one)",
+    "reason": "why a request was refused: " + ", ".join(REFUSALS),
+    "kind": "prompt or completion (language-model tokens)",
 }
 
 FINISH_REASONS = ("stop", "length", "cancelled", "error")
@@ -413,6 +419,42 @@ class RequestMetrics:
         self.image_bytes.observe(size_bytes, tags=tags)
         self.image_pixels.observe(pixels, tags=tags)
         self.decode_seconds.observe(seconds, tags=tags)
+
+
+class KeyMetrics:
+    """Requests, refusals and language-model tokens per API key. Only configured key ids become label values
+    (at most ``api.keys.MAX_KEYS``); a request without a valid key is counted as ``none``."""
+
+    def __init__(self):
+        self.requests = metrics.Counter(
+            PREFIX + "api_key_requests_total",
+            description="Requests per API key and status code (with keys on).",
+            tag_keys=("key_id", "status"),
+        )
+        self.refusals = metrics.Counter(
+            PREFIX + "api_key_refusals_total",
+            description="Requests refused by access control, per API key and reason (401, 403, 429).",
+            tag_keys=("key_id", "reason"),
+        )
+        self.tokens = metrics.Counter(
+            PREFIX + "api_key_tokens_total",
+            description="Language-model tokens per API key, prompt and completion.",
+            tag_keys=("key_id", "kind"),
+        )
+
+    def observe(self, key_id: str | None, status: int, error_type: str | None, prompt: int, completion: int) -> None:
+        key_id = key_id or NO_KEY
+        self.requests.inc(tags={"key_id": key_id, "status": str(status)})
+        if error_type in REFUSALS:
+            self.refusals.inc(tags={"key_id": key_id, "reason": error_type})
+        for kind, tokens in (("prompt", prompt), ("completion", completion)):
+            if tokens:
+                self.tokens.inc(tokens, tags={"key_id": key_id, "kind": kind})
+
+
+@functools.cache
+def key_metrics() -> KeyMetrics:
+    return KeyMetrics()
 
 
 @functools.cache

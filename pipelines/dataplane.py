@@ -45,7 +45,7 @@ from deployments.words import check_words
 from knowledge.graph import Fact, KnowledgeGraph, Synset, UnknownConcept, knowledge_graph
 from knowledge.rules import CompiledPolicy, Decision, Facts
 from monitoring.metrics import RequestMetrics
-from pipelines import grounding
+from pipelines import grounding, usage
 from pipelines.grounding import Evidence
 from pipelines.registry import ModelRegistry
 
@@ -511,7 +511,7 @@ def _in_upload_pixels(result: OcrResult, scale: float) -> OcrResult:
 
 
 async def _relay(head: GenerationChunk, stream, deadline: Deadline) -> AsyncIterator[GenerationChunk]:
-    finished = False
+    finished, last = False, head
     try:
         yield head
         while True:
@@ -524,9 +524,11 @@ async def _relay(head: GenerationChunk, stream, deadline: Deadline) -> AsyncIter
             except Exception as exc:  # noqa: BLE001 - API errors keep their status; the rest are bugs
                 error = api_error(exc)
                 raise error or exc from None
+            last = chunk
             yield chunk
         finished = True
     finally:
+        usage.record_tokens(last.prompt_tokens, last.completion_tokens)  # a cancelled answer's tokens count too
         if not finished:
             with contextlib.suppress(Exception):
                 stream.cancel()

@@ -141,3 +141,24 @@ def missing_system_package(what: str, package: str) -> None:
     if os.environ.get("CI"):
         pytest.fail(f"{what} is not installed; `make test` installs Debian's {package} package, which provides it")
     pytest.skip(f"{what} is not installed (apt-get install {package}, or run `make test`)")
+
+
+def session_logs_dir() -> Path:
+    """The logs folder of the Ray session this driver joined (every file Ray and the replicas write)."""
+    import ray
+
+    return Path(ray._private.worker.global_worker.node.get_logs_dir_path())
+
+
+def metrics_exposition() -> str:
+    """What Prometheus would scrape now: every Ray node's metrics endpoint, from Ray's service-discovery file."""
+    import json
+
+    import httpx
+
+    targets = json.loads(Path("/tmp/ray/prom_metrics_service_discovery.json").read_text())
+    pages = []
+    for group in targets:
+        for target in group["targets"]:
+            pages.append(httpx.get(f"http://{target}/metrics", timeout=30).text)
+    return "\n".join(pages)

@@ -20,7 +20,16 @@ from api.problems import Problem
 from api.v2 import schemas
 from api.v2.explainers import EXPLAIN_ROUTE, EXPLAINERS
 from api.v2.models import MODELS, ROUTE, Element, TensorModel
-from api.v2.tensors import HEADER_LENGTH, BadTensor, bytes_elements, flatten, join_body, output_data, split_body
+from api.v2.tensors import (
+    DATATYPES,
+    HEADER_LENGTH,
+    BadTensor,
+    bytes_elements,
+    flatten,
+    join_body,
+    output_data,
+    split_body,
+)
 from deployments.downstream import Deadline, call_models
 from deployments.errors import UnsupportedMediaType
 from deployments.settings import limits
@@ -232,7 +241,8 @@ def decode_inputs(model: TensorModel, tensors: list[schemas.RequestInput], binar
         if tensor.name in decoded:
             raise BadTensor(f"input {tensor.name!r} is given more than once")
         if tensor.datatype != spec.datatype:
-            raise BadTensor(f"input {tensor.name!r} has datatype {spec.datatype}, not {tensor.datatype}")
+            given = tensor.datatype if tensor.datatype in DATATYPES else "a datatype the protocol does not define"
+            raise BadTensor(f"input {tensor.name!r} has datatype {spec.datatype}, not {given}")
         most = getattr(limits(), spec.limit)
         if len(tensor.shape) != 1 or not 1 <= tensor.shape[0] <= most:
             raise BadTensor(f"input {tensor.name!r} has shape [N] with N from 1 to {most}; got {tensor.shape}")

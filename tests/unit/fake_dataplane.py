@@ -32,7 +32,7 @@ from deployments.errors import InvalidInput, ModelUnavailable
 from deployments.imaging import ImageSpec, Interpolation, crop_region
 from deployments.words import check_words, words
 from knowledge.graph import knowledge_graph
-from pipelines import grounding
+from pipelines import grounding, usage
 from pipelines.dataplane import Analysis, Dataplane, Looked, PreparedImage, decode_and_prepare
 from pipelines.registry import ModelRegistry
 
@@ -168,14 +168,18 @@ class FakeDataplane:
         prompt = sum(len(m["content"].split()) for m in request.messages) if request.messages else len(said.split())
 
         async def chunks():
-            yield GenerationChunk("", prompt, 0, "llm-model", VERSIONS["llm"])
-            for n, word in enumerate(words[:limit], start=1):
-                if any(stop in word for stop in request.stop or []):
-                    yield GenerationChunk("", prompt, n, "llm-model", VERSIONS["llm"], "stop")
-                    return
-                last = n == min(limit, len(words))
-                reason = None if not last else ("length" if limit < len(words) else "stop")
-                yield GenerationChunk(word, prompt, n, "llm-model", VERSIONS["llm"], reason)
+            n = 0
+            try:
+                yield GenerationChunk("", prompt, 0, "llm-model", VERSIONS["llm"])
+                for n, word in enumerate(words[:limit], start=1):
+                    if any(stop in word for stop in request.stop or []):
+                        yield GenerationChunk("", prompt, n, "llm-model", VERSIONS["llm"], "stop")
+                        return
+                    last = n == min(limit, len(words))
+                    reason = None if not last else ("length" if limit < len(words) else "stop")
+                    yield GenerationChunk(word, prompt, n, "llm-model", VERSIONS["llm"], reason)
+            finally:
+                usage.record_tokens(prompt, n)  # as the real dataplane's relay does
 
         return chunks()
 
@@ -286,8 +290,10 @@ def events(response) -> list:
     return payloads
 
 
-def client(dataplane=None, admission: dict | None = None) -> TestClient:
-    app = build_app(dataplane or FakeDataplane(), Admission(admission or {}), ApiSettings(), NullMetrics())
+def client(dataplane=None, admission: dict | None = None, guard=None, audit=None) -> TestClient:
+    app = build_app(
+        dataplane or FakeDataplane(), Admission(admission or {}), ApiSettings(), NullMetrics(), guard, audit
+    )
     return TestClient(app, raise_server_exceptions=False)
 
 

@@ -1,0 +1,194 @@
+"""Access control: every request's API key, its scopes and its rate limit, checked before the route runs.
+
+An ASGI middleware, so a refused request costs no body read, no parsing and no admission slot: it matches the
+route itself (what Starlette's router would), looks up the ``Authorization: Bearer`` key, checks the route's
+family and models against the key's scopes, and asks the key's rate limit. A refusal is rendered by the
+protocol that owns the path (``render``), in that protocol's error shape:
+
+* no key, or an unknown one: ``401`` with ``WWW-Authenticate: Bearer`` (RFC 6750);
+* a key without the route family or one of the route's models: ``403``;
+* over the key's rate limit: ``429`` with ``Retry-After``.
+
+Open without a key: liveness and readiness (``/healthz``, ``/readyz``, the OIP's health and model-readiness
+routes), which load balancers and Kubernetes probe without credentials and which say only whether models
+can serve; and the API's description (``/openapi.json``, ``/docs``), which holds no data. Every other path,
+unknown ones included, needs a key, so a caller without one learns nothing about which routes exist.
+"""
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from starlette.routing import Match
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from api.keys import ApiKey, KeyFile, KeyList, KeyRing
+from api.limits import SharedLimits, retry_after
+from api.problems import Problem, problem
+from deployments.errors import Forbidden, MaasError, RateLimited, Unauthorized
+from pipelines import usage
+
+OPEN_PATHS = frozenset({
+    "/healthz", "/readyz", "/v2/health/live", "/v2/health/ready",
+    "/v2/models/{model_name}/ready", "/v2/models/{model_name}/versions/{model_version:path}/ready",
+    "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc",
+})  # fmt: skip
+
+# The route family and the models each route calls (a v2 route calls the model its path names).
+ROUTE_MODELS = {
+    "/v1/vision/classify": ("v1", {"vision"}),
+    "/v1/vision/ocr": ("v1", {"ocr"}),
+    "/v1/vision/explain": ("v1", {"vision"}),
+    "/v1/multimodal/describe": ("v1", {"vision", "ocr", "llm"}),
+    "/v1/multimodal/analyze": ("v1", {"vision", "text", "fusion"}),
+    "/v1/text/embed": ("v1", {"text"}),
+    "/v1/text/classify": ("v1", {"text"}),
+    "/v1/text/explain": ("v1", {"text"}),
+    "/v1/policies": ("v1", set()),
+    "/v1/models": ("openai", set()),
+    "/v1/chat/completions": ("openai", {"llm"}),
+    "/v1/completions": ("openai", {"llm"}),
+    "/v1/embeddings": ("openai", {"text"}),
+}
+
+
+Renderer = Callable[[str, Problem], Callable[[Scope, Receive, Send], Awaitable[None]]]
+"""The error response of a path's protocol."""
+
+
+@dataclass(frozen=True)
+class Requirement:
+    family: str
+    models: frozenset[str]
+
+    def describe(self) -> str:
+        models = f" and the models {sorted(self.models)}" if self.models else ""
+        return f"route family {self.family!r}{models}"
+
+
+def requirement(template: str | None, path: str, path_params: dict) -> Requirement | None:
+    """What a request needs: ``None`` for an open route, else the family and the models."""
+    if template in OPEN_PATHS:
+        return None
+    if template in ROUTE_MODELS:
+        family, models = ROUTE_MODELS[template]
+        return Requirement(family, frozenset(models))
+    if path == "/v2" or path.startswith("/v2/"):
+        name = path_params.get("model_name")
+        return Requirement("v2", frozenset({name}) if name else frozenset())
+    return Requirement("v1", frozenset())  # an unknown path: any valid key may learn it is a 404
+
+
+class Guard:
+    """The keys in force (``keys``: None while API keys are off), the file they come from, and their limits.
+
+    ``configure`` applies the ingress's settings; ``refresh`` re-reads a key file that changed (at most once a
+    second), so a key added to or removed from the file counts from the next request.
+    """
+
+    def __init__(self, limits: SharedLimits | None = None):
+        self.limits = limits
+        self.keys: KeyRing | None = None
+        self.file: KeyFile | None = None
+        self._inline: tuple[ApiKey, ...] = ()
+
+    @property
+    def enabled(self) -> bool:
+        return self.keys is not None
+
+    def configure(self, required: bool, inline: list[ApiKey], path: str | None) -> None:
+        """Raises ``ValueError`` (and changes nothing) for an unreadable file or an id given twice."""
+        file = self.file
+        if path is None:
+            file = None
+        elif file is None or str(file.path) != path:
+            file = KeyFile(Path(path))
+        self._ring(inline, file)  # checks before anything changes
+        self.file, self._inline = file, tuple(inline)
+        self.keys = self._ring(self._inline, self.file) if required else None
+
+    def refresh(self) -> None:
+        if self.keys is not None and self.file is not None and self.file.refresh():
+            try:
+                self.keys = self._ring(self._inline, self.file)
+            except ValueError as exc:
+                self.file.error = str(exc)
+
+    @staticmethod
+    def _ring(inline, file: KeyFile | None) -> KeyRing:
+        keys = [*inline, *(file.keys if file else ())]
+        KeyList(keys=keys)  # ids and hashes unique across the config and the file
+        return KeyRing(tuple(keys))
+
+    @property
+    def ids(self) -> frozenset[str]:
+        return self.keys.ids if self.keys else frozenset()
+
+
+def bearer(scope: Scope) -> str | None:
+    """The token of an ``Authorization: Bearer`` header ('' for another scheme or an empty one), or None."""
+    for name, value in scope.get("headers", ()):
+        if name == b"authorization":
+            scheme, _, token = value.decode("latin-1").partition(" ")
+            return token.strip() if scheme.lower() == "bearer" else ""
+    return None
+
+
+class AccessMiddleware:
+    """Authenticates, authorises and rate-limits every HTTP request (see the module's docstring).
+
+    Puts the caller's key in ``scope["state"]["api_key"]`` (None with keys off or on an open route) for the
+    audit log and the metrics, and the refusal's type in ``scope["state"]["error_type"]``.
+    """
+
+    def __init__(self, app: ASGIApp, guard: Guard, render: Renderer, routes: list):
+        self.app, self.guard, self.render, self.routes = app, guard, render, routes
+
+    def _match(self, scope: Scope) -> tuple[object | None, dict]:
+        for route in self.routes:
+            matched, child = route.matches(scope)
+            if matched == Match.FULL:
+                return route, child.get("path_params", {})
+        return None, {}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        state = scope.setdefault("state", {})
+        state["api_key"] = None
+        if scope["type"] != "http" or not self.guard.enabled:
+            return await self.app(scope, receive, send)
+        route, params = self._match(scope)
+        needed = requirement(getattr(route, "path", None), scope["path"], params)
+        if needed is None:
+            return await self.app(scope, receive, send)
+        if route is not None:
+            scope["route"] = route  # the metrics label a refused request by its route template
+        try:
+            await self.check(scope, needed)
+        except MaasError as exc:
+            answer = problem(exc)
+            state["error_type"] = answer.type
+            return await self.render(scope["path"], answer)(scope, receive, send)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            if self.guard.limits and (used := usage.current()) is not None and used.tokens:
+                await self.guard.limits.charge(state["api_key"], used.tokens)
+
+    async def check(self, scope: Scope, needed: Requirement) -> None:
+        """Puts the key in ``scope["state"]["api_key"]`` once it is known, or raises the refusal."""
+        self.guard.refresh()
+        token = bearer(scope)
+        if not token:
+            raise Unauthorized("an API key is required: send it as 'Authorization: Bearer <key>'",
+                               presented=token is not None)  # fmt: skip
+        key = self.guard.keys.find(token)
+        if key is None:
+            raise Unauthorized("the API key is not valid", presented=True)
+        scope["state"]["api_key"] = key
+        if not key.may_use(needed.family, needed.models):
+            raise Forbidden(f"the API key {key.id!r} may not use {needed.describe()}")
+        waited = await self.guard.limits.admit(key) if self.guard.limits else 0.0
+        if waited > 0:
+            seconds = retry_after(waited)
+            raise RateLimited(f"the API key {key.id!r} is over its rate limit; retry after {seconds} s",
+                              retry_after_s=seconds)  # fmt: skip
