@@ -5,7 +5,7 @@ import pytest
 from ray.util.state import list_actors
 
 from tests.conftest import b64
-from tests.multinode.conftest import DASHBOARD_PORT, HTTP_PORT, VISION_REPLICAS
+from tests.multinode.conftest import DASHBOARD_PORT, HTTP_PORT, VISION_REPLICAS, https_client
 from tests.serving import APP, replica_infos
 
 
@@ -42,11 +42,20 @@ def test_yaml_actor_options_are_in_force(app, vision_replicas):
         assert info["resources"]["CPU"] == expected["ray_actor_options"]["num_cpus"]
 
 
-def test_answers_correctly_when_torch_sees_no_cuda(app, vision_replicas, chelsea_jpeg, coffee_jpeg):
+def test_answers_correctly_over_https_when_torch_sees_no_cuda(app, tls, vision_replicas, chelsea_jpeg, coffee_jpeg):
     assert {info["device"] for info in vision_replicas.values()} == {"cpu"}
-    with httpx.Client(base_url=f"http://127.0.0.1:{HTTP_PORT}", timeout=60) as client:
+    with https_client(tls, timeout=60) as client:
         labels = ["a photo of a cat", "a cup of coffee", "a rocket launch"]
         cat = client.post("/v1/multimodal/analyze", json={"image": b64(chelsea_jpeg), "labels": labels}).json()
         coffee = client.post("/v1/vision/classify", json={"image": b64(coffee_jpeg)}).json()
     assert cat["fused"][0]["label"] == "a photo of a cat"
     assert coffee["labels"][0]["label"] == "espresso"
+
+
+def test_the_app_answers_only_over_https_with_its_certificate(app, tls):
+    with https_client(tls, timeout=30) as client:
+        assert client.get("/healthz").json() == {"status": "ok"}
+    with pytest.raises(httpx.HTTPError):  # plain HTTP on the same port gets no HTTP answer
+        httpx.get(f"http://127.0.0.1:{HTTP_PORT}/healthz", timeout=10)
+    with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):  # nor does a client not trusting it
+        httpx.get(f"https://127.0.0.1:{HTTP_PORT}/healthz", timeout=10)

@@ -8,10 +8,8 @@ send requests.
 import threading
 import time
 
-import httpx
-
 from tests.conftest import b64
-from tests.multinode.conftest import HTTP_PORT, VISION_REPLICAS
+from tests.multinode.conftest import VISION_REPLICAS, https_client
 from tests.multinode.test_gpu_placement import replica_nodes
 from tests.serving import APP, serve_status
 
@@ -23,18 +21,19 @@ def running(deployment: str) -> int:
     return serve_status().applications[APP].deployments[deployment].replica_states.get("RUNNING", 0)
 
 
-def test_replicas_of_a_removed_node_restart_elsewhere_and_the_api_keeps_answering(cluster, app, chelsea_jpeg, capsys):
+def test_replicas_of_a_removed_node_restart_elsewhere_and_the_api_keeps_answering(
+    cluster, app, tls, chelsea_jpeg, capsys
+):
     spare = cluster["cluster"].add_node(num_cpus=2, num_gpus=1, labels={"node-kind": "gpu"})
     cluster["cluster"].wait_for_nodes()
     assert set(replica_nodes("VisionClassifier")) == {cluster["gpu"]}
 
-    url = f"http://127.0.0.1:{HTTP_PORT}"
     payload = {"image": b64(chelsea_jpeg), "top_k": 1}
     results: list[tuple[float, str, int, dict]] = []
     stop = threading.Event()
 
     def client(route: str) -> None:
-        with httpx.Client(base_url=url, timeout=60) as http:
+        with https_client(tls, timeout=60) as http:
             while not stop.is_set():
                 if route == "/healthz":
                     response = http.get(route)
