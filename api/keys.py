@@ -73,6 +73,7 @@ class ApiKey(BaseModel):
     routes: tuple[Literal["*", "v1", "openai", "v2"], ...] = (ALL,)
     models: tuple[Literal["*", "vision", "text", "fusion", "ocr", "llm"], ...] = (ALL,)
     rate_limit: RateLimit | None = None
+    mask: bool = Field(False, description="Mask this key's texts and answers (with security.masking.mode: keys).")
 
     @field_validator("routes", "models")
     @classmethod
@@ -209,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     add.add_argument("--requests-per-s", type=float)
     add.add_argument("--burst", type=int)
     add.add_argument("--tokens-per-minute", type=int)
+    add.add_argument("--mask", action="store_true", help="mask this key's texts (security.masking.mode: keys)")
     revoke = commands.add_parser("revoke", help="remove a key from the file")
     revoke.add_argument("--file", type=Path, required=True)
     revoke.add_argument("--id", required=True)
@@ -221,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "list":
             for key in keys:
                 limit = key.rate_limit.model_dump(exclude_none=True) if key.rate_limit else "none"
-                print(f"{key.id}\troutes={','.join(key.routes)}\tmodels={','.join(key.models)}\trate_limit={limit}")
+                scopes = f"routes={','.join(key.routes)}\tmodels={','.join(key.models)}"
+                print(f"{key.id}\t{scopes}\trate_limit={limit}\tmask={key.mask}")
             return 0
         if args.command == "revoke":
             kept = [key for key in keys if key.id != args.id]
@@ -239,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
             print("--burst and --tokens-per-minute need --requests-per-s", file=sys.stderr)
             return 2
         key = new_key()
-        entry = ApiKey(id=args.id, sha256=digest(key), routes=args.routes, models=args.models, rate_limit=limit)
+        entry = ApiKey(id=args.id, sha256=digest(key), routes=args.routes, models=args.models, rate_limit=limit,
+                       mask=args.mask)  # fmt: skip
         KeyList(keys=[*keys, entry])  # refuses a repeated id
     except (ValueError, ValidationError) as exc:
         print(str(exc), file=sys.stderr)

@@ -6,10 +6,12 @@ naming a key file, which the ingress replicas read at start (``api.keys`` makes 
 """
 
 import os
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from api.keys import MAX_KEYS, ApiKey
+from pipelines.privacy import KINDS
 
 KEYS_FILE_ENV = "MAAS_API_KEYS_FILE"
 
@@ -43,8 +45,21 @@ class AuditConfig(BaseModel):
     backups: int = Field(5, ge=0, le=1000, description="Rotated files kept.")
 
 
+class MaskingConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Literal["off", "all", "keys"] = Field(
+        "off", description="Mask the texts and answers of every request (all), or of API keys with mask: true (keys)."
+    )
+    kinds: list[Literal["card", "email", "phone", "person"]] = Field(
+        default_factory=lambda: list(KINDS), min_length=1, description="What is masked (pipelines/privacy.py)."
+    )
+    region: str = Field("US", pattern=r"^[A-Z]{2}$", description="Country whose national phone numbers are known.")
+
+
 class SecurityConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     api_keys: ApiKeysConfig = Field(default_factory=ApiKeysConfig)
     audit: AuditConfig = Field(default_factory=AuditConfig)
+    masking: MaskingConfig = Field(default_factory=MaskingConfig)

@@ -25,6 +25,7 @@ from deployments.admission import Admission
 from knowledge.rules import RuleError, compile_policies, parse_policies
 from monitoring.metrics import key_metrics, request_metrics
 from pipelines.dataplane import Dataplane
+from pipelines.privacy import Privacy
 from pipelines.registry import ModelRegistry
 
 logger = logging.getLogger("ray.serve")
@@ -131,9 +132,12 @@ class Ingress:
         self.dataplane = Dataplane(ModelRegistry(models), self.config.max_concurrent_decodes, self.metrics)
         self.guard = Guard(SharedLimits(f"maas-rate-limits-{serve.get_replica_context().app_name}"))
         self.audit = Audit()
+        self.privacy = Privacy()
 
     def __serve_build_asgi_app__(self):
-        return build_app(self.dataplane, self.admission, self.settings, self.metrics, self.guard, self.audit)
+        return build_app(
+            self.dataplane, self.admission, self.settings, self.metrics, self.guard, self.audit, self.privacy
+        )
 
     def _secure(self, security: SecurityConfig) -> None:
         """Apply the key and audit settings; ``ValueError`` (nothing changed) for an unusable key file."""
@@ -150,6 +154,9 @@ class Ingress:
                 # Run on the largest facts in a child process, so a slow rule is refused without stalling this one.
                 policies = await asyncio.to_thread(compile_policies, parse_policies(config.policies))
             self._secure(config.security)
+            masking = config.security.masking
+            # The first time person names are masked, loading the NER model takes seconds: off the event loop.
+            await asyncio.to_thread(self.privacy.configure, masking.mode, tuple(masking.kinds), masking.region)
             if self.guard.keys and any(key.rate_limit for key in self.guard.keys.keys):
                 await self.guard.limits.start()
         except (ValueError, RuleError) as exc:  # pydantic's ValidationError is a ValueError

@@ -18,6 +18,7 @@ back (the dataclasses of ``deployments.contracts``). Here, once for all of them:
 import asyncio
 import contextlib
 import dataclasses
+import re
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -285,10 +286,12 @@ class Dataplane:
 
     async def embed(self, texts: list[str], deadline: Deadline) -> TextEmbeddings:
         text = self.models["text"]
+        texts = await private(texts)
         return await call_models(lambda: text.embed.remote(texts), deadline)
 
     async def zero_shot(self, text: str, labels: list[str], deadline: Deadline) -> TextRanking:
         model = self.models["text"]
+        (text,) = await private([text])
         return await call_models(lambda: model.classify.remote(text, labels), deadline)
 
     async def analyze(
@@ -306,6 +309,8 @@ class Dataplane:
         ``explain``, fusion says exactly how (``FusionResult.explanation``)."""
         vision, text_model, fusion = self.models["vision"], self.models["text"], self.models["fusion"]
         with_text = text is not None
+        if with_text:
+            (text,) = await private([text])
 
         async def graph() -> Analysis:
             # Both branches start now and run in parallel; fusion takes their
@@ -344,6 +349,7 @@ class Dataplane:
         check_words(text)
         if label is not None and label not in labels:
             raise InvalidInput("label must be one of labels", field="label")
+        (text,) = await private([text])
         explainer = self.models["explainer"]
         return await call_models(lambda: explainer.explain_text.remote(text, labels, label), deadline)
 
@@ -459,6 +465,9 @@ class Dataplane:
         """
         llm = self.models["llm"]
         stream = None
+        masker = usage.masker()
+        if masker is not None:
+            request = await _private_request(request)
 
         async def accepted() -> GenerationChunk:
             nonlocal stream
@@ -466,7 +475,49 @@ class Dataplane:
             return await stream.__anext__()
 
         head = await call_models(accepted, deadline)
-        return _relay(head, stream, deadline)
+        chunks = _relay(head, stream, deadline)
+        return chunks if masker is None else _masked_answer(chunks)
+
+
+async def private(texts: list[str]) -> list[str]:
+    """The texts with personal data masked, where the request asked for masking (counted in its usage)."""
+    masker = usage.masker()
+    if masker is None:
+        return texts
+    masked, counts = await asyncio.to_thread(masker.mask_all, texts)  # the NER model takes milliseconds a text
+    usage.record_masked(counts)
+    return masked
+
+
+async def _private_request(request: GenerationRequest) -> GenerationRequest:
+    if request.prompt is not None:
+        (prompt,) = await private([request.prompt])
+        return dataclasses.replace(request, prompt=prompt)
+    contents = await private([message["content"] for message in request.messages])
+    messages = [{**message, "content": content} for message, content in zip(request.messages, contents)]
+    return dataclasses.replace(request, messages=messages)
+
+
+SENTENCE_END = re.compile(r"[.!?\n]\s")
+
+
+async def _masked_answer(chunks: AsyncIterator[GenerationChunk]) -> AsyncIterator[GenerationChunk]:
+    """The answer with personal data masked, a sentence at a time: a name or an address can span chunks, so
+    text is held back until a sentence ends (or the answer does) and masked whole."""
+    held = ""
+    try:
+        async for chunk in chunks:
+            held += chunk.text
+            ends = [m.end() for m in SENTENCE_END.finditer(held)]
+            cut = len(held) if chunk.finish_reason is not None else (ends[-1] if ends else 0)
+            if cut:
+                (text,) = await private([held[:cut]])
+                held = held[cut:]
+                yield dataclasses.replace(chunk, text=text)
+            elif not chunk.text or chunk.finish_reason is not None:
+                yield chunk  # the first chunk (accepted) and an empty last one
+    finally:
+        await chunks.aclose()
 
 
 async def collect(chunks: AsyncIterator[GenerationChunk]) -> tuple[str, GenerationChunk]:

@@ -8,6 +8,10 @@ same object through the context variable. Outside a request (a unit test, a batc
 from collections import Counter
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pipelines.privacy import Masker
 
 
 @dataclass
@@ -15,6 +19,7 @@ class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     masked: Counter = field(default_factory=Counter)  # kind of personal data -> how many were masked
+    masker: "Masker | None" = None  # set where the request's texts are to be masked
 
     @property
     def tokens(self) -> int:
@@ -39,6 +44,12 @@ def record_tokens(prompt_tokens: int, completion_tokens: int) -> None:
     if (usage := _current.get()) is not None:
         usage.prompt_tokens += prompt_tokens
         usage.completion_tokens += completion_tokens
+
+
+def masker() -> "Masker | None":
+    """The masker of the request being served, if its texts are to be masked."""
+    usage = _current.get()
+    return usage.masker if usage is not None else None
 
 
 def record_masked(counts: dict[str, int]) -> None:

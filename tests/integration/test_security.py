@@ -29,7 +29,13 @@ KEYS = {  # id: the command line's arguments
     "burst": ["--requests-per-s", "0.05", "--burst", "4"],
     "tokens": ["--routes", "openai", "--models", "llm", "--requests-per-s", "10", "--tokens-per-minute", "20"],
     "revoked": [],
+    "masked": ["--mask"],
 }
+SENTENCE = (
+    "Please send the invoice to John Smith at john.smith@example.com or call +1 415 555 0132; "
+    "he paid with card 4111 1111 1111 1111."
+)
+MASKED = "Please send the invoice to [PERSON] at [EMAIL] or call [PHONE]; he paid with card [CARD]."
 
 
 def add_key(path, key_id: str, args: list[str]) -> str:
@@ -55,7 +61,10 @@ def keys(app_url, client, tmp_path_factory) -> dict[str, str]:
     secrets = {key_id: add_key(path, key_id, args) for key_id, args in KEYS.items()}
     config = shipped_config()
     (ingress,) = [d for d in config["applications"][0]["deployments"] if d["name"] == "Ingress"]
-    ingress["user_config"]["security"] = {"api_keys": {"required": True, "file": str(path)}}
+    ingress["user_config"]["security"] = {
+        "api_keys": {"required": True, "file": str(path)},
+        "masking": {"mode": "keys"},  # the texts of keys with mask: true
+    }
     deploy(config, folder / "secured.yaml")
     deadline = time.monotonic() + 60
     while not refused_without_key(client):
@@ -186,3 +195,30 @@ def test_each_request_has_an_audit_line_and_key_metrics_count_refusals_by_reason
         assert time.monotonic() < deadline, "no refusal counted for key 'vision' in the metrics"
         time.sleep(1)
     assert 'key_id="maas_' not in serving.metrics_exposition()
+
+
+def test_a_masked_keys_text_reaches_the_model_masked_and_the_response_counts_each_kind(client, keys):
+    masked = client.post("/v1/text/embed", json={"texts": [SENTENCE]}, headers=auth(keys["masked"]))
+    assert masked.status_code == 200 and masked.headers["x-maas-masked"] == "card=1,email=1,person=1,phone=1"
+    placeholder = client.post("/v1/text/embed", json={"texts": [MASKED]}, headers=auth(keys["full"]))
+    original = client.post("/v1/text/embed", json={"texts": [SENTENCE]}, headers=auth(keys["full"]))
+    assert "x-maas-masked" not in original.headers  # keys without mask: true are not masked
+    vector, seen, raw = (np.array(r.json()["embeddings"][0]) for r in (masked, placeholder, original))
+    assert np.allclose(vector, seen, atol=1e-5) and not np.allclose(vector, raw, atol=1e-3)
+    explained = client.post("/v1/text/explain", json={"text": SENTENCE, "labels": ["finance", "sports"]},
+                            headers=auth(keys["masked"]))  # fmt: skip
+    assert explained.status_code == 200 and "John" not in explained.text and "[PERSON]" in explained.text
+    (line,) = [line for lines in audit_lines("masked").values() for line in lines if line["route"] == "/v1/text/embed"]
+    assert line["masked"] == {"card": 1, "email": 1, "person": 1, "phone": 1}
+
+
+def test_the_language_models_answer_is_masked_for_a_masked_key(client, keys):
+    # Greedy, the model goes on "... a woman named Sarah, who has been working at the company for 15".
+    completion = {"model": "llm", "prompt": "The CEO of the company is", "temperature": 0, "max_tokens": 16}
+    plain = client.post("/v1/completions", json=completion, headers=auth(keys["full"]))
+    assert "Sarah" in plain.json()["choices"][0]["text"], plain.text
+    masked = client.post("/v1/completions", json=completion, headers=auth(keys["masked"]))
+    text = masked.json()["choices"][0]["text"]
+    assert "[PERSON]" in text and "Sarah" not in text and masked.headers["x-maas-masked"] == "person=1", text
+    streamed = client.post("/v1/completions", json=completion | {"stream": True}, headers=auth(keys["masked"]))
+    assert "[PERSON]" in streamed.text and "Sarah" not in streamed.text
