@@ -11,7 +11,11 @@ Measures, each a named, established statistic:
   embedding)`` for the text model. 0 means the same centre of mass.
 
 A ``DriftMonitor`` keeps a sliding window of the last ``window_size`` live
-inputs of one replica and scores it once it holds ``min_samples``.
+outputs of one replica and scores it once it holds ``min_samples``. It keeps
+no input, and no embedding of one: the vision model's window is each
+prediction's top-class probability and class index; the text model's is the
+sum of every ``EMBEDDING_BLOCKS``-th part of the window (``BlockMean``), so a
+text's embedding is only ever kept added to those of its neighbours.
 """
 
 import json
@@ -24,6 +28,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 PROFILES_DIR = Path(__file__).parent / "profiles"
+EMBEDDING_BLOCKS = 20
 
 CONFIDENCE_EDGES = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 MAX_CLASS_BINS = 20  # reference classes kept as their own PSI bin; the rest share one
@@ -199,6 +204,35 @@ class DriftStatus(BaseModel):
     reference: dict = {}
 
 
+class BlockMean:
+    """The mean of about the last ``size`` vectors, kept as sums of blocks of ``size // blocks`` vectors.
+
+    The window slides a block at a time: it holds between ``size`` and ``size + block - 1`` vectors once full.
+    """
+
+    def __init__(self, size: int, blocks: int = EMBEDDING_BLOCKS):
+        self.size, self.block = size, max(1, size // blocks)
+        self.sums: deque[tuple[np.ndarray, int]] = deque()  # closed blocks: (sum, count)
+        self.open: tuple[np.ndarray, int] | None = None
+
+    def __len__(self) -> int:
+        return sum(count for _, count in self.sums) + (self.open[1] if self.open else 0)
+
+    def extend(self, vectors: np.ndarray) -> None:
+        for vector in np.asarray(vectors, dtype=np.float64):
+            total, count = self.open if self.open else (np.zeros_like(vector), 0)
+            self.open = (total + vector, count + 1)
+            if count + 1 == self.block:
+                self.sums.append(self.open)
+                self.open = None
+                while self.sums and len(self) - self.sums[0][1] >= self.size:
+                    self.sums.popleft()
+
+    def mean(self) -> np.ndarray:
+        parts = [*self.sums, *([self.open] if self.open else [])]
+        return sum(total for total, _ in parts) / sum(count for _, count in parts)
+
+
 class DriftMonitor:
     """Sliding window of one replica's live outputs, scored against a reference profile."""
 
@@ -222,7 +256,7 @@ class DriftMonitor:
                 self.profile = None
         self._confidences: deque[float] = deque(maxlen=config.window_size)
         self._classes: deque[int] = deque(maxlen=config.window_size)
-        self._embeddings: deque[np.ndarray] = deque(maxlen=config.window_size)
+        self._embeddings = BlockMean(config.window_size)
         self.scores: dict[str, float] = {}
 
     def with_config(self, config: DriftConfig) -> "DriftMonitor":
@@ -252,7 +286,7 @@ class DriftMonitor:
 
     def observe_embeddings(self, embeddings: np.ndarray) -> None:
         if self.active:
-            self._embeddings.extend(np.asarray(embeddings, dtype=np.float32))
+            self._embeddings.extend(embeddings)
             self._score()
 
     def _score(self) -> None:
@@ -266,8 +300,8 @@ class DriftMonitor:
         if profile.class_mix is not None and self._classes:
             live = profile.class_mix.counts(np.fromiter(self._classes, dtype=np.int64))
             scores["class_psi"] = psi(np.array(profile.class_mix.shares), live)
-        if profile.embedding_mean is not None and self._embeddings:
-            live_mean = np.mean(np.stack(self._embeddings), axis=0)
+        if profile.embedding_mean is not None and len(self._embeddings):
+            live_mean = self._embeddings.mean()
             scores["embedding_cosine_shift"] = cosine_shift(np.array(profile.embedding_mean), live_mean)
         self.scores = scores
 

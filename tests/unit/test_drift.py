@@ -6,6 +6,7 @@ from pydantic import ValidationError
 
 from monitoring.drift import (
     PROFILES_DIR,
+    BlockMean,
     ClassMix,
     DriftConfig,
     DriftMonitor,
@@ -138,3 +139,13 @@ def test_status_shows_no_server_directories(tmp_path):
     assert shipped.reference["path"] == "monitoring/profiles/mobilenet_v2.json"
     missing = DriftMonitor(DriftConfig(reference=str(tmp_path / "none.json")), "m", "1").status()
     assert str(tmp_path) not in missing.message and "none.json" in missing.message
+
+
+def test_the_text_window_keeps_block_sums_not_embeddings_and_slides_a_block_at_a_time():
+    window = BlockMean(100, blocks=20)  # blocks of 5
+    vectors = RNG.normal(size=(137, 8))
+    window.extend(vectors)
+    # 137 seen: the last 100 to 104 are in the window, as 20 or so sums and an open block of 2.
+    assert 100 <= len(window) <= 104 and window.open[1] == 2 and all(count == 5 for _, count in window.sums)
+    assert np.allclose(window.mean(), vectors[-len(window) :].mean(axis=0))
+    assert not any(np.allclose(total, vector) for total, _ in window.sums for vector in vectors)
