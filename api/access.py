@@ -201,3 +201,30 @@ class AccessMiddleware:
             seconds = retry_after(waited)
             raise RateLimited(f"the API key {key.id!r} is over its rate limit; retry after {seconds} s",
                               retry_after_s=seconds)  # fmt: skip
+
+
+REFUSALS = {
+    "401": "With API keys on: no key, or one the service does not know (`WWW-Authenticate: Bearer`).",
+    "403": "With API keys on: the key may not use this route family or one of its models.",
+    "429": "With API keys on: the key is over its rate limit; retry after `Retry-After` seconds.",
+}
+
+
+def document(schema: dict) -> dict:
+    """An OpenAPI document with the bearer scheme and the refusals of access control on every guarded route."""
+    open_paths = {path.replace(":path}", "}") for path in OPEN_PATHS}
+    for path, operations in schema.get("paths", {}).items():
+        if path in open_paths:
+            continue
+        for operation in operations.values():
+            responses = operation.setdefault("responses", {})
+            for status, description in REFUSALS.items():
+                responses.setdefault(status, {"description": description})
+    schema.setdefault("components", {})["securitySchemes"] = {
+        "apiKey": {
+            "type": "http",
+            "scheme": "bearer",
+            "description": "An API key, where keys are on (README: Security); without keys every route is open.",
+        }
+    }
+    return schema

@@ -12,7 +12,7 @@ from starlette.requests import ClientDisconnect
 from starlette.routing import Route
 
 from api import health
-from api.access import AccessMiddleware, Guard
+from api.access import AccessMiddleware, Guard, document
 from api.audit import Audit, AuditMiddleware
 from api.context import ApiSettings
 from api.middleware import RequestMetricsMiddleware
@@ -101,6 +101,14 @@ def build_app(
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics, settings=settings)
     for protocol in PROTOCOLS:
         app.include_router(protocol.router)
+    describe = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            app.openapi_schema = document(describe())
+        return app.openapi_schema
+
+    app.openapi = openapi
 
     async def render(request: Request, exc: Exception) -> Response:
         answer = problem(exc)
