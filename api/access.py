@@ -15,6 +15,7 @@ can serve; and the API's description (``/openapi.json``, ``/docs``), which holds
 unknown ones included, needs a key, so a caller without one learns nothing about which routes exist.
 """
 
+import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,8 @@ from api.problems import Problem, problem
 from deployments.errors import Forbidden, MaasError, RateLimited, Unauthorized
 from pipelines import usage
 from pipelines.privacy import Privacy
+
+logger = logging.getLogger("ray.serve")
 
 OPEN_PATHS = frozenset({
     "/healthz", "/readyz", "/v2/health/live", "/v2/health/ready",
@@ -114,16 +117,13 @@ class Guard:
                 self.keys = self._ring(self._inline, self.file)
             except ValueError as exc:
                 self.file.error = str(exc)
+                logger.error("Kept the API keys last read: %s", self.file.error)
 
     @staticmethod
     def _ring(inline, file: KeyFile | None) -> KeyRing:
         keys = [*inline, *(file.keys if file else ())]
         KeyList(keys=keys)  # ids and hashes unique across the config and the file
         return KeyRing(tuple(keys))
-
-    @property
-    def ids(self) -> frozenset[str]:
-        return self.keys.ids if self.keys else frozenset()
 
 
 def bearer(scope: Scope) -> str | None:

@@ -23,6 +23,7 @@ The file::
 import argparse
 import hashlib
 import hmac
+import logging
 import os
 import secrets
 import sys
@@ -33,6 +34,8 @@ from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+logger = logging.getLogger("ray.serve")
 
 FAMILIES = ("v1", "openai", "v2")
 """Route families a key can be scoped to: this service's ``/v1`` API, the OpenAI-compatible API, the OIP (``/v2``)."""
@@ -124,10 +127,6 @@ class KeyRing:
                 found = key
         return found
 
-    @property
-    def ids(self) -> frozenset[str]:
-        return frozenset(key.id for key in self.keys)
-
 
 def read_keys(path: Path) -> list[ApiKey]:
     """The keys of a key file; ``ValueError`` naming the file and what is wrong (never a hash)."""
@@ -178,6 +177,7 @@ class KeyFile:
             keys = read_keys(self.path)
         except ValueError as exc:
             self.error = str(exc)
+            logger.error("Kept the API keys last read: %s", self.error)
             return False
         self.error = None
         changed = keys != self.keys
