@@ -32,7 +32,8 @@ import skimage.data
 import torch
 from PIL import Image, ImageFilter
 
-from deployments.explainer import DEFAULT_STEPS, IMAGE_METHODS, ImageExplainer
+from deployments.contracts import DEFAULT_STEPS, IMAGE_METHODS
+from deployments.explainer import ImageExplainer
 from deployments.imaging import prepare
 from deployments.scoring import similarity_scores
 from deployments.text import TextConfig, TextModel

@@ -113,6 +113,12 @@ class OcrResult:
     batch_size: int = 1
 
 
+IMAGE_METHODS: tuple[str, ...] = ("gradcam", "integrated_gradients")
+"""The explainer's saliency methods (``explain_image``'s ``method``)."""
+DEFAULT_STEPS = 16
+"""Integrated Gradients' steps when a request names none."""
+
+
 @dataclass
 class ImageExplanation:
     """Why the vision model gave an image a class: a saliency map over the crop it classified."""

@@ -37,7 +37,6 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Literal
 
 import numpy as np
 import torch
@@ -47,7 +46,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from deployments.contracts import ImageExplanation, TextExplanation, TextRanking, WordContribution
+from deployments.contracts import (
+    DEFAULT_STEPS,
+    IMAGE_METHODS,
+    ImageExplanation,
+    TextExplanation,
+    TextRanking,
+    WordContribution,
+)
 from deployments.downstream import SAME_VERSION_ATTEMPTS, SAME_VERSION_RETRY_S
 from deployments.errors import InvalidInput, ModelTimeout, ModelUnavailable
 from deployments.runtime import ModelDeployment, configure_threads
@@ -57,9 +63,6 @@ from monitoring.metrics import ExplainerMetrics
 
 logger = logging.getLogger("ray.serve")
 
-ImageMethod = Literal["gradcam", "integrated_gradients"]
-IMAGE_METHODS: tuple[str, ...] = ("gradcam", "integrated_gradients")
-DEFAULT_STEPS = 16
 BASELINE = "the dataset's mean colour (zeros after normalisation)"
 HEATMAP_ALPHA = 0.5  # the heatmap's weight over the image in the overlay
 TEXT_CHUNK = 16  # text variants scored at once: one batch of the text deployment, as fusion's class names

@@ -421,6 +421,12 @@ class RequestMetrics:
         self.decode_seconds.observe(seconds, tags=tags)
 
 
+KEY_METRICS = tuple(
+    EXPORTED_PREFIX + name for name in ("api_key_requests_total", "api_key_refusals_total", "api_key_tokens_total")
+)
+"""What ``KeyMetrics`` exports: only while API keys are on."""
+
+
 class KeyMetrics:
     """Requests, refusals and language-model tokens per API key. Only configured key ids become label values
     (at most ``api.keys.MAX_KEYS``); a request without a valid key is counted as ``none``."""

@@ -14,8 +14,8 @@ import numpy as np
 from api.v1.schemas import MAX_GRID
 from api.v2.models import FusionModel, Tensor, TensorModel, integer, prepared, texts
 from api.v2.tensors import BadTensor
+from deployments.contracts import DEFAULT_STEPS, IMAGE_METHODS
 from deployments.errors import InvalidInput
-from deployments.explainer import DEFAULT_STEPS, IMAGE_METHODS
 from deployments.settings import limits
 
 EXPLAIN_ROUTE = "/v2/models/{model_name}/explain"

@@ -20,6 +20,7 @@ import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
 from api import keys as key_file
+from monitoring.metrics import KEY_METRICS
 from tests import serving
 from tests.integration.conftest import deploy, shipped_config
 
@@ -194,7 +195,12 @@ def test_each_request_has_an_audit_line_and_key_metrics_count_refusals_by_reason
     while not any(all(part in row for part in wanted) for row in serving.metrics_exposition().splitlines()):
         assert time.monotonic() < deadline, "no refusal counted for key 'vision' in the metrics"
         time.sleep(1)
-    assert 'key_id="maas_' not in serving.metrics_exposition()
+    exposition = serving.metrics_exposition()
+    assert 'key_id="maas_' not in exposition
+    # The dashboard's Access row queries these; they exist only while keys are on (test_monitoring skips them).
+    assert all(f"{name}{{" in exposition for name in KEY_METRICS), [n for n in KEY_METRICS if n not in exposition]
+    tokens = [row for row in exposition.splitlines() if row.startswith("ray_maas_api_key_tokens_total{")]
+    assert any('key_id="tokens"' in row and 'kind="prompt"' in row for row in tokens), tokens
 
 
 def test_a_masked_keys_text_reaches_the_model_masked_and_the_response_counts_each_kind(client, keys):
