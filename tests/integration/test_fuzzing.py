@@ -24,7 +24,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 SEED = os.environ.get("MAAS_FUZZ_SEED", "1")
-EXAMPLES = os.environ.get("MAAS_FUZZ_EXAMPLES", "20")
+EXAMPLES = os.environ.get("MAAS_FUZZ_EXAMPLES", "30")
 TIMEOUT_S = 900  # a hang guard only: the default run takes about 280 s here
 CONFIG = Path(__file__).with_name("schemathesis.toml")  # per-operation settings: fewer examples where one is slow
 
