@@ -70,16 +70,22 @@ class Requirement:
         return f"route family {self.family!r}{models}"
 
 
+def models_of(template: str | None, path_params: dict) -> frozenset[str]:
+    """The models a route calls (a ``/v2/models/{model_name}`` route: the one its path names)."""
+    if template in ROUTE_MODELS:
+        return frozenset(ROUTE_MODELS[template][1])
+    name = path_params.get("model_name")
+    return frozenset({name}) if isinstance(name, str) else frozenset()
+
+
 def requirement(template: str | None, path: str, path_params: dict) -> Requirement | None:
     """What a request needs: ``None`` for an open route, else the family and the models."""
     if template in OPEN_PATHS:
         return None
     if template in ROUTE_MODELS:
-        family, models = ROUTE_MODELS[template]
-        return Requirement(family, frozenset(models))
+        return Requirement(ROUTE_MODELS[template][0], models_of(template, path_params))
     if path == "/v2" or path.startswith("/v2/"):
-        name = path_params.get("model_name")
-        return Requirement("v2", frozenset({name}) if name else frozenset())
+        return Requirement("v2", models_of(template, path_params))
     return Requirement("v1", frozenset())  # an unknown path: any valid key may learn it is a 404
 
 
@@ -159,28 +165,24 @@ class AccessMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         used = usage.current()
-        if not self.guard.enabled:
-            if used is not None:
-                used.masker = self.privacy.for_key(None)
-            return await self.app(scope, receive, send)
-        route, params = self._match(scope)
-        needed = requirement(getattr(route, "path", None), scope["path"], params)
-        if needed is None:
-            return await self.app(scope, receive, send)
-        if route is not None:
-            scope["route"] = route  # the metrics label a refused request by its route template
-        try:
-            await self.check(scope, needed)
-        except MaasError as exc:
-            answer = problem(exc)
-            state["error_type"] = answer.type
-            return await self.render(scope["path"], answer)(scope, receive, send)
+        if self.guard.enabled:
+            route, params = self._match(scope)
+            needed = requirement(getattr(route, "path", None), scope["path"], params)
+            if route is not None:
+                scope["route"] = route  # the metrics label a refused request by its route template
+            try:
+                if needed is not None:
+                    await self.check(scope, needed)
+            except MaasError as exc:
+                answer = problem(exc)
+                state["error_type"] = answer.type
+                return await self.render(scope["path"], answer)(scope, receive, send)
         if used is not None:
             used.masker = self.privacy.for_key(state["api_key"])
         try:
             await self.app(scope, receive, send)
         finally:
-            if self.guard.limits and used is not None and used.tokens:
+            if self.guard.limits and state["api_key"] is not None and used is not None and used.tokens:
                 await self.guard.limits.charge(state["api_key"], used.tokens)
 
     async def check(self, scope: Scope, needed: Requirement) -> None:

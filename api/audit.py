@@ -24,7 +24,7 @@ from pathlib import Path
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.access import ROUTE_MODELS
+from api.access import models_of
 from monitoring.metrics import KeyMetrics
 from pipelines import usage
 
@@ -66,13 +66,6 @@ class AuditLog:
         for handler in list(self.logger.handlers):
             self.logger.removeHandler(handler)
             handler.close()
-
-
-def _models(template: str | None, path_params: dict) -> list[str]:
-    if template in ROUTE_MODELS:
-        return sorted(ROUTE_MODELS[template][1])
-    name = path_params.get("model_name")
-    return [name] if isinstance(name, str) and template and template.startswith("/v2/models/") else []
 
 
 class AuditMiddleware:
@@ -122,7 +115,7 @@ class AuditMiddleware:
                     "key_id": key.id if key else None,
                     "method": scope.get("method"),
                     "route": route or "unmatched",
-                    "models": _models(route, scope.get("path_params", {})),
+                    "models": sorted(models_of(route, scope.get("path_params", {}))),
                     "status": status,
                     "latency_ms": round((time.perf_counter() - start) * 1000, 1),
                     "bytes_in": bytes_in,

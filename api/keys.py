@@ -191,8 +191,6 @@ class KeyFile:
 def _write(path: Path, keys: list[ApiKey]) -> None:
     """Replace the file in one rename, so a replica re-reading it never sees half of it."""
     document = {"keys": [key.model_dump(exclude_none=True, mode="json") for key in keys]}
-    for key in document["keys"]:
-        key["routes"], key["models"] = list(key["routes"]), list(key["models"])
     partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     partial.write_text(yaml.safe_dump(document, sort_keys=False))
     os.chmod(partial, 0o600)
