@@ -28,6 +28,7 @@ import os
 import secrets
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -97,8 +98,8 @@ class KeyList(BaseModel):
     @model_validator(mode="after")
     def _unique(self) -> "KeyList":
         for attribute in ("id", "sha256"):
-            values = [getattr(key, attribute) for key in self.keys]
-            duplicated = sorted({value for value in values if values.count(value) > 1})
+            counts = Counter(getattr(key, attribute) for key in self.keys)
+            duplicated = sorted(value for value, count in counts.items() if count > 1)
             if duplicated:
                 shown = duplicated if attribute == "id" else [f"{value[:8]}…" for value in duplicated]
                 raise ValueError(f"each key's {attribute} must be unique; repeated: {shown}")
