@@ -11,13 +11,15 @@ import math
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from monitoring.drift import DriftConfig, DriftMonitor
 from monitoring.metrics import ModelMetrics
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger("ray.serve")
 
@@ -39,8 +41,11 @@ def configure_threads(torch_threads: int | None) -> int:
 
     ``None`` means one thread per CPU Ray reserved for this process (at least
     one, so a fractional reservation gets a single thread); outside Ray,
-    torch's own default.
+    torch's own default. torch is imported here, not with this module: the deployments that run no torch
+    (fusion, OCR) then start without it.
     """
+    import torch
+
     if torch_threads is None:
         cpus = assigned_cpus()
         if not cpus:
@@ -50,13 +55,15 @@ def configure_threads(torch_threads: int | None) -> int:
     return torch_threads
 
 
-def pick_device() -> torch.device:
+def pick_device() -> "torch.device":
     """CUDA when this replica was given a GPU and torch can see one; else the CPU.
 
     Inside a Ray actor (a Serve replica) the GPU must have been assigned by Ray,
     so a replica with ``num_gpus: 0`` stays on the CPU even on a GPU node.
     Outside an actor (a batch job's driver, a test) any visible GPU is used.
     """
+    import torch
+
     gpu_ids: list = []
     in_actor = False
     try:
