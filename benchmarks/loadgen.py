@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import httpx
 import numpy as np
 
+from benchmarks import cpu
+
 
 @dataclass
 class LoadResult:
@@ -30,10 +32,12 @@ class LoadResult:
     refused: int
     duration_s: float
     latencies_ms: list[float]
+    cpu: dict[str, dict] | None = None  # CPU ms per answered request by process role (benchmarks.cpu)
 
     def summary(self) -> dict:
         ok = np.array(self.latencies_ms) if self.latencies_ms else np.array([np.nan])
         return {
+            "cpu": self.cpu or {},
             "concurrency": self.concurrency,
             "requests": self.requests,
             "throughput_rps": (self.requests - self.errors - self.refused) / self.duration_s,
@@ -73,9 +77,20 @@ async def _run(url: str, payload: dict, concurrency: int, duration_s: float, war
                         counts[outcome] += 1
                 await asyncio.sleep(min(retry_after_s, max(0.0, stop_at - done)))
 
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        async def meter() -> cpu.Meter:
+            """Every process's CPU over the measured window (after the warm-up)."""
+            await asyncio.sleep(max(0.0, measure_from - time.monotonic()))
+            with cpu.Meter() as window:
+                await asyncio.sleep(max(0.0, stop_at - time.monotonic()))
+            return window
+
+        window, *_ = await asyncio.gather(meter(), *(worker() for _ in range(concurrency)))
         elapsed = time.monotonic() - measure_from
-    return LoadResult(concurrency, counts["requests"], counts["errors"], counts["refused"], elapsed, latencies)
+    answered = len(latencies)
+    return LoadResult(
+        concurrency, counts["requests"], counts["errors"], counts["refused"], elapsed, latencies,
+        window.per_request(answered),
+    )  # fmt: skip
 
 
 def _seconds(retry_after: str) -> float:

@@ -16,6 +16,9 @@ Writes ``docs/benchmarks/results.json``, ``docs/benchmarks/throughput.png``
 and ``docs/BENCHMARKS.md``. Environment knobs: ``BENCH_DURATION_S`` (per
 point, default 8), ``BENCH_CONCURRENCY`` (default ``1,8,32,64``), ``BENCH_CONFIG`` (the Serve
 config to measure, default serve_config.yaml), the ``BENCH_LLM_*`` knobs of ``benchmarks/llm.py``, and
+``BENCH_NICENESS`` (the
+priority of every process of the run, default 0), ``BENCH_SETUPS=http``: the raw models, the baseline and the
+cluster on the vision and multimodal routes, the other sections kept from the last report;
 ``BENCH_SETUPS=llm``: measure the language model alone and update its section of the last report;
 ``BENCH_SETUPS=describe`` likewise for descriptions (and the ``BENCH_DESCRIBE_*`` knobs of
 ``benchmarks/describe.py``); ``BENCH_SETUPS=faithfulness`` likewise for the explainers' deletion curves
@@ -57,6 +60,10 @@ CONFIG = ROOT / os.environ.get("BENCH_CONFIG", "serve_config.yaml")
 # clients resending at once (open connections capped at OVERLOAD_CLIENTS in both).
 OVERLOAD_FACTOR = float(os.environ.get("BENCH_OVERLOAD_FACTOR", "10"))
 OVERLOAD_CLIENTS = int(os.environ.get("BENCH_OVERLOAD_CLIENTS", "320"))
+# Every process of the run at one priority: this one (the load generator), the baseline server it starts, and
+# Ray's workers (the HTTP proxy and every replica), which Ray otherwise starts at nice 15 (RAY_worker_niceness):
+# on a machine shared with the load generator that starves the cluster and favours the baseline.
+NICENESS = int(os.environ.get("BENCH_NICENESS", "0"))
 PROXY_ENV = {"RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "deployments.proxy:hardening"}
 ROUTES = {"vision": "/v1/vision/classify", "multimodal": "/v1/multimodal/analyze"}
 LABELS = ["a photo of a cat", "a cup of coffee", "a rocket launch"]
@@ -80,7 +87,9 @@ def log(message: str) -> None:
 
 
 def measure_raw(requests: dict[str, dict]) -> dict:
-    """Requests per second of the models in-process, decode to answer, by batch size."""
+    """Requests per second the machine's CPUs could answer with the models in-process (one single-threaded
+    copy per CPU), decode to answer, by batch size, and the CPU milliseconds each request took (the models'
+    own cost, with no serving around them)."""
     from deployments.contracts import FusionInput
     from deployments.fusion import FusionConfig, fuse
     from deployments.imaging import decode_base64, decode_image, prepare
@@ -88,7 +97,10 @@ def measure_raw(requests: dict[str, dict]) -> dict:
     from deployments.text import TextConfig, TextModel
     from deployments.vision import VisionConfig, VisionModel
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    # One thread, as each replica runs: two intra-op threads in one process are many times slower than one on
+    # small VMs. The machine's limit is one such copy per CPU, each as fast as this one (an upper bound).
+    torch.set_num_threads(1)
+    cpus = os.cpu_count() or 1
     vision, text = VisionModel(VisionConfig()), TextModel(TextConfig())
     config = FusionConfig()
     class_embeddings = text.embed([config.class_prompt.format(n) for n in vision.categories])
@@ -106,18 +118,19 @@ def measure_raw(requests: dict[str, dict]) -> dict:
         weights = {"vision": 0.5, "text": 0.5}
         fuse([FusionInput(i, e[:-1], e[-1], weights, class_embeddings) for i, e in zip(images, embeddings)], config)
 
-    raw = {}
+    raw, cpu_ms = {}, {}
     for route, step in (("vision", vision_batch), ("multimodal", multimodal_batch)):
-        raw[route] = {}
+        raw[route], cpu_ms[route] = {}, {}
         for batch in (1, 2, 4, 8, 16):
             step(batch)  # warm-up
-            done, start = 0, time.perf_counter()
+            done, start, cpu_start = 0, time.perf_counter(), time.process_time()
             while time.perf_counter() - start < max(2.0, DURATION_S / 3):
                 step(batch)
                 done += batch
-            raw[route][batch] = done / (time.perf_counter() - start)
-            log(f"raw {route} batch {batch}: {raw[route][batch]:.1f} req/s")
-    return raw
+            raw[route][batch] = cpus * done / (time.perf_counter() - start)
+            cpu_ms[route][batch] = 1000.0 * (time.process_time() - cpu_start) / done
+            log(f"raw {route} batch {batch}: {raw[route][batch]:.1f} req/s, {cpu_ms[route][batch]:.1f} ms of CPU each")
+    return raw, cpu_ms
 
 
 # --- servers ----------------------------------------------------------------
@@ -208,7 +221,8 @@ def run_cluster(
     requests: dict[str, dict], only: str | None = None
 ) -> tuple[list[dict], float, dict, list[dict], list[dict]]:
     """The cluster's rows (batching on and off), cold start, overload points, language-model rows and
-    description rows; with ``only`` ("llm" or "describe"), that section's rows alone."""
+    description rows; ``only`` measures part of it: "http" (the rows, cold start and overload), "models" (the
+    language model and descriptions), "llm" or "describe"."""
     config = yaml.safe_load(CONFIG.read_text())
     config["http_options"]["port"] = CLUSTER_PORT
     folder = Path(tempfile.mkdtemp(prefix="bench-"))
@@ -226,9 +240,9 @@ def run_cluster(
     try:
         cold_start_s = wait_for_answer(base, ROUTES["multimodal"], requests["multimodal"], process)
         log(f"cold start: first multimodal answer {cold_start_s:.1f} s after `serve run`")
-        llm_rows = llm.measure_cluster(base, log) if only in (None, "llm") else []
-        describe_rows = describe.measure_cluster(base, log) if only in (None, "describe") else []
-        if only:
+        llm_rows = llm.measure_cluster(base, log) if only in (None, "llm", "models") else []
+        describe_rows = describe.measure_cluster(base, log) if only in (None, "describe", "models") else []
+        if only not in (None, "http"):
             return [], cold_start_s, [], llm_rows, describe_rows
         rows = load_all("cluster-batching", base, requests)
         overload = measure_overload(base, requests, rows)
@@ -253,9 +267,41 @@ def run_cluster(
         log(f"cluster stopped ({time.monotonic() - started:.0f} s in all)")
 
 
+def same_priority() -> dict:
+    """Put this process (and so the baseline server and Ray, which inherit it) at ``NICENESS``, and tell Ray
+    to leave its workers at the niceness they inherit; the per-process tables show what each ran at."""
+    os.nice(NICENESS - os.nice(0))  # lowering it needs privileges; raising it does not
+    os.environ["RAY_worker_niceness"] = "0"
+    return {"every_process": os.nice(0)}
+
+
+def measure_http(requests: dict[str, dict]) -> dict:
+    """The raw models, the baseline and the cluster on the vision and multimodal routes."""
+    raw, raw_cpu_ms = measure_raw(requests)  # its models are freed on return, before the servers start
+    rows = run_baseline(requests)
+    cluster_rows, cold_start_s, overload, _, _ = run_cluster(requests, only="http")
+    return {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+        },
+        "niceness": same_priority(),
+        "duration_s_per_point": DURATION_S,
+        "cold_start_s": cold_start_s,
+        "overload": overload,
+        "raw_rps_by_batch": raw,
+        "raw_cpu_ms_by_batch": raw_cpu_ms,
+        "results": rows + cluster_rows,
+    }
+
+
 def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
+    niceness = same_priority()
     requests = payloads()
+    log(f"niceness {niceness['every_process']} for every process of the run")
     log(f"concurrency {CONCURRENCY}, {DURATION_S:.0f} s per point, config {CONFIG.name}")
     if os.environ.get("BENCH_SETUPS") == "cluster":  # a quick look at one config while tuning; no report
         run_cluster(requests)
@@ -275,24 +321,17 @@ def main() -> None:
         results["faithfulness"] = faithfulness.measure(log)
         write_results(results)
         return
-    raw = measure_raw(requests)  # its models are freed on return, before the servers start
+    if os.environ.get("BENCH_SETUPS") == "http":  # the request path alone, the other sections kept
+        results = json.loads((OUT / "results.json").read_text())
+        results.update(measure_http(requests))
+        write_results(results)
+        return
     in_process = llm.measure_in_process()
     log(f"llm in-process: {in_process['tokens_per_s']:.1f} tokens/s, first token p50 {in_process['ttft_p50_s']:.2f} s")
     explained = faithfulness.measure(log)
-    rows = run_baseline(requests)
-    cluster_rows, cold_start_s, overload, llm_rows, describe_rows = run_cluster(requests)
+    cluster_rows, _, _, llm_rows, describe_rows = run_cluster(requests, only="models")
     results = {
-        "machine": {
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-        },
-        "duration_s_per_point": DURATION_S,
-        "cold_start_s": cold_start_s,
-        "overload": overload,
-        "raw_rps_by_batch": raw,
-        "results": rows + cluster_rows,
+        **measure_http(requests),
         "llm": llm_results(in_process, llm_rows),
         "describe": describe_results(describe_rows),
         "faithfulness": explained,
