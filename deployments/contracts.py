@@ -113,6 +113,9 @@ class OcrResult:
     batch_size: int = 1
 
 
+MAX_GROUP_SIZE = 64
+"""The most calls one group call carries (``pipelines/grouping.py``, ``ModelDeployment.call_group``)."""
+
 IMAGE_METHODS: tuple[str, ...] = ("gradcam", "integrated_gradients")
 """The explainer's saliency methods (``explain_image``'s ``method``)."""
 DEFAULT_STEPS = 16

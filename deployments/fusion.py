@@ -229,6 +229,7 @@ class FusionScorer(ModelDeployment):
 
     settings_type = FusionConfig
     task = "cross-modal-scoring"
+    group_methods = frozenset({"fuse"})
 
     def __init__(self, vision: DeploymentHandle, text: DeploymentHandle):
         super().__init__()

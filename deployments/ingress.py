@@ -22,6 +22,7 @@ from api.context import ApiSettings
 from api.limits import SharedLimits
 from api.security import SecurityConfig
 from deployments.admission import Admission
+from deployments.contracts import MAX_GROUP_SIZE
 from knowledge.rules import RuleError, compile_policies, parse_policies
 from monitoring.metrics import key_metrics, request_metrics
 from pipelines.dataplane import Dataplane
@@ -89,6 +90,20 @@ class IngressConfig(BaseModel):
     retry_after_s: int = Field(1, ge=1, le=3600, description="Retry-After of admission refusals.")
     max_concurrent_decodes: int = Field(
         2, ge=1, le=64, description="Images decoded at once per ingress replica (bounds the ingress's memory)."
+    )
+    max_group_size: int = Field(
+        8,
+        ge=1,
+        le=MAX_GROUP_SIZE,
+        description="Concurrent requests' calls of one model method sent as one handle call, at most (1: each "
+        "its own call). A call goes out at once while fewer than max_groups_in_flight are in flight; the rest "
+        "wait and go together (pipelines/grouping.py).",
+    )
+    max_groups_in_flight: int = Field(
+        2,
+        ge=1,
+        le=64,
+        description="Calls of one model method in flight at once per ingress replica before calls are grouped.",
     )
     readiness_timeout_s: float = Field(2.0, gt=0.0, le=60.0, description="How long /readyz waits for each model.")
     policies: dict[str, Any] = Field(
@@ -167,7 +182,7 @@ class Ingress:
             return
         self.dataplane.policies = policies
         self.dataplane.policy_update_error = None
-        self.dataplane.configure(config.max_concurrent_decodes)
+        self.dataplane.configure(config.max_concurrent_decodes, config.max_group_size, config.max_groups_in_flight)
         self.admission.configure(config.admission, config.retry_after_s)
         self.settings.request_timeout_s = config.request_timeout_s
         self.settings.readiness_timeout_s = config.readiness_timeout_s

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from deployments.contracts import MAX_GROUP_SIZE
+from deployments.errors import InvalidInput
 from monitoring.drift import DriftConfig, DriftMonitor
 from monitoring.metrics import ModelMetrics
 
@@ -171,6 +173,7 @@ class ModelDeployment:
 
     settings_type: ClassVar[type[BatchingConfig]]
     task: ClassVar[str]
+    group_methods: ClassVar[frozenset[str]] = frozenset()  # the methods ``call_group`` may call
 
     def __init__(self):
         self.settings: BatchingConfig | None = None
@@ -189,6 +192,17 @@ class ModelDeployment:
     def batch_methods(self) -> list:
         """The ``@serve.batch`` methods the batching settings apply to."""
         return []
+
+    async def call_group(self, method: str, calls: list[tuple]) -> list:
+        """Several requests' calls of ``method`` (one of ``group_methods``) in one handle call: an ingress
+        groups them (``pipelines/grouping.py``). Each call joins this replica's batching as its own handle call
+        would, and gets its own result, or its own error in its place."""
+        if method not in self.group_methods:
+            raise InvalidInput(f"{method!r} cannot be called in a group; these can: {sorted(self.group_methods)}")
+        if len(calls) > MAX_GROUP_SIZE:
+            raise InvalidInput(f"a group holds at most {MAX_GROUP_SIZE} calls, got {len(calls)}")
+        function = getattr(self, method)
+        return list(await asyncio.gather(*(function(*args) for args in calls), return_exceptions=True))
 
     def served(self) -> tuple[str, str]:
         """Name and version of what this replica serves now."""

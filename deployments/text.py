@@ -177,6 +177,7 @@ class TextEncoder(LiveModelDeployment):
 
     settings_type = TextSettings
     task = "sentence-embedding"
+    group_methods = frozenset({"embed_labels"})
 
     def load_model(self, config: TextConfig) -> TextModel:
         return TextModel(config)

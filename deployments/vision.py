@@ -233,6 +233,7 @@ class VisionClassifier(LiveModelDeployment):
 
     settings_type = VisionSettings
     task = "image-classification"
+    group_methods = frozenset({"classify"})
 
     def load_model(self, config: VisionConfig) -> VisionModel:
         return VisionModel(config)

@@ -48,6 +48,7 @@ from knowledge.rules import CompiledPolicy, Decision, Facts
 from monitoring.metrics import RequestMetrics
 from pipelines import grounding, usage
 from pipelines.grounding import Evidence
+from pipelines.grouping import Grouped
 from pipelines.registry import ModelRegistry
 
 DESCRIBE_CLASSES = 5  # classes asked of the vision model for evidence (grounding keeps the likely ones)
@@ -143,9 +144,16 @@ class Dataplane:
         self._decodes = max_concurrent_decodes
         self._image_spec: ImageSpec | None = None
         self._image_spec_version: str | None = None  # the vision model version the geometry belongs to
+        # Concurrent requests' calls of one model method go out together (pipelines/grouping.py).
+        self.vision_calls: Grouped[tuple, VisionResult] = Grouped(self._group_sender("vision", "classify"))
+        self.label_calls: Grouped[tuple, TextEmbeddings] = Grouped(self._group_sender("text", "embed_labels"))
+        self.fusion_calls: Grouped[tuple, FusionResult] = Grouped(self._group_sender("fusion", "fuse"))
 
-    def configure(self, max_concurrent_decodes: int) -> None:
-        """Images decoded at once (bounds the caller's memory); decodes in progress finish in the old pool."""
+    def configure(self, max_concurrent_decodes: int, max_group_size: int = 8, max_groups_in_flight: int = 2) -> None:
+        """Images decoded at once (bounds the caller's memory; decodes in progress finish in the old pool), and
+        how model calls are grouped."""
+        for grouped in (self.vision_calls, self.label_calls, self.fusion_calls):
+            grouped.configure(max_group_size, max_groups_in_flight)
         if max_concurrent_decodes != self._decodes:
             previous = self._decoder
             self._decoder = ThreadPoolExecutor(max_concurrent_decodes, thread_name_prefix="decode")
@@ -264,20 +272,24 @@ class Dataplane:
 
     # --- models ---------------------------------------------------------------------
 
+    def _group_sender(self, model: str, method: str):
+        async def send(calls: list[tuple]) -> list:
+            return await self.models[model].call_group.remote(method, calls)
+
+        return send
+
     async def classify(self, pixels: np.ndarray, top_k: int, embed: bool, deadline: Deadline) -> VisionResult:
-        vision = self.models["vision"]
-        result = await call_models(lambda: vision.classify.remote(pixels, top_k, embed), deadline)
+        result = await call_models(lambda: self.vision_calls((pixels, top_k, embed)), deadline)
         self._seen_vision_version(result.version)
         return result
 
     async def classify_many(
         self, images: list[np.ndarray], top_k: int, embed: bool, deadline: Deadline
     ) -> list[VisionResult]:
-        """Each image is its own call, so they join the replicas' batches as separate requests would."""
-        vision = self.models["vision"]
+        """Each image is its own item, so they join the replicas' batches as separate requests would."""
 
         async def calls() -> list[VisionResult]:
-            return list(await asyncio.gather(*(vision.classify.remote(p, top_k, embed) for p in images)))
+            return list(await asyncio.gather(*(self.vision_calls((p, top_k, embed)) for p in images)))
 
         results = await call_models(calls, deadline)
         for result in results:
@@ -307,18 +319,18 @@ class Dataplane:
     ) -> Analysis:
         """Score ``labels`` against an image, a text or both, and fuse the scores (ConSE + late fusion); with
         ``explain``, fusion says exactly how (``FusionResult.explanation``)."""
-        vision, text_model, fusion = self.models["vision"], self.models["text"], self.models["fusion"]
         with_text = text is not None
         if with_text:
             (text,) = await private([text])
 
         async def graph() -> Analysis:
-            # Both branches start now and run in parallel; fusion takes their
-            # responses as arguments, so it starts as soon as both are done.
-            image = vision.classify.remote(pixels, top_k) if pixels is not None else None
-            embeddings = text_model.embed_labels.remote(labels, text)
-            fused = fusion.fuse.remote(image, embeddings, with_text, vision_weight, text_weight, explain)
-            return Analysis(fusion=await fused, image=await image if image is not None else None)
+            # Both branches start now and run in parallel; fusion starts as soon as both are done.
+            branches = [self.label_calls((labels, text))]
+            if pixels is not None:
+                branches.append(self.vision_calls((pixels, top_k, False)))
+            embeddings, image = [*await asyncio.gather(*branches), None][:2]
+            fused = await self.fusion_calls((image, embeddings, with_text, vision_weight, text_weight, explain))
+            return Analysis(fusion=fused, image=image)
 
         analysis = await call_models(graph, deadline)
         if analysis.image is not None:
@@ -362,7 +374,7 @@ class Dataplane:
     async def look(self, image: PreparedImage, deadline: Deadline, knowledge: bool = False) -> Looked:
         """Vision and OCR on one image (prepared for both), in parallel, and the evidence they give (with
         ``knowledge``, the knowledge graph's facts about the classes in it too)."""
-        vision, ocr = self.models["vision"], self.models["ocr"]
+        ocr = self.models["ocr"]
 
         async def timed(response) -> tuple[object, float]:
             start = time.perf_counter()
@@ -370,7 +382,7 @@ class Dataplane:
 
         async def both() -> tuple[tuple[VisionResult, float], tuple[OcrResult, float]]:
             # Both start now and run in parallel.
-            classes = timed(vision.classify.remote(image.pixels, DESCRIBE_CLASSES))
+            classes = timed(self.vision_calls((image.pixels, DESCRIBE_CLASSES, False)))
             lines = timed(ocr.read.remote(image.page))
             return tuple(await asyncio.gather(classes, lines))
 

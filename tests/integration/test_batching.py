@@ -8,7 +8,8 @@ import skimage.data
 from PIL import Image
 from ray import serve
 
-from deployments.errors import ConfigError
+from deployments.contracts import MAX_GROUP_SIZE, TextEmbeddings
+from deployments.errors import ConfigError, InvalidInput
 from deployments.imaging import prepare
 from pipelines.multimodal import build_app
 from tests.conftest import b64, encode
@@ -41,6 +42,38 @@ def test_vision_batches_equal_single_requests(vision):
         single = singles[i % len(images)]
         assert [label for label, _ in result.labels] == [label for label, _ in single.labels]
         np.testing.assert_allclose(result.probs, single.probs, atol=1e-5)
+
+
+def test_a_group_call_answers_each_call_as_its_own_handle_call_would(vision):
+    spec, _ = vision.geometry.remote().result()
+    images = [prepare(Image.fromarray(getattr(skimage.data, name)()), spec) for name in PHOTOS]
+    singles = [vision.classify.remote(image, 3).result() for image in images]
+    grouped = vision.call_group.remote("classify", [(image, 3, False) for image in images]).result()
+    assert [[label for label, _ in r.labels] for r in grouped] == [[label for label, _ in r.labels] for r in singles]
+    with pytest.raises(InvalidInput, match=f"at most {MAX_GROUP_SIZE} calls, got {MAX_GROUP_SIZE + 1}"):
+        vision.call_group.remote("classify", [(images[0][:1, :1], 1, False)] * (MAX_GROUP_SIZE + 1)).result()
+    with pytest.raises(InvalidInput, match=r"'reconfigure' cannot be called in a group; these can: \['classify'\]"):
+        vision.call_group.remote("reconfigure", [({},)]).result()
+
+
+def test_a_refused_call_in_a_group_gets_its_own_error_and_the_others_their_answers(app_url):
+    fusion = serve.get_deployment_handle("FusionScorer", app_name=APP)
+    embeddings = TextEmbeddings(vectors=np.eye(3, 384, dtype=np.float32), model="m", version="v")
+    # Text only: two labels' embeddings, then the text's, equal to the first label's.
+    calls = [(None, embeddings, True), (None, embeddings, True, 0.0, 0.0)]  # the second one's weights sum to 0
+    fused, refused = fusion.call_group.remote("fuse", calls).result()
+    assert isinstance(refused, InvalidInput) and "sum to 0" in str(refused)
+    assert int(np.argmax(fused.fused)) == 0
+
+
+def test_concurrent_vision_requests_each_get_their_own_answer(client):
+    """The ingress sends concurrent requests' images to the vision model together (pipelines/grouping.py)."""
+    payloads = [{"image": b64(encode(getattr(skimage.data, name)(), quality=90)), "top_k": 3} for name in PHOTOS]
+    singles = [client.post("/v1/vision/classify", json=p).json()["labels"][0]["label"] for p in payloads]
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        results = list(pool.map(lambda i: client.post("/v1/vision/classify", json=payloads[i % 4]), range(32)))
+    assert [r.status_code for r in results] == [200] * 32
+    assert [r.json()["labels"][0]["label"] for r in results] == [singles[i % 4] for i in range(32)]
 
 
 def test_text_batches_equal_single_requests(text):
