@@ -3,8 +3,8 @@
 Every process of this machine that the benchmark can read is sampled before and after a point; the CPU it
 spent in between (user and system time) is divided by the requests answered. Processes are grouped by what
 they are in the serving stack: each Serve deployment's replicas, the HTTP proxy, Ray's own processes, the
-single-process baseline server and the load generator (this process). Linux only; elsewhere the breakdown
-is empty.
+single-process baseline server and the load generator (this process and the load processes it started).
+Linux only; elsewhere the breakdown is empty.
 """
 
 import os
@@ -24,7 +24,7 @@ class Sample:
 
 def role(pid: int, cmdline: str) -> str | None:
     """What a process is in the serving stack (None for a process that has nothing to do with it)."""
-    if pid == os.getpid():
+    if pid == os.getpid() or (_parent(pid) == os.getpid() and "multiprocessing" in cmdline):
         return "load generator"
     if cmdline.startswith("ray::ServeReplica:"):  # ray::ServeReplica:<app>:<deployment>[.<method> while busy]
         return "replica: " + cmdline.split()[0].rsplit(":", 1)[-1].split(".")[0]
@@ -41,6 +41,14 @@ def role(pid: int, cmdline: str) -> str | None:
     ):
         return "Ray system (raylet, GCS, dashboard, agents, idle workers)"
     return None
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        stat = (PROC / str(pid) / "stat").read_text()
+    except OSError:
+        return None
+    return int(stat[stat.rfind(")") + 2 :].split()[1])
 
 
 def _read(pid: int) -> Sample | None:
