@@ -14,6 +14,7 @@ while they are all in flight wait for the first to end, and go together, up to `
 """
 
 import asyncio
+import contextvars
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
@@ -59,7 +60,9 @@ class Grouped(Generic[Item, Result]):
                     group.append((item, future))
             if group:
                 self._in_flight += 1
-                task = asyncio.ensure_future(self._send_group(group))
+                # In a context of its own: the group's call belongs to none of its callers' requests, so Serve,
+                # which cancels the calls a request made when its client goes away, cannot cancel the others'.
+                task = asyncio.get_running_loop().create_task(self._send_group(group), context=contextvars.Context())
                 self._tasks.add(task)  # held until done: the loop keeps only weak references to tasks
                 task.add_done_callback(self._tasks.discard)
 

@@ -2,6 +2,7 @@
 there is room, together with others when there is not."""
 
 import asyncio
+import contextvars
 
 import pytest
 
@@ -106,3 +107,27 @@ def test_an_answer_of_the_wrong_length_is_an_error_for_every_caller_of_the_call(
 
     first, *grouped_pair = run(main())
     assert isinstance(first, RuntimeError) and all(isinstance(a, RuntimeError) for a in grouped_pair)
+
+
+def test_a_group_call_belongs_to_none_of_its_callers_requests():
+    """Serve ties a handle call to the request whose context made it, and cancels it with that request: a group
+    made in one caller's context would fail every other caller in it when that one's client went away."""
+    request = contextvars.ContextVar("request", default=None)
+    seen = []
+
+    async def send(items):
+        seen.append(request.get())
+        await asyncio.sleep(0.01)
+        return items
+
+    async def main():
+        grouped = Grouped(send, max_group_size=8, max_groups_in_flight=1)
+
+        async def caller(i):
+            request.set(f"request {i}")
+            return await grouped(i)
+
+        return await asyncio.gather(*(caller(i) for i in range(5)))
+
+    assert run(main()) == [0, 1, 2, 3, 4]
+    assert seen == [None, None]  # two groups (one alone, then the other four), neither in a caller's context
