@@ -92,12 +92,13 @@ class IngressConfig(BaseModel):
         2, ge=1, le=64, description="Images decoded at once per ingress replica (bounds the ingress's memory)."
     )
     max_group_size: int = Field(
-        8,
+        1,
         ge=1,
         le=MAX_GROUP_SIZE,
-        description="Concurrent requests' calls of one model method sent as one handle call, at most (1: each "
-        "its own call). A call goes out at once while fewer than max_groups_in_flight are in flight; the rest "
-        "wait and go together (pipelines/grouping.py).",
+        description="Concurrent requests' calls of one model method sent as one handle call, at most (1, the "
+        "default: each its own call). A call goes out at once while fewer than max_groups_in_flight are in flight; "
+        "the rest wait and go together (pipelines/grouping.py). Off by default: requests grouped with those of "
+        "clients that hang up can be left unanswered (a known fault).",
     )
     max_groups_in_flight: int = Field(
         2,

@@ -145,11 +145,12 @@ class Dataplane:
         self._image_spec: ImageSpec | None = None
         self._image_spec_version: str | None = None  # the vision model version the geometry belongs to
         # Concurrent requests' calls of one model method go out together (pipelines/grouping.py).
-        self.vision_calls: Grouped[tuple, VisionResult] = Grouped(self._group_sender("vision", "classify"))
-        self.label_calls: Grouped[tuple, TextEmbeddings] = Grouped(self._group_sender("text", "embed_labels"))
-        self.fusion_calls: Grouped[tuple, FusionResult] = Grouped(self._group_sender("fusion", "fuse"))
+        # Off (groups of 1) until the ingress's user_config turns it on.
+        self.vision_calls: Grouped[tuple, VisionResult] = Grouped(self._group_sender("vision", "classify"), 1)
+        self.label_calls: Grouped[tuple, TextEmbeddings] = Grouped(self._group_sender("text", "embed_labels"), 1)
+        self.fusion_calls: Grouped[tuple, FusionResult] = Grouped(self._group_sender("fusion", "fuse"), 1)
 
-    def configure(self, max_concurrent_decodes: int, max_group_size: int = 8, max_groups_in_flight: int = 2) -> None:
+    def configure(self, max_concurrent_decodes: int, max_group_size: int = 1, max_groups_in_flight: int = 2) -> None:
         """Images decoded at once (bounds the caller's memory; decodes in progress finish in the old pool), and
         how model calls are grouped."""
         for grouped in (self.vision_calls, self.label_calls, self.fusion_calls):

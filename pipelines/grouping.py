@@ -46,6 +46,11 @@ class Grouped(Generic[Item, Result]):
         self._dispatch()
 
     async def __call__(self, item: Item) -> Result:
+        if self.max_group_size == 1:  # grouping off: the call is the caller's own, made at once
+            (answer,) = await self._send([item])
+            if isinstance(answer, BaseException):
+                raise answer
+            return answer
         future = asyncio.get_running_loop().create_future()
         self._waiting.append((item, future))
         self._dispatch()

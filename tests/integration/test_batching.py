@@ -1,7 +1,9 @@
 """Batched results equal single-request results, and batches really form."""
 
+import asyncio
 from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import numpy as np
 import pytest
 import skimage.data
@@ -74,6 +76,35 @@ def test_concurrent_vision_requests_each_get_their_own_answer(client):
         results = list(pool.map(lambda i: client.post("/v1/vision/classify", json=payloads[i % 4]), range(32)))
     assert [r.status_code for r in results] == [200] * 32
     assert [r.json()["labels"][0]["label"] for r in results] == [singles[i % 4] for i in range(32)]
+
+
+def test_clients_that_hang_up_fail_none_of_the_requests_grouped_with_theirs(app_url):
+    """Serve cancels the model calls of a request whose client goes away; a grouped call carries other
+    requests' images too (pipelines/grouping.py), and those must still be answered."""
+    payload = {"image": b64(encode(skimage.data.chelsea(), quality=90)), "top_k": 1}
+    url = f"{app_url}/v1/vision/classify"
+
+    async def load() -> tuple[list[int], int]:
+        async with httpx.AsyncClient(timeout=60) as patient, httpx.AsyncClient(timeout=0.05) as impatient:
+
+            async def stays() -> list[int]:
+                return [(await patient.post(url, json=payload)).status_code for _ in range(6)]
+
+            async def hangs_up() -> int:
+                gone = 0
+                for _ in range(10):
+                    try:
+                        await impatient.post(url, json=payload)
+                    except httpx.TimeoutException:
+                        gone += 1
+                return gone
+
+            results = await asyncio.gather(*(stays() for _ in range(8)), *(hangs_up() for _ in range(4)))
+        return [status for statuses in results[:8] for status in statuses], sum(results[8:])
+
+    statuses, gone = asyncio.run(load())
+    assert gone > 0, "no client hung up: the test did not test anything"
+    assert statuses == [200] * 48
 
 
 def test_text_batches_equal_single_requests(text):

@@ -131,3 +131,26 @@ def test_a_group_call_belongs_to_none_of_its_callers_requests():
 
     assert run(main()) == [0, 1, 2, 3, 4]
     assert seen == [None, None]  # two groups (one alone, then the other four), neither in a caller's context
+
+
+def test_a_group_size_of_one_turns_grouping_off():
+    """Each call is then made at once, in its caller's context, however many are in flight."""
+    request = contextvars.ContextVar("request", default=None)
+    seen = []
+
+    async def send(items):
+        seen.append(request.get())
+        await asyncio.sleep(0.01)
+        return [2 * i for i in items]
+
+    async def main():
+        grouped = Grouped(send, max_group_size=1, max_groups_in_flight=1)
+
+        async def caller(i):
+            request.set(i)
+            return await grouped(i)
+
+        return await asyncio.gather(*(caller(i) for i in range(4)))
+
+    assert run(main()) == [0, 2, 4, 6]
+    assert seen == [0, 1, 2, 3]
