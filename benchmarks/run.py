@@ -275,8 +275,9 @@ def same_priority() -> dict:
     return {"every_process": os.nice(0)}
 
 
-def measure_http(requests: dict[str, dict]) -> dict:
-    """The raw models, the baseline and the cluster on the vision and multimodal routes."""
+def measure_http(requests: dict[str, dict], niceness: dict) -> dict:
+    """The raw models, the baseline and the cluster on the vision and multimodal routes (every process at
+    ``niceness``, from ``same_priority``)."""
     raw, raw_cpu_ms = measure_raw(requests)  # its models are freed on return, before the servers start
     rows = run_baseline(requests)
     cluster_rows, cold_start_s, overload, _, _ = run_cluster(requests, only="http")
@@ -287,7 +288,7 @@ def measure_http(requests: dict[str, dict]) -> dict:
             "python": platform.python_version(),
             "torch": torch.__version__,
         },
-        "niceness": same_priority(),
+        "niceness": niceness,
         "duration_s_per_point": DURATION_S,
         "cold_start_s": cold_start_s,
         "overload": overload,
@@ -323,7 +324,7 @@ def main() -> None:
         return
     if os.environ.get("BENCH_SETUPS") == "http":  # the request path alone, the other sections kept
         results = json.loads((OUT / "results.json").read_text())
-        results.update(measure_http(requests))
+        results.update(measure_http(requests, niceness))
         write_results(results)
         return
     in_process = llm.measure_in_process()
@@ -331,7 +332,7 @@ def main() -> None:
     explained = faithfulness.measure(log)
     cluster_rows, _, _, llm_rows, describe_rows = run_cluster(requests, only="models")
     results = {
-        **measure_http(requests),
+        **measure_http(requests, niceness),
         "llm": llm_results(in_process, llm_rows),
         "describe": describe_results(describe_rows),
         "faithfulness": explained,

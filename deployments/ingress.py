@@ -26,6 +26,7 @@ from deployments.contracts import MAX_GROUP_SIZE
 from knowledge.rules import RuleError, compile_policies, parse_policies
 from monitoring.metrics import key_metrics, request_metrics
 from pipelines.dataplane import Dataplane
+from pipelines.grouping import DEFAULT_GROUP_SIZE, DEFAULT_GROUPS_IN_FLIGHT
 from pipelines.privacy import Privacy
 from pipelines.registry import ModelRegistry
 
@@ -92,7 +93,7 @@ class IngressConfig(BaseModel):
         2, ge=1, le=64, description="Images decoded at once per ingress replica (bounds the ingress's memory)."
     )
     max_group_size: int = Field(
-        1,
+        DEFAULT_GROUP_SIZE,
         ge=1,
         le=MAX_GROUP_SIZE,
         description="Concurrent requests' calls of one model method sent as one handle call, at most (1, the "
@@ -101,7 +102,7 @@ class IngressConfig(BaseModel):
         "clients that hang up can be left unanswered (a known fault).",
     )
     max_groups_in_flight: int = Field(
-        2,
+        DEFAULT_GROUPS_IN_FLIGHT,
         ge=1,
         le=64,
         description="Calls of one model method in flight at once per ingress replica before calls are grouped.",

@@ -145,12 +145,11 @@ class Dataplane:
         self._image_spec: ImageSpec | None = None
         self._image_spec_version: str | None = None  # the vision model version the geometry belongs to
         # Concurrent requests' calls of one model method go out together (pipelines/grouping.py).
-        # Off (groups of 1) until the ingress's user_config turns it on.
-        self.vision_calls: Grouped[tuple, VisionResult] = Grouped(self._group_sender("vision", "classify"), 1)
-        self.label_calls: Grouped[tuple, TextEmbeddings] = Grouped(self._group_sender("text", "embed_labels"), 1)
-        self.fusion_calls: Grouped[tuple, FusionResult] = Grouped(self._group_sender("fusion", "fuse"), 1)
+        self.vision_calls: Grouped[tuple, VisionResult] = Grouped(self._group_sender("vision", "classify"))
+        self.label_calls: Grouped[tuple, TextEmbeddings] = Grouped(self._group_sender("text", "embed_labels"))
+        self.fusion_calls: Grouped[tuple, FusionResult] = Grouped(self._group_sender("fusion", "fuse"))
 
-    def configure(self, max_concurrent_decodes: int, max_group_size: int = 1, max_groups_in_flight: int = 2) -> None:
+    def configure(self, max_concurrent_decodes: int, max_group_size: int, max_groups_in_flight: int) -> None:
         """Images decoded at once (bounds the caller's memory; decodes in progress finish in the old pool), and
         how model calls are grouped."""
         for grouped in (self.vision_calls, self.label_calls, self.fusion_calls):
@@ -326,10 +325,12 @@ class Dataplane:
 
         async def graph() -> Analysis:
             # Both branches start now and run in parallel; fusion starts as soon as both are done.
-            branches = [self.label_calls((labels, text))]
-            if pixels is not None:
-                branches.append(self.vision_calls((pixels, top_k, False)))
-            embeddings, image = [*await asyncio.gather(*branches), None][:2]
+            if pixels is None:
+                embeddings, image = await self.label_calls((labels, text)), None
+            else:
+                embeddings, image = await asyncio.gather(
+                    self.label_calls((labels, text)), self.vision_calls((pixels, top_k, False))
+                )
             fused = await self.fusion_calls((image, embeddings, with_text, vision_weight, text_weight, explain))
             return Analysis(fusion=fused, image=image)
 

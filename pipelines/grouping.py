@@ -19,6 +19,11 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
 
+DEFAULT_GROUP_SIZE = 1
+"""The default most calls in one group: 1 is off, each call the caller's own (the ingress's user_config sets it)."""
+DEFAULT_GROUPS_IN_FLIGHT = 2
+"""The default number of groups of one method in flight before calls wait to go together."""
+
 Item = TypeVar("Item")
 Result = TypeVar("Result")
 
@@ -30,8 +35,8 @@ class Grouped(Generic[Item, Result]):
     def __init__(
         self,
         send: Callable[[list[Item]], Awaitable[list[Result | BaseException]]],
-        max_group_size: int = 8,
-        max_groups_in_flight: int = 2,
+        max_group_size: int = DEFAULT_GROUP_SIZE,
+        max_groups_in_flight: int = DEFAULT_GROUPS_IN_FLIGHT,
     ):
         self._send = send
         self.max_group_size = max_group_size
