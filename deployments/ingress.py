@@ -96,10 +96,9 @@ class IngressConfig(BaseModel):
         DEFAULT_GROUP_SIZE,
         ge=1,
         le=MAX_GROUP_SIZE,
-        description="Concurrent requests' calls of one model method sent as one handle call, at most (1, the "
-        "default: each its own call). A call goes out at once while fewer than max_groups_in_flight are in flight; "
-        "the rest wait and go together (pipelines/grouping.py). Off by default: requests grouped with those of "
-        "clients that hang up can be left unanswered (a known fault).",
+        description="Concurrent requests' calls of one model method sent as one handle call, at most (1: each its "
+        "own call). A call goes out at once while fewer than max_groups_in_flight are in flight; the rest wait and "
+        "go together (pipelines/grouping.py).",
     )
     max_groups_in_flight: int = Field(
         DEFAULT_GROUPS_IN_FLIGHT,

@@ -19,8 +19,8 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
 
-DEFAULT_GROUP_SIZE = 1
-"""The default most calls in one group: 1 is off, each call the caller's own (the ingress's user_config sets it)."""
+DEFAULT_GROUP_SIZE = 8
+"""The default most calls in one group (the ingress's user_config sets it; 1 is off: each call the caller's own)."""
 DEFAULT_GROUPS_IN_FLIGHT = 2
 """The default number of groups of one method in flight before calls wait to go together."""
 
