@@ -104,6 +104,23 @@ class ModelTimeout(MaasError):
     error_type = "timeout"
 
 
+# Errors that model replicas raise are defined here, beside the rest, and not in the model's module: the
+# ingress unpickles them by their module, and a model's module imports torch (3 s and hundreds of MB in an
+# ingress replica that otherwise runs without it).
+
+
+class ExplanationTimeout(ModelTimeout):
+    """An explanation ran past its time budget (504): the replica stopped working on it."""
+
+    error_type = "explanation_timeout"
+
+
+class PromptTooLong(InvalidInput):
+    """A prompt has more tokens than the language model takes (400)."""
+
+    error_type = "context_length_exceeded"
+
+
 class ConfigError(ValueError):
     """A deployment or application config is invalid; raised at build time."""
 

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 
 from deployments.contracts import GenerationChunk, GenerationRequest
-from deployments.errors import InvalidInput
+from deployments.errors import InvalidInput, PromptTooLong
 from deployments.generation import BatcherLimits, ContinuousBatcher, SamplingParams
 from deployments.llm import LanguageConfig, LanguageModel, TextStream
 from deployments.runtime import ModelDeployment, configure_threads
@@ -30,10 +30,6 @@ logger = logging.getLogger("ray.serve")
 
 SEQUENCES_SAMPLE_S = 1.0
 """How often the running/waiting sequence gauges and the forward-pass counters are updated."""
-
-
-class PromptTooLong(InvalidInput):
-    error_type = "context_length_exceeded"
 
 
 class GenerationSettings(BaseModel):
