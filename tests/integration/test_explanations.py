@@ -3,6 +3,7 @@ decomposition of fused scores, the Open Inference Protocol's explain routes, bad
 
 import base64
 import io
+import re
 import time
 
 import numpy as np
@@ -224,12 +225,15 @@ def test_an_explanation_over_its_budget_is_a_504_and_the_explainer_recovers(clie
         deadline = time.monotonic() + 60
         while explainer_budgets(client) != {0.2} and time.monotonic() < deadline:
             time.sleep(0.5)
-        started = time.monotonic()
         response = explain(client, chelsea_jpeg, method="integrated_gradients", steps=64, heatmap=False)
         assert response.status_code == 504, response.text
-        assert detail(response) == "the explanation took longer than its budget of 0.2 s"
+        stopped = re.fullmatch(
+            r"the explanation took longer than its budget of 0.2 s; it was stopped after (\d) of its 9 forward passes",
+            detail(response),
+        )
+        assert stopped, detail(response)
+        assert int(stopped.group(1)) < 9  # stopped at the budget, not run to the end
         assert response.json()["detail"][0]["type"] == "explanation_timeout"
-        assert time.monotonic() - started < 10  # stopped at the budget, not run to the end
     finally:
         deploy(shipped_config(), tmp_path / "shipped.yaml")
     assert explain(client, chelsea_jpeg, heatmap=False).status_code == 200

@@ -2,6 +2,7 @@
 heatmap, where the crop lies in the upload, a text's words, and the exact decomposition of ConSE scores."""
 
 import io
+import threading
 
 import numpy as np
 import pytest
@@ -59,11 +60,48 @@ def test_a_saliency_map_covers_the_crop_and_peaks_at_one(explainer, chelsea, met
     assert result.parameters == expected
 
 
-def test_an_explanation_over_its_budget_stops_at_the_next_pass_and_leaves_no_hook(explainer, chelsea):
-    with pytest.raises(ExplanationTimeout, match="budget of 0.001 s"):
+@pytest.fixture
+def passes(explainer):
+    """The vision model's forward passes in this test (a one-item list the hook adds to)."""
+    count = [0]
+    handle = explainer.vision.model.register_forward_hook(lambda *_: count.__setitem__(0, count[0] + 1))
+    yield count
+    handle.remove()
+
+
+def test_an_explanation_over_its_budget_stops_at_the_next_pass_and_leaves_no_hook(explainer, chelsea, passes):
+    with pytest.raises(ExplanationTimeout, match=r"budget of 0.001 s; it was stopped after (\d) of its 9 forward"):
         explainer.explain(chelsea, None, "integrated_gradients", 64, 0.001)
+    # The class's pass may have started before the deadline; no pass of Integrated Gradients' eight ran.
+    assert passes[0] <= 1
     assert not explainer.vision.model._forward_pre_hooks
     assert explainer.explain(chelsea, None, "gradcam", 16, 10.0).class_index == EGYPTIAN_CAT
+
+
+def test_a_cancelled_explanation_stops_at_its_next_pass(explainer, chelsea, passes):
+    """The deployment sets the event when the caller hangs up; here, after the first pass."""
+    cancelled = threading.Event()
+    handle = explainer.vision.model.register_forward_hook(lambda *_: cancelled.set())
+    try:
+        with pytest.raises(ExplanationTimeout, match="stopped after 1 of its 9 forward passes"):
+            explainer.explain(chelsea, None, "integrated_gradients", 64, 10.0, cancelled)
+    finally:
+        handle.remove()
+    assert passes[0] == 1
+
+
+@pytest.mark.parametrize(("method", "steps", "planned"), [("gradcam", 16, 2), ("integrated_gradients", 13, 3)])
+def test_an_explanation_runs_the_passes_it_plans(explainer, chelsea, passes, method, steps, planned):
+    explainer.explain(chelsea, None, method, steps, 10.0)
+    assert passes[0] == ImageExplainer.planned_passes(method, steps) == planned
+
+
+def test_warming_up_leaves_the_model_as_it_was(explainer, chelsea):
+    before = explainer.explain(chelsea, None, "gradcam", 16, 10.0)
+    explainer.warm_up()
+    after = explainer.explain(chelsea, None, "gradcam", 16, 10.0)
+    assert not explainer.vision.model._forward_pre_hooks and not explainer.vision.model.training
+    np.testing.assert_allclose(after.saliency, before.saliency, atol=1e-6)
 
 
 def test_the_grid_is_each_cells_share_of_the_map():
