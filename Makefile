@@ -30,10 +30,15 @@ $(STAMP): pyproject.toml Makefile
 ## Start the default app on a local Ray at http://127.0.0.1:8000 (Ctrl-C stops it).
 ## The venv goes first on PATH, so `python` in `ray job submit` entrypoints is the project's;
 ## Serve's HTTP proxy loads the project's hardening (deployments/proxy.py).
+## INGRESS=haproxy: HAProxy on port 8000 in place of Serve's Python proxy, each ingress replica serving HTTP
+## itself (deployments/haproxy.py; README "The HTTP ingress").
+INGRESS ?= proxy
+HAPROXY_ENV := RAY_SERVE_ENABLE_HA_PROXY=1 RAY_SERVE_HAPROXY_BINARY_PATH="$(abspath $(BIN))/maas-haproxy"
+INGRESS_ENV = $(if $(filter haproxy,$(INGRESS)),$(HAPROXY_ENV),$(if $(filter proxy,$(INGRESS)),,$(error INGRESS must be proxy or haproxy, not $(INGRESS))))
 serve: install
 	@echo "Starting $(CONFIG) on a local Ray; the API will be at http://127.0.0.1:8000 (docs at /docs)."
 	@echo "Try: curl -s http://127.0.0.1:8000/readyz"
-	PATH="$(abspath $(BIN)):$$PATH" RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=deployments.proxy:hardening \
+	PATH="$(abspath $(BIN)):$$PATH" RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=deployments.proxy:hardening $(INGRESS_ENV) \
 	  $(BIN)/serve run $(CONFIG)
 
 ## Run the whole suite: unit tests, integration tests on a real local Ray, then multi-node clusters
@@ -45,6 +50,7 @@ test: install
 	MAAS_TEST_TOOLS_MISSING=$(TOOLS_MISSING) $(BIN)/python -m pytest tests/unit tests/integration
 	$(BIN)/python -m pytest tests/multinode
 	$(BIN)/python -m pytest tests/nodescaling
+	$(BIN)/python -m pytest tests/haproxy
 
 ## Load-test the raw models, a single-process server and the cluster; writes docs/BENCHMARKS.md.
 bench: install

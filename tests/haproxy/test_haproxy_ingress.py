@@ -1,0 +1,82 @@
+"""What a user of ``make serve INGRESS=haproxy`` would notice: the same answers and errors as through Serve's
+proxy, a slow client cut off, nothing of HAProxy's open beyond loopback, and nothing left running once the
+server is stopped. The tests run in file order; the last one stops the server."""
+
+import socket
+import time
+
+import openai
+import psutil
+
+from tests.conftest import b64
+from tests.haproxy.conftest import HEADER_TIMEOUT_S, HTTP_PORT, haproxy_processes
+
+CAT_CLASSES = {"Egyptian cat", "tabby", "tiger cat", "Persian cat", "Siamese cat", "lynx"}
+
+
+def _listeners(pid: int) -> list:
+    return [c for c in psutil.Process(pid).net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN]
+
+
+def test_haproxy_holds_the_http_port(server):
+    processes = haproxy_processes(server.sid)
+    assert processes, f"no HAProxy on the launcher's configuration:\n{server.tail()}"
+    ports = {c.laddr.port for p in processes for c in _listeners(p.pid)}
+    assert HTTP_PORT in ports
+
+
+def test_a_cat_photo_is_classified_through_haproxy(client, chelsea_jpeg):
+    response = client.post("/v1/vision/classify", json={"image": b64(chelsea_jpeg), "top_k": 3})
+    assert response.status_code == 200, response.text
+    assert response.json()["labels"][0]["label"] in CAT_CLASSES
+    # The ingress replica served it itself: its own timing header, no proxy hop in it.
+    assert "ingress;dur=" in response.headers["server-timing"]
+
+
+def test_a_bad_image_gets_the_ingress_422_with_what_was_wrong(client):
+    response = client.post("/v1/vision/classify", json={"image": "not base64!"})
+    assert response.status_code == 422
+    assert "image is not valid base64" in response.text
+    assert "not base64!" not in response.text  # the payload is not echoed
+
+
+def test_an_answer_streams_through_haproxy(server):
+    llm = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", timeout=120, max_retries=0)
+    chunks = list(
+        llm.chat.completions.create(
+            model="llm", messages=[{"role": "user", "content": "Say hello."}], max_tokens=8, temperature=0, stream=True
+        )
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert len(chunks) > 2 and text.strip()
+
+
+def test_a_request_head_sent_too_slowly_gets_408_and_is_closed():
+    with socket.create_connection(("127.0.0.1", HTTP_PORT), timeout=60) as sock:
+        started = time.monotonic()
+        sock.sendall(b"POST /v1/vision/classify HTTP/1.1\r\nHost: maas\r\n")  # and never the rest
+        answer = sock.recv(4096)
+        waited = time.monotonic() - started
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:80]
+        assert sock.recv(4096) == b""  # closed
+    assert waited >= HEADER_TIMEOUT_S - 0.5  # cut off by the deadline, not refused at once
+
+
+def test_haproxys_own_listeners_are_on_loopback_only(server):
+    listeners = [c for p in haproxy_processes(server.sid) for c in _listeners(p.pid)]
+    assert len(listeners) >= 3  # the HTTP frontend, the statistics page, the Prometheus exporter
+    assert {c.laddr.ip for c in listeners} == {"127.0.0.1"}
+
+
+def test_stopping_the_server_leaves_no_haproxy_running(server):
+    running = haproxy_processes(server.sid)
+    assert running
+    server.stop()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in running):
+        time.sleep(0.2)
+    left = [p.pid for p in running if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not left, f"HAProxy {left} outlived the server"
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", HTTP_PORT))  # the port is free again

@@ -1,0 +1,138 @@
+"""The HAProxy ingress's launcher: what it changes in Serve's generated configuration, and that the HAProxy it
+starts goes when the process that started it does."""
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from deployments import haproxy
+
+# The parts of Serve's generated configuration (ray 2.60, serve/_private/haproxy_templates.py) that the
+# launcher touches, as Serve renders them for `make serve INGRESS=haproxy`.
+SERVE_CONFIG = """global
+    stats socket /tmp/haproxy-serve/x/admin.sock mode 666 level admin expose-fd listeners
+    maxconn 4096
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 3600s
+    timeout http-keep-alive 90s
+frontend prometheus
+    bind :9101
+    mode http
+frontend http_frontend
+    bind 127.0.0.1:8000
+    acl healthcheck path -i /-/healthz
+backend http-multimodal
+    server SERVE_REPLICA_multimodal-Ingress-01 127.0.0.1:30002 check
+listen stats
+  bind *:8404
+"""
+
+
+def _lines(config: str) -> list[str]:
+    return [line.strip() for line in config.splitlines()]
+
+
+def test_a_header_deadline_is_added_to_the_defaults():
+    hardened = haproxy.harden(SERVE_CONFIG, 10)
+    lines = _lines(hardened)
+    assert lines.count("timeout http-request 10s") == 1
+    defaults = lines.index("defaults")
+    assert lines.index("timeout http-request 10s") == defaults + 1
+    # Serve's own timeouts are kept.
+    assert "timeout client 3600s" in lines and "timeout connect 5s" in lines
+
+
+def test_haproxys_own_listeners_move_to_loopback_and_the_http_frontend_keeps_its_host():
+    lines = _lines(haproxy.harden(SERVE_CONFIG, 10))
+    assert "bind 127.0.0.1:9101" in lines
+    assert "bind 127.0.0.1:8404" in lines
+    assert "bind 127.0.0.1:8000" in lines
+    assert not any(line.startswith("bind") and ("*:" in line or line.startswith("bind :")) for line in lines)
+    # An operator who serves on a chosen address keeps it.
+    public = SERVE_CONFIG.replace("bind 127.0.0.1:8000", "bind 10.0.0.5:8000")
+    assert "bind 10.0.0.5:8000" in _lines(haproxy.harden(public, 10))
+    everywhere = SERVE_CONFIG.replace("bind 127.0.0.1:8000", "bind 0.0.0.0:8000")
+    assert "bind 127.0.0.1:8000" in _lines(haproxy.harden(everywhere, 10))
+
+
+def test_hardening_twice_changes_nothing_more_and_an_existing_deadline_is_kept():
+    once = haproxy.harden(SERVE_CONFIG, 10)
+    assert haproxy.harden(once, 10) == once
+    own = SERVE_CONFIG.replace("    timeout connect 5s\n", "    timeout connect 5s\n    timeout http-request 3s\n")
+    lines = _lines(haproxy.harden(own, 10))
+    assert "timeout http-request 3s" in lines and "timeout http-request 10s" not in lines
+
+
+def test_a_configuration_without_defaults_or_a_deadline_under_a_second_is_refused():
+    with pytest.raises(ValueError, match="no defaults section"):
+        haproxy.harden("global\n    maxconn 10\n", 10)
+    with pytest.raises(ValueError, match="at least 1 s"):
+        haproxy.harden(SERVE_CONFIG, 0)
+
+
+def test_the_command_line_points_at_a_hardened_copy_and_serves_file_is_left_as_it_was(tmp_path):
+    source = tmp_path / "haproxy.cfg"
+    source.write_text(SERVE_CONFIG)
+    arguments = ["-db", "-f", str(source), "-dR", "-sf", "123", "-x", str(tmp_path / "admin.sock")]
+    out = haproxy.hardened_arguments(arguments, 7)
+    copy = Path(str(source) + haproxy.HARDENED_SUFFIX)
+    assert out == ["-db", "-f", str(copy), "-dR", "-sf", "123", "-x", str(tmp_path / "admin.sock")]
+    assert "timeout http-request 7s" in _lines(copy.read_text())
+    assert source.read_text() == SERVE_CONFIG  # Serve compares it with what it renders next
+
+
+def test_the_header_timeout_comes_from_the_proxys_setting(monkeypatch):
+    monkeypatch.delenv("MAAS_HTTP_HEADER_TIMEOUT_S", raising=False)
+    assert haproxy.header_timeout_s() == 10
+    monkeypatch.setenv("MAAS_HTTP_HEADER_TIMEOUT_S", "2.5")
+    assert haproxy.header_timeout_s() in (2, 3)
+    monkeypatch.setenv("MAAS_HTTP_HEADER_TIMEOUT_S", "0.2")
+    assert haproxy.header_timeout_s() == 1
+    monkeypatch.setenv("MAAS_HTTP_HEADER_TIMEOUT_S", "ten")
+    with pytest.raises(SystemExit, match="must be a number of seconds"):
+        haproxy.header_timeout_s()
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_the_started_program_dies_with_the_process_that_started_it():
+    """As Serve starts HAProxy: a child of a long-lived process (the HAProxy manager actor), which the launcher
+    replaces by exec. When that parent is killed, as Ray kills its actors when it stops, the child goes too."""
+    child = (
+        "from deployments.haproxy import die_with_parent; import os; die_with_parent(); "
+        "os.execv('/bin/sleep', ['sleep', '120'])"
+    )
+    parent = (
+        "import subprocess, sys, time; "
+        f"p = subprocess.Popen([sys.executable, '-c', {child!r}]); print(p.pid, flush=True); time.sleep(120)"
+    )
+    root = Path(haproxy.__file__).resolve().parents[1]
+    starter = subprocess.Popen([sys.executable, "-c", parent], stdout=subprocess.PIPE, text=True, cwd=root)
+    pid = int(starter.stdout.readline())
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and psutil.Process(pid).name() != "sleep":
+            time.sleep(0.05)  # until the child has exec'd, past die_with_parent
+        assert psutil.Process(pid).name() == "sleep"
+        starter.kill()
+        starter.wait()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not _gone(pid):
+            time.sleep(0.05)
+        assert _gone(pid), "the child outlived the process that started it"
+    finally:
+        starter.kill()
+        if not _gone(pid):
+            os.kill(pid, 9)
