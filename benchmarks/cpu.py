@@ -30,6 +30,8 @@ def role(pid: int, cmdline: str) -> str | None:
         return "replica: " + cmdline.split()[0].rsplit(":", 1)[-1].split(".")[0]
     if cmdline.startswith("ray::ProxyActor"):
         return "HTTP proxy"
+    if cmdline.split(" ", 1)[0].endswith("/haproxy"):  # the HAProxy ingress (make serve INGRESS=haproxy)
+        return "HAProxy"
     if cmdline.startswith("ray::ServeController"):
         return "Serve controller"
     if "bin/serve run" in cmdline:

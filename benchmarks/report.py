@@ -12,7 +12,11 @@ SETUPS = {
     "baseline": "single-process FastAPI",
     "cluster-no-batching": "cluster, batching off",
     "cluster-batching": "cluster, batching on",
+    # The same config served with `make serve INGRESS=haproxy`: HAProxy in place of Serve's Python proxy.
+    "cluster-haproxy": "cluster, HAProxy ingress",
 }
+# The setups the headline rates against the targets: the shipped default, then the HAProxy ingress.
+CLUSTERS = {"cluster-batching": "cluster", "cluster-haproxy": "cluster (HAProxy ingress)"}
 # Targets from the project's goals for a 2-core CPU machine.
 TARGET_OF_LIMIT = 0.8
 TARGET_OVER_BASELINE = 1.5
@@ -36,20 +40,33 @@ def _open_loop_overload(results: dict) -> dict | None:
 
 
 def headline(results: dict) -> dict:
-    """The ratios the project tracks, computed from one run."""
+    """The ratios the project tracks, computed from one run: those of the shipped cluster at the top level,
+    and the same for each other cluster setup measured under ``by_setup``."""
     raw = results["raw_rps_by_batch"]
     limit = {route: max(by_batch.values()) for route, by_batch in raw.items()}
-    out = {"raw_limit_rps": limit}
+    out = {"raw_limit_rps": limit, "by_setup": {}}
+    for setup in CLUSTERS:
+        if any(r["setup"] == setup for r in results["results"]):
+            out["by_setup"][setup] = _ratios(results, setup, limit)
+    out.update(out["by_setup"].get("cluster-batching", {}))
+    return out
+
+
+def _ratios(results: dict, setup: str, limit: dict) -> dict:
+    out = {}
+    raw = results["raw_rps_by_batch"]
     for route in limit:
-        cluster = _rows(results, "cluster-batching", route)
+        cluster = _rows(results, setup, route)
+        if not cluster:
+            continue
         saturation = max(r["throughput_rps"] for r in cluster)
         out[f"{route}_cluster_over_limit"] = saturation / limit[route]
-        c32 = _at(results, "cluster-batching", route, 32)
+        c32 = _at(results, setup, route, 32)
         b32 = _at(results, "baseline", route, 32)
         if c32 and b32:
             out[f"{route}_cluster_over_baseline_c32"] = c32["throughput_rps"] / b32["throughput_rps"]
             out[f"{route}_p99_ms_c32"] = {"cluster": c32["p99_ms"], "baseline": b32["p99_ms"]}
-    c1 = _at(results, "cluster-batching", "multimodal", 1)
+    c1 = _at(results, setup, "multimodal", 1)
     if c1:
         # One request's time in one single-threaded copy (the raw limit counts one copy per CPU).
         per_copy_rps = float(raw["multimodal"]["1"] if "1" in raw["multimodal"] else raw["multimodal"][1])
@@ -59,7 +76,7 @@ def headline(results: dict) -> dict:
     return out
 
 
-CPU_SETUPS = ("baseline", "cluster-batching", "cluster-no-batching")
+CPU_SETUPS = ("baseline", "cluster-batching", "cluster-no-batching", "cluster-haproxy")
 
 
 def cpu_point(results: dict, route: str) -> int | None:
@@ -166,6 +183,39 @@ def _verdict(value: float, target: float, higher_is_better: bool = True) -> str:
     return f"missed by {gap:.0%}"
 
 
+def _headline_rows(h: dict, name: str) -> list[str]:
+    """The headline's rows for one cluster setup (``name`` as the table calls it)."""
+    lines = []
+    for route in ("vision", "multimodal"):
+        if f"{route}_cluster_over_limit" not in h:
+            continue
+        ratio = h[f"{route}_cluster_over_limit"]
+        lines.append(
+            f"| {route}: {name} throughput at saturation / raw model limit | {ratio:.2f} | "
+            f">= {TARGET_OF_LIMIT} | {_verdict(ratio, TARGET_OF_LIMIT)} |"
+        )
+        if f"{route}_cluster_over_baseline_c32" in h:
+            ratio = h[f"{route}_cluster_over_baseline_c32"]
+            p99 = h[f"{route}_p99_ms_c32"]
+            lines.append(
+                f"| {route}: {name} / single-process baseline throughput, 32 clients | {ratio:.2f} | "
+                f">= {TARGET_OVER_BASELINE} | {_verdict(ratio, TARGET_OVER_BASELINE)} |"
+            )
+            lines.append(
+                f"| {route}: p99 latency at 32 clients, {name} vs baseline | {p99['cluster']:.0f} ms vs "
+                f"{p99['baseline']:.0f} ms | cluster <= baseline | "
+                f"{_verdict(p99['cluster'], p99['baseline'], higher_is_better=False)} |"
+            )
+    if "multimodal_overhead_p50_ms" in h:
+        overhead = h["multimodal_overhead_p50_ms"]
+        lines.append(
+            f"| multimodal overhead at 1 client, {name}: p50 latency minus the models' own compute "
+            f"({h['multimodal_compute_ms_batch1']:.0f} ms) | {overhead:.0f} ms | <= {TARGET_OVERHEAD_MS:.0f} ms | "
+            f"{_verdict(overhead, TARGET_OVERHEAD_MS, higher_is_better=False)} |"
+        )
+    return lines
+
+
 def markdown(results: dict, plot_name: str) -> str:
     h = headline(results)
     lines = [
@@ -187,40 +237,18 @@ def markdown(results: dict, plot_name: str) -> str:
         "| measure | value | target | |",
         "|---|---|---|---|",
     ]
-    for route in ("vision", "multimodal"):
-        ratio = h[f"{route}_cluster_over_limit"]
-        lines.append(
-            f"| {route}: cluster throughput at saturation / raw model limit | {ratio:.2f} | "
-            f">= {TARGET_OF_LIMIT} | {_verdict(ratio, TARGET_OF_LIMIT)} |"
-        )
-        if f"{route}_cluster_over_baseline_c32" in h:
-            ratio = h[f"{route}_cluster_over_baseline_c32"]
-            p99 = h[f"{route}_p99_ms_c32"]
-            lines.append(
-                f"| {route}: cluster / single-process baseline throughput, 32 clients | {ratio:.2f} | "
-                f">= {TARGET_OVER_BASELINE} | {_verdict(ratio, TARGET_OVER_BASELINE)} |"
-            )
-            lines.append(
-                f"| {route}: p99 latency at 32 clients, cluster vs baseline | {p99['cluster']:.0f} ms vs "
-                f"{p99['baseline']:.0f} ms | cluster <= baseline | "
-                f"{_verdict(p99['cluster'], p99['baseline'], higher_is_better=False)} |"
-            )
+    for setup, name in CLUSTERS.items():
+        lines += _headline_rows(h["by_setup"].get(setup, {}), name)
     for route in ("vision", "multimodal"):
         concurrency = cpu_point(results, route)
-        cluster = cpu_total(_at(results, "cluster-batching", route, concurrency)) if concurrency else None
         baseline = cpu_total(_at(results, "baseline", route, concurrency)) if concurrency else None
-        if cluster and baseline:
-            lines.append(
-                f"| {route}: CPU per answered request at {concurrency} clients, cluster vs baseline "
-                f"([breakdown](#where-the-cpu-goes)) | {cluster:.1f} ms vs {baseline:.1f} ms | | |"
-            )
-    if "multimodal_overhead_p50_ms" in h:
-        overhead = h["multimodal_overhead_p50_ms"]
-        lines.append(
-            f"| multimodal overhead at 1 client: p50 latency minus the models' own compute "
-            f"({h['multimodal_compute_ms_batch1']:.0f} ms) | {overhead:.0f} ms | <= {TARGET_OVERHEAD_MS:.0f} ms | "
-            f"{_verdict(overhead, TARGET_OVERHEAD_MS, higher_is_better=False)} |"
-        )
+        for setup, name in CLUSTERS.items():
+            cluster = cpu_total(_at(results, setup, route, concurrency)) if concurrency else None
+            if cluster and baseline:
+                lines.append(
+                    f"| {route}: CPU per answered request at {concurrency} clients, {name} vs baseline "
+                    f"([breakdown](#where-the-cpu-goes)) | {cluster:.1f} ms vs {baseline:.1f} ms | | |"
+                )
     if open_loop := _open_loop_overload(results):
         load = f"at {open_loop['rate_per_s'] / open_loop['saturation_rps']:.0f}x the vision route's saturation"
         for where, key, target in (

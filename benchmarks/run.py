@@ -1,9 +1,10 @@
-"""``make bench``: throughput and latency of four setups, side by side on one machine.
+"""``make bench``: throughput and latency of five setups, side by side on one machine.
 
 1. raw: the models in this process at their best batch size, no HTTP (the machine's limit);
 2. baseline: one FastAPI process calling the models once per request (benchmarks/baseline_server.py);
 3. cluster, batching off: the Serve app with every ``max_batch_size`` set to 1;
-4. cluster, batching on: the Serve app as shipped in serve_config.yaml.
+4. cluster, batching on: the Serve app as shipped in serve_config.yaml;
+5. cluster, HAProxy ingress: the same app as ``make serve INGRESS=haproxy`` runs it (deployments/haproxy.py).
 
 Each HTTP setup is loaded on the vision and multimodal routes at several
 concurrencies with a closed-loop client. Also measured: cold start, the time
@@ -65,6 +66,8 @@ OVERLOAD_CLIENTS = int(os.environ.get("BENCH_OVERLOAD_CLIENTS", "320"))
 # on a machine shared with the load generator that starves the cluster and favours the baseline.
 NICENESS = int(os.environ.get("BENCH_NICENESS", "0"))
 PROXY_ENV = {"RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "deployments.proxy:hardening"}
+# As the Makefile's INGRESS=haproxy sets it.
+HAPROXY_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_HAPROXY_BINARY_PATH": str(BIN / "maas-haproxy")}
 ROUTES = {"vision": "/v1/vision/classify", "multimodal": "/v1/multimodal/analyze"}
 LABELS = ["a photo of a cat", "a cup of coffee", "a rocket launch"]
 
@@ -267,6 +270,26 @@ def run_cluster(
         log(f"cluster stopped ({time.monotonic() - started:.0f} s in all)")
 
 
+def run_haproxy(requests: dict[str, dict]) -> list[dict]:
+    """The cluster's rows with the HAProxy ingress: the same config, batching on, HAProxy in place of Serve's
+    Python proxy (``make serve INGRESS=haproxy``)."""
+    config = yaml.safe_load(CONFIG.read_text())
+    config["http_options"]["port"] = CLUSTER_PORT
+    path = Path(tempfile.mkdtemp(prefix="bench-")) / "haproxy.yaml"
+    path.write_text(yaml.safe_dump(config))
+    base = f"http://127.0.0.1:{CLUSTER_PORT}"
+    started = time.monotonic()
+    process = start(
+        [str(BIN / "serve"), "run", str(path)], env={**PROXY_ENV, **HAPROXY_ENV}, log_name="cluster-haproxy"
+    )
+    try:
+        wait_for_answer(base, ROUTES["multimodal"], requests["multimodal"], process)
+        return load_all("cluster-haproxy", base, requests)
+    finally:
+        stop(process)
+        log(f"cluster with the HAProxy ingress stopped ({time.monotonic() - started:.0f} s in all)")
+
+
 def same_priority() -> dict:
     """Put this process (and so the baseline server and Ray, which inherit it) at ``NICENESS``, and tell Ray
     to leave its workers at the niceness they inherit; the per-process tables show what each ran at."""
@@ -281,6 +304,7 @@ def measure_http(requests: dict[str, dict], niceness: dict) -> dict:
     raw, raw_cpu_ms = measure_raw(requests)  # its models are freed on return, before the servers start
     rows = run_baseline(requests)
     cluster_rows, cold_start_s, overload, _, _ = run_cluster(requests, only="http")
+    cluster_rows += run_haproxy(requests)
     return {
         "machine": {
             "cpus": os.cpu_count(),
