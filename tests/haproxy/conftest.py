@@ -2,8 +2,8 @@
 HTTP themselves behind it.
 
 Runs in its own pytest process: Serve reads ``RAY_SERVE_ENABLE_HA_PROXY`` when its controller starts, so this
-needs a Ray of its own, started by ``serve run`` (through the Makefile) in a session of its own. Its ports are
-moved off ``make serve``'s (8000, and HAProxy's 8404 and 9101) so the tests can run beside it.
+needs a Ray of its own, started by ``serve run`` (through the Makefile) in a session of its own. The HTTP port
+and HAProxy's own (statistics, exporter) are moved off the defaults (8000, 8404, 9101).
 """
 
 import os
