@@ -24,6 +24,7 @@ proxy callback; admission limits then count per ingress replica rather than per 
 """
 
 import ctypes
+import math
 import os
 import re
 import signal
@@ -69,11 +70,20 @@ def hardened_arguments(arguments: list[str], header_timeout_s: int) -> list[str]
 
 
 def header_timeout_s() -> int:
-    value = os.environ.get("MAAS_HTTP_HEADER_TIMEOUT_S", "10")
+    """The Python proxy's header deadline (``ProxySettings``, ``MAAS_HTTP_HEADER_TIMEOUT_S``) in whole seconds,
+    rounded up: HAProxy's timeouts here are whole seconds."""
+    from pydantic import ValidationError
+
+    from deployments.proxy import ProxySettings
+
     try:
-        return max(1, round(float(value)))
-    except ValueError:
-        raise SystemExit(f"MAAS_HTTP_HEADER_TIMEOUT_S must be a number of seconds, not {value!r}") from None
+        seconds = ProxySettings().http_header_timeout_s
+    except ValidationError as error:
+        fields = ", ".join(f"MAAS_{str(e['loc'][0]).upper()}" for e in error.errors())
+        raise SystemExit(
+            f"HAProxy not started: invalid {fields} (MAAS_HTTP_HEADER_TIMEOUT_S must be a number of seconds above 0)"
+        ) from None
+    return max(1, math.ceil(seconds))
 
 
 def die_with_parent() -> None:
