@@ -25,36 +25,13 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api.keys import ApiKey, KeyFile, KeyList, KeyRing
 from api.limits import SharedLimits, retry_after
+from api.policy import ROUTES
 from api.problems import Problem, problem
 from deployments.errors import Forbidden, MaasError, RateLimited, Unauthorized
 from pipelines import usage
 from pipelines.privacy import Privacy
 
 logger = logging.getLogger("ray.serve")
-
-OPEN_PATHS = frozenset({
-    "/healthz", "/readyz", "/v2/health/live", "/v2/health/ready",
-    "/v2/models/{model_name}/ready", "/v2/models/{model_name}/versions/{model_version:path}/ready",
-    "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc",
-})  # fmt: skip
-
-# The route family and the models each route calls (a v2 route calls the model its path names).
-ROUTE_MODELS = {
-    "/v1/vision/classify": ("v1", {"vision"}),
-    "/v1/vision/ocr": ("v1", {"ocr"}),
-    "/v1/vision/explain": ("v1", {"vision"}),
-    "/v1/multimodal/describe": ("v1", {"vision", "ocr", "llm"}),
-    "/v1/multimodal/analyze": ("v1", {"vision", "text", "fusion"}),
-    "/v1/text/embed": ("v1", {"text"}),
-    "/v1/text/classify": ("v1", {"text"}),
-    "/v1/text/explain": ("v1", {"text"}),
-    "/v1/policies": ("v1", set()),
-    "/v1/models": ("openai", set()),
-    "/v1/chat/completions": ("openai", {"llm"}),
-    "/v1/completions": ("openai", {"llm"}),
-    "/v1/embeddings": ("openai", {"text"}),
-}
-
 
 Renderer = Callable[[str, Problem], Callable[[Scope, Receive, Send], Awaitable[None]]]
 """The error response of a path's protocol."""
@@ -71,22 +48,18 @@ class Requirement:
 
 
 def models_of(template: str | None, path_params: dict) -> frozenset[str]:
-    """The models a route calls (a ``/v2/models/{model_name}`` route: the one its path names)."""
-    if template in ROUTE_MODELS:
-        return frozenset(ROUTE_MODELS[template][1])
-    name = path_params.get("model_name")
-    return frozenset({name}) if isinstance(name, str) else frozenset()
+    """The models a route calls for every request (a ``/v2/models/{model_name}`` route: the one its path names)."""
+    return ROUTES.models_of(template, path_params)
 
 
 def requirement(template: str | None, path: str, path_params: dict) -> Requirement | None:
-    """What a request needs: ``None`` for an open route, else the family and the models."""
-    if template in OPEN_PATHS:
+    """What a request needs: ``None`` for an open route, else the family and the models (its route's policy)."""
+    policy = ROUTES.get(template) if template else None
+    if policy is None:  # an unknown path: any valid key may learn it is a 404
+        return Requirement("v2" if path == "/v2" or path.startswith("/v2/") else "v1", frozenset())
+    if policy.family == "open":
         return None
-    if template in ROUTE_MODELS:
-        return Requirement(ROUTE_MODELS[template][0], models_of(template, path_params))
-    if path == "/v2" or path.startswith("/v2/"):
-        return Requirement("v2", models_of(template, path_params))
-    return Requirement("v1", frozenset())  # an unknown path: any valid key may learn it is a 404
+    return Requirement(policy.family, models_of(template, path_params))
 
 
 class Guard:
@@ -214,7 +187,7 @@ REFUSALS = {
 
 def document(schema: dict) -> dict:
     """An OpenAPI document with the bearer scheme and the refusals of access control on every guarded route."""
-    open_paths = {path.replace(":path}", "}") for path in OPEN_PATHS}
+    open_paths = {path.replace(":path}", "}") for path, policy in ROUTES.items() if policy.family == "open"}
     for path, operations in schema.get("paths", {}).items():
         if path in open_paths:
             continue

@@ -17,6 +17,7 @@ from api.audit import Audit, AuditMiddleware
 from api.context import ApiSettings
 from api.middleware import RequestMetricsMiddleware
 from api.openai import routes as openai
+from api.policy import OPEN, declare
 from api.problems import HANDLED, Problem, problem
 from api.v1 import routes as v1
 from api.v2 import routes as v2
@@ -73,6 +74,11 @@ PROTOCOLS = (
     Protocol((), health.router, v1.render_error),
     Protocol((), v1.router, v1.render_error),
 )
+
+
+# FastAPI's own routes: the API's description, open to all.
+for _path in ("/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"):
+    declare(_path, OPEN)
 
 
 def protocol_of(path: str) -> Protocol:

@@ -3,19 +3,20 @@
 from fastapi import APIRouter, Response
 
 from api.context import DataplaneDep, SettingsDep
+from api.policy import OPEN, declare
 from api.v1 import schemas
 
 router = APIRouter()
 
 
-@router.get("/healthz", response_model=schemas.Health)
+@router.get(declare("/healthz", OPEN), response_model=schemas.Health)
 async def healthz() -> schemas.Health:
     """Liveness: the ingress answers. It says nothing about the models; see /readyz."""
     return schemas.Health(status="ok")
 
 
 @router.get(
-    "/readyz",
+    declare("/readyz", OPEN),
     response_model=schemas.Readiness,
     responses={503: {"model": schemas.Readiness, "description": "Some model cannot serve yet."}},
 )

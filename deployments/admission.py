@@ -25,13 +25,8 @@ from collections.abc import Callable, Iterator
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from api.policy import Matcher, RouteTable
 from deployments.errors import Overloaded
-
-OPENAI_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models")
-"""Paths of the OpenAI-compatible API, whose errors are ``{"error": {"message", "type", "param", "code"}}``."""
-GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/multimodal/describe")
-"""Paths whose answer a language model writes (streamed, or a description), with their own, longer request timeout:
-at 8 concurrent descriptions on 2 cores the 99th percentile took 23 s, near the 30 s of other requests."""
 
 
 class Admission:
@@ -78,27 +73,31 @@ class Admission:
             self.release(route)
 
 
-def refusal_body(path: str, refusal: Overloaded) -> bytes:
-    """The ingress's own refusal body for ``path``: the Open Inference Protocol's shape under ``/v2``, OpenAI's
-    on its paths."""
-    if path in OPENAI_PATHS:
+def refusal_body(family: str, refusal: Overloaded) -> bytes:
+    """The ingress's own refusal body in a route family's error shape: OpenAI's for ``openai``, the Open
+    Inference Protocol's for ``v2``, ``{"detail": [...]}`` for the rest."""
+    if family == "openai":
         error = {"message": refusal.message, "type": "server_error", "param": None, "code": refusal.error_type}
         return json.dumps({"error": error}).encode()
-    if path.startswith("/v2/"):
+    if family == "v2":
         return json.dumps({"error": refusal.message}).encode()
     return json.dumps({"detail": refusal.detail()}).encode()
 
 
 class AdmissionMiddleware:
-    """ASGI middleware: admits at most ``limits[path]`` HTTP requests at once per path; refuses the rest.
+    """ASGI middleware: admits at most ``limits[route]`` HTTP requests at once per route; refuses the rest.
 
-    A refusal is ``503`` with ``Retry-After`` and the body the ingress gives
-    its own refusals (``{"detail": [{"loc": [], "msg": ..., "type":
-    "overloaded"}]}``, or ``{"error": ...}`` under ``/v2``), sent before the body is read. It carries the request's
-    ``X-Request-ID`` (the client's, else a new one) and ``Server-Timing:
-    proxy;dur=<ms>``. Paths without a limit pass through. ``on_refused(path)``
-    is called for each refusal (a metric); ``path`` is one of the configured
-    paths, never client text.
+    ``limits`` are keyed by route template (``/v1/text/embed``, ``/v2/models/{model_name}/infer``); a path
+    counts against the template it matches, and a route whose policy ``shares`` another's count (a model's
+    versioned path) against that one. ``routes`` is the app's route table (``api.policy``); a key it does not
+    declare is matched as a template of its own.
+
+    A refusal is ``503`` with ``Retry-After`` and the body the ingress gives its own refusals, in the route
+    family's shape (``{"detail": [{"loc": [], "msg": ..., "type": "overloaded"}]}``, ``{"error": ...}`` under
+    ``/v2``, OpenAI's error object on its routes), sent before the body is read. It carries the request's
+    ``X-Request-ID`` (the client's, else a new one) and ``Server-Timing: proxy;dur=<ms>``. Paths without a
+    limit pass through. ``on_refused(route)`` is called for each refusal (a metric); ``route`` is one of the
+    configured templates, never client text.
     """
 
     def __init__(
@@ -107,31 +106,41 @@ class AdmissionMiddleware:
         limits: dict[str, int],
         retry_after_s: int = 1,
         on_refused: Callable[[str], None] | None = None,
+        routes: RouteTable | None = None,
     ) -> None:
         self.app = app
         self.admission = Admission(limits, retry_after_s)
         self.on_refused = on_refused
-        self.refusal_bodies = {path: refusal_body(path, self.admission.refusal(path)) for path in limits}
+        self.counts = dict(zip(limits, limits))  # template matched -> the count it is admitted against
+        for template, policy in (routes or {}).items():
+            if policy.shares in limits and template not in limits:
+                self.counts[template] = policy.shares
+        self.matcher = Matcher(list(self.counts))
+        self.refusal_bodies = {
+            key: refusal_body(routes.family_of(key) if routes else _family(key), self.admission.refusal(key))
+            for key in limits
+        }
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path = scope.get("path")
-        if scope["type"] != "http" or path not in self.refusal_bodies:
+        template = self.matcher.match(scope.get("path", "")) if scope["type"] == "http" else None
+        if template is None:
             await self.app(scope, receive, send)
             return
+        key = self.counts[template]
         start = time.perf_counter()
-        if not self.admission.acquire(path):
-            await self.refuse(scope, send, path, start)
+        if not self.admission.acquire(key):
+            await self.refuse(scope, send, key, start)
             return
         try:
             await self.app(scope, receive, send)
         finally:
-            self.admission.release(path)
+            self.admission.release(key)
 
-    async def refuse(self, scope: Scope, send: Send, path: str, start: float) -> None:
+    async def refuse(self, scope: Scope, send: Send, key: str, start: float) -> None:
         if self.on_refused is not None:
-            self.on_refused(path)
+            self.on_refused(key)
         request_id = next((value for name, value in scope["headers"] if name == b"x-request-id"), None)
-        body = self.refusal_bodies[path]
+        body = self.refusal_bodies[key]
         headers = [
             (b"content-type", b"application/json"),
             (b"content-length", b"%d" % len(body)),
@@ -141,3 +150,7 @@ class AdmissionMiddleware:
         ]
         await send({"type": "http.response.start", "status": 503, "headers": headers})
         await send({"type": "http.response.body", "body": body})
+
+
+def _family(path: str) -> str:
+    return "v2" if path.startswith("/v2/") else "v1"

@@ -20,6 +20,7 @@ from api.app import build_app
 from api.audit import Audit, replica_name
 from api.context import ApiSettings
 from api.limits import SharedLimits
+from api.policy import ROUTES
 from api.security import SecurityConfig
 from deployments.admission import Admission
 from deployments.contracts import MAX_GROUP_SIZE
@@ -31,22 +32,6 @@ from pipelines.privacy import Privacy
 from pipelines.registry import ModelRegistry
 
 logger = logging.getLogger("ray.serve")
-
-ADMITTED_ROUTES = (
-    "/v1/vision/classify",
-    "/v1/vision/ocr",
-    "/v1/multimodal/describe",
-    "/v1/multimodal/analyze",
-    "/v1/text/embed",
-    "/v1/text/classify",
-    "/v2/models/{model_name}/infer",
-    "/v1/chat/completions",
-    "/v1/completions",
-    "/v1/embeddings",
-    "/v1/vision/explain",
-    "/v1/text/explain",
-    "/v2/models/{model_name}/explain",
-)
 
 
 class IngressConfig(BaseModel):
@@ -62,22 +47,9 @@ class IngressConfig(BaseModel):
         "a second before it, so the client gets this service's 503 rather than the proxy's 408.",
     )
     admission: dict[str, int] = Field(
-        default_factory=lambda: {
-            "/v1/vision/classify": 24,
-            "/v1/vision/ocr": 16,
-            "/v1/multimodal/describe": 16,
-            "/v1/multimodal/analyze": 24,
-            "/v1/text/embed": 32,
-            "/v1/text/classify": 32,
-            "/v2/models/{model_name}/infer": 24,
-            "/v1/chat/completions": 32,
-            "/v1/completions": 32,
-            "/v1/embeddings": 32,
-            "/v1/vision/explain": 8,
-            "/v1/text/explain": 8,
-            "/v2/models/{model_name}/explain": 8,
-        },
-        description="Requests in flight per route at one ingress replica; the next one gets 503 at once. "
+        default_factory=dict,
+        description="Requests in flight per route at one ingress replica, where they differ from the limit each "
+        "route's policy declares (api.policy; GET /openapi.json lists the routes); the next one gets 503 at once. "
         "The Open Inference Protocol's infer routes share one limit, whatever the model. A streamed answer "
         "holds its slot until it ends.",
     )
@@ -118,11 +90,16 @@ class IngressConfig(BaseModel):
         description="API keys (off by default), their scopes and rate limits, and the audit trail: README, Security.",
     )
 
+    def admission_limits(self) -> dict[str, int]:
+        """Every admitted route's limit: its policy's, or this config's where it names one."""
+        return ROUTES.ingress_limits() | self.admission
+
     @model_validator(mode="after")
     def _known_routes(self) -> "IngressConfig":
-        unknown = set(self.admission) - set(ADMITTED_ROUTES)
+        admitted = ROUTES.ingress_limits()
+        unknown = set(self.admission) - set(admitted)
         if unknown:
-            raise ValueError(f"admission names unknown routes {sorted(unknown)}; known: {sorted(ADMITTED_ROUTES)}")
+            raise ValueError(f"admission names unknown routes {sorted(unknown)}; known: {sorted(admitted)}")
         if any(limit < 1 for limit in self.admission.values()):
             raise ValueError("admission limits must be at least 1")
         try:
@@ -143,7 +120,7 @@ class Ingress:
         self.settings = ApiSettings(
             self.config.request_timeout_s, self.config.readiness_timeout_s, self.config.generation_timeout_s
         )
-        self.admission = Admission(self.config.admission, self.config.retry_after_s)
+        self.admission = Admission(self.config.admission_limits(), self.config.retry_after_s)
         self.metrics = request_metrics()
         self.dataplane = Dataplane(ModelRegistry(models), self.config.max_concurrent_decodes, self.metrics)
         self.guard = Guard(SharedLimits(f"maas-rate-limits-{serve.get_replica_context().app_name}"))
@@ -184,7 +161,7 @@ class Ingress:
         self.dataplane.policies = policies
         self.dataplane.policy_update_error = None
         self.dataplane.configure(config.max_concurrent_decodes, config.max_group_size, config.max_groups_in_flight)
-        self.admission.configure(config.admission, config.retry_after_s)
+        self.admission.configure(config.admission_limits(), config.retry_after_s)
         self.settings.request_timeout_s = config.request_timeout_s
         self.settings.readiness_timeout_s = config.readiness_timeout_s
         self.settings.generation_timeout_s = config.generation_timeout_s

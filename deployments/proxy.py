@@ -16,12 +16,10 @@ and, where the defaults do not suit, in the same place:
 * ``MAAS_GENERATION_TIMEOUT_S`` (default 300): the request timeout of the
   language-model routes, whose answers stream for longer; keep it equal to
   the ingress's ``generation_timeout_s``.
-* ``MAAS_HTTP_ADMISSION`` (JSON object of path to limit; default
-  ``{"/v1/vision/classify": 48, "/v1/multimodal/analyze": 48, "/v1/vision/ocr": 32, "/v1/multimodal/describe": 32,
-  "/v1/text/embed": 64, "/v1/text/classify": 64}``, 48 for each model's
-  ``/v2/models/{name}/infer``, 64 for each OpenAI route and 16 for each explain route; ``{}`` for none):
-  requests in flight per exact
-  path at this proxy;
+* ``MAAS_HTTP_ADMISSION`` (JSON object of route template or path to limit;
+  default: the ``proxy`` limit each route's policy declares beside the route,
+  ``api.policy``; ``{}`` for none): requests in flight per route at this
+  proxy. It replaces the defaults: name every route to be limited;
 * ``MAAS_HTTP_RETRY_AFTER_S`` (default 1): ``Retry-After`` of its refusals.
 
 The proxy actor inherits that environment from its raylet; an application's
@@ -100,7 +98,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from deployments.admission import GENERATION_PATHS, AdmissionMiddleware
+from api.policy import Matcher, declared_routes
+from deployments.admission import AdmissionMiddleware
 
 logger = logging.getLogger("ray.serve")
 
@@ -112,32 +111,6 @@ MAX_REQUEST_ID_CHARS = 64
 REQUEST_ID_PATTERN = re.compile(rb"[A-Za-z0-9._:-]{1,%d}" % MAX_REQUEST_ID_CHARS)
 SLOW_CLIENT_DISCONNECTS_METRIC = "maas_http_slow_client_disconnects_total"
 PROXY_REFUSALS_METRIC = "maas_http_proxy_refusals_total"
-
-
-DEFAULT_ADMISSION = {
-    # The ingress admits 24 (images) and 32 (texts) per replica, and make serve runs two ingress replicas.
-    "/v1/vision/classify": 48,
-    "/v1/multimodal/analyze": 48,
-    "/v1/text/embed": 64,
-    "/v1/text/classify": 64,
-    # OCR and grounded descriptions take seconds of model time each; the ingress admits 16 per replica.
-    "/v1/vision/ocr": 32,
-    "/v1/multimodal/describe": 32,
-    # The Open Inference Protocol's infer route of each model (the ingress admits 24 per replica for all of them).
-    "/v2/models/vision/infer": 48,
-    "/v2/models/text/infer": 48,
-    "/v2/models/fusion/infer": 48,
-    # Language-model answers stream for seconds each; the ingress admits 32 per replica.
-    "/v1/chat/completions": 64,
-    "/v1/completions": 64,
-    "/v1/embeddings": 64,
-    # An explanation takes one to a hundred passes of a model; the ingress admits 8 per replica for them all.
-    "/v1/vision/explain": 16,
-    "/v1/text/explain": 16,
-    "/v2/models/vision/explain": 16,
-    "/v2/models/text/explain": 16,
-    "/v2/models/fusion/explain": 16,
-}
 
 
 class ProxySettings(BaseSettings):
@@ -153,17 +126,23 @@ class ProxySettings(BaseSettings):
     """Largest ``x-request-timeout-seconds`` a client may send; must equal the
     Serve config's ``http_options.request_timeout_s``."""
     generation_timeout_s: float = Field(300.0, gt=0, allow_inf_nan=False)
-    """Request timeout of the language-model routes (``GENERATION_PATHS``), which stream answers for longer
-    than ``http_options.request_timeout_s``; keep it equal to the ingress's ``generation_timeout_s``."""
-    http_admission: dict[str, int] = Field(default_factory=lambda: dict(DEFAULT_ADMISSION))
-    """Requests in flight per path at this proxy (JSON object, path to limit); ``{}`` turns it off."""
+    """Request timeout of the routes whose policy says ``long`` (language-model answers, audio), which take
+    longer than ``http_options.request_timeout_s``; keep it equal to the ingress's ``generation_timeout_s``."""
+    http_admission: dict[str, int] | None = None
+    """Requests in flight per route at this proxy (JSON object, route template or path to limit); ``{}`` turns it
+    off. Unset: each route's ``proxy`` limit, as its policy declares it beside the route (``api.policy``)."""
     http_retry_after_s: int = Field(1, ge=1, le=3600)
     """``Retry-After`` of the proxy's refusals."""
 
+    def admission_limits(self) -> dict[str, int]:
+        if self.http_admission is None:
+            return declared_routes().proxy_limits()
+        return self.http_admission
+
     @field_validator("http_admission")
     @classmethod
-    def _paths_and_limits(cls, limits: dict[str, int]) -> dict[str, int]:
-        for path, limit in limits.items():
+    def _paths_and_limits(cls, limits: dict[str, int] | None) -> dict[str, int] | None:
+        for path, limit in (limits or {}).items():
             if not path.startswith("/"):
                 raise ValueError(f"admission paths start with '/': {path!r}")
             if limit < 1:
@@ -178,20 +157,23 @@ def hardening() -> list[Middleware]:
     later call only updates the limits from the environment.
     """
     settings = ProxySettings()
+    routes, limits = declared_routes(), settings.admission_limits()
     install_header_deadline(settings.http_header_timeout_s, settings.http_max_header_bytes)
-    logger.info("HTTP requests in flight limited per path to %s.", settings.http_admission or "nothing (off)")
+    logger.info("HTTP requests in flight limited per route to %s.", limits or "nothing (off)")
     # Serve applies them in order, each around the last: the header filter runs first.
     return [
         Middleware(
             AdmissionMiddleware,
-            limits=settings.http_admission,
+            limits=limits,
             retry_after_s=settings.http_retry_after_s,
             on_refused=_count_refusal,
+            routes=routes,
         ),
         Middleware(
             ClientHeaderFilter,
             max_request_timeout_s=settings.max_request_timeout_s,
             generation_timeout_s=settings.generation_timeout_s,
+            long_routes=routes.long_routes(),
         ),
     ]
 
@@ -203,10 +185,10 @@ class ClientHeaderFilter:
       outside ``[A-Za-z0-9._:-]``: Serve then generates its own id and returns it.
     * ``x-request-timeout-seconds`` unless it is a number with
       ``0 < value <= max_request_timeout_s``: a client may ask for a shorter
-      deadline, never a longer or disabled one. On the language-model paths
-      (``GENERATION_PATHS``) the bound is ``generation_timeout_s``, and a
-      request without a valid value gets that: Serve's timeout covers the
-      whole streamed answer.
+      deadline, never a longer or disabled one. On the routes whose policy
+      says ``long`` (``long_routes``: language-model answers, audio) the bound
+      is ``generation_timeout_s``, and a request without a valid value gets
+      that: Serve's timeout covers the whole streamed answer.
     * ``x-request-disconnect-disabled``: a client that hangs up has its
       request cancelled.
     * ``x-maas-received-at``: replaced by the time the proxy received the
@@ -215,16 +197,23 @@ class ClientHeaderFilter:
     Header values are never logged. The body passes through untouched.
     """
 
-    def __init__(self, app: ASGIApp, max_request_timeout_s: float, generation_timeout_s: float | None = None) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_request_timeout_s: float,
+        generation_timeout_s: float | None = None,
+        long_routes: list[str] = (),
+    ) -> None:
         self.app = app
         self.max_request_timeout_s = max_request_timeout_s
         self.generation_timeout_s = generation_timeout_s or max_request_timeout_s
+        self.long_routes = Matcher(long_routes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] in ("http", "websocket"):
             received_at = (RECEIVED_AT_HEADER, b"%.6f" % time.time())
             limit = self.max_request_timeout_s
-            if scope.get("path") in GENERATION_PATHS:
+            if self.long_routes.match(scope.get("path", "")):
                 limit = self.generation_timeout_s
             headers = [(name, value) for name, value in scope["headers"] if self.is_acceptable(name, value, limit)]
             if limit != self.max_request_timeout_s and not any(name == REQUEST_TIMEOUT_HEADER for name, _ in headers):

@@ -23,9 +23,9 @@ from api.context import AdmissionDep, DataplaneDep
 from api.knowledge import render_decision, render_sources
 from api.openai import schemas
 from api.openapi import inline
+from api.policy import RoutePolicy, declare
 from api.problems import Problem, problem
 from api.v1.bodies import read_body
-from deployments.admission import OPENAI_PATHS
 from deployments.contracts import GenerationChunk, GenerationRequest
 from deployments.downstream import Deadline
 from deployments.errors import InvalidInput, MaasError
@@ -36,7 +36,6 @@ from pipelines.registry import UnknownModel
 GENERATION_MODEL = "llm"
 CHAT = "/v1/chat/completions"
 EMBEDDING_MODEL = "text"
-PATHS = OPENAI_PATHS
 
 router = APIRouter(tags=["OpenAI-compatible"])
 
@@ -110,7 +109,9 @@ def _require(dataplane: Dataplane, name: str, expected: str, task: str) -> None:
 # --- models -----------------------------------------------------------------------------
 
 
-@router.get("/v1/models", response_model=schemas.ModelList, responses={503: ERRORS[503]})
+@router.get(
+    declare("/v1/models", RoutePolicy("openai")), response_model=schemas.ModelList, responses={503: ERRORS[503]}
+)
 async def models(request: Request, dataplane: DataplaneDep) -> schemas.ModelList:
     """Every model of the graph in OpenAI's list shape; each entry also carries what the replica that answered
     serves (name, task, version, source, device, resources, placement, details, drift)."""
@@ -125,11 +126,11 @@ async def models(request: Request, dataplane: DataplaneDep) -> schemas.ModelList
 # --- generation ---------------------------------------------------------------------------
 
 
-async def _generation(request: Request, dataplane: Dataplane, admission, route: str, body_type: type, start: Callable):
+async def _generation(request: Request, dataplane: Dataplane, admission, body_type: type, start: Callable):
     """Parse, check the model, take an admission slot and start the generation (``start(body)``): the body, the
     chunks, and the exit stack that holds the slot (closed when the answer is done)."""
     stack = contextlib.ExitStack()
-    stack.enter_context(admission.slot(route))
+    stack.enter_context(admission.slot(request))
     try:
         body, _ = await read_body(request, body_type)
         _require(dataplane, body.model, GENERATION_MODEL, "generate text")
@@ -216,7 +217,7 @@ def _envelope(kind: str, ident: str, created: int, chunk: GenerationChunk) -> di
 
 
 @router.post(
-    "/v1/chat/completions",
+    declare(CHAT, RoutePolicy("openai", ("llm",), ("vision", "ocr"), ingress=32, proxy=64, timeout="long")),
     response_model=schemas.ChatCompletion,
     responses=GENERATION_RESPONSES,
     openapi_extra=_body(schemas.ChatCompletionRequest),
@@ -251,7 +252,7 @@ async def chat_completions(request: Request, dataplane: DataplaneDep, admission:
         grounded["policy"] = render_decision(decision, chat.masked + masked)
         return _whole(text, last)
 
-    body, chunks, stack = await _generation(request, dataplane, admission, CHAT, schemas.ChatCompletionRequest, start)
+    body, chunks, stack = await _generation(request, dataplane, admission, schemas.ChatCompletionRequest, start)
     ident, created = schemas.completion_id("chatcmpl"), schemas.now()
     if body.stream:
         include_usage = body.include_usage()
@@ -301,7 +302,7 @@ async def _whole(text: str, last: GenerationChunk) -> AsyncIterator[GenerationCh
 
 
 @router.post(
-    "/v1/completions",
+    declare("/v1/completions", RoutePolicy("openai", ("llm",), ingress=32, proxy=64, timeout="long")),
     response_model=schemas.Completion,
     responses=GENERATION_RESPONSES,
     openapi_extra=_body(schemas.CompletionRequest),
@@ -315,8 +316,7 @@ async def completions(request: Request, dataplane: DataplaneDep, admission: Admi
     async def start(body: schemas.CompletionRequest) -> AsyncIterator[GenerationChunk]:
         return await dataplane.generate(to_request(body), request.state.deadline)
 
-    body, chunks, stack = await _generation(request, dataplane, admission, "/v1/completions", schemas.CompletionRequest,
-                                            start)  # fmt: skip
+    body, chunks, stack = await _generation(request, dataplane, admission, schemas.CompletionRequest, start)
     ident, created = schemas.completion_id("cmpl"), schemas.now()
     if body.stream:
         include_usage = body.include_usage()
@@ -347,14 +347,14 @@ async def completions(request: Request, dataplane: DataplaneDep, admission: Admi
 
 
 @router.post(
-    "/v1/embeddings",
+    declare("/v1/embeddings", RoutePolicy("openai", ("text",), ingress=32, proxy=64)),
     response_model=schemas.EmbeddingList,
     responses=ERRORS,
     openapi_extra=_body(schemas.EmbeddingRequest),
 )
 async def embeddings(request: Request, dataplane: DataplaneDep, admission: AdmissionDep) -> schemas.EmbeddingList:
     """Sentence embeddings from the ``text`` model (unit length), as floats or base64 of float32s."""
-    with admission.slot("/v1/embeddings"):
+    with admission.slot(request):
         body, _ = await read_body(request, schemas.EmbeddingRequest)
         _require(dataplane, body.model, EMBEDDING_MODEL, "embed text")
         result = await dataplane.embed(body.texts(), request.state.deadline)
@@ -369,3 +369,7 @@ async def embeddings(request: Request, dataplane: DataplaneDep, admission: Admis
         model=EMBEDDING_MODEL,
         usage=schemas.EmbeddingUsage(prompt_tokens=result.tokens, total_tokens=result.tokens),
     )
+
+
+PATHS = tuple(route.path for route in router.routes)
+"""The paths this router serves, whose errors are in OpenAI's shape."""

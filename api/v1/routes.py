@@ -15,6 +15,7 @@ from pydantic import BaseModel
 
 from api.context import AdmissionDep, DataplaneDep
 from api.knowledge import render_decision, render_sources
+from api.policy import RoutePolicy, declare
 from api.problems import Problem
 from api.v1 import schemas
 from api.v1.bodies import JSON, MULTIPART, read_body
@@ -66,9 +67,11 @@ def _openapi_body(model: type[BaseModel], multipart: bool) -> dict:
     return {"requestBody": {"required": True, "content": content}}
 
 
-def _post(path: str, request: type[BaseModel], response: type[BaseModel], multipart: bool, *more: int):
+def _post(
+    path: str, policy: RoutePolicy, request: type[BaseModel], response: type[BaseModel], multipart: bool, *more: int
+):
     return router.post(
-        path,
+        declare(path, policy),
         response_model=response,
         responses=responses(*((400,) if multipart else ()), 413, 415, 422, 503, *more),
         openapi_extra=_openapi_body(request, multipart=multipart),
@@ -80,15 +83,25 @@ def _label_scores(pairs: list[tuple[str, float]]) -> list[schemas.LabelScore]:
 
 
 # --- routes -----------------------------------------------------------------------
+# Each route's policy (api.policy) sits in its decorator. Admission limits are per ingress replica and per HTTP
+# proxy (two ingress replicas behind one proxy in the shipped configs): vision's two replicas hold 2 x 16
+# requests and queue 64 more, so the two image routes admit 96 between them, about 2.5 s of work at saturation
+# on 2 cores; text routes are cheaper per request, explanations run one to a hundred model passes each.
 
 
-@_post("/v1/vision/classify", schemas.VisionClassifyRequest, schemas.VisionClassifyResponse, multipart=True)
+@_post(
+    "/v1/vision/classify",
+    RoutePolicy("v1", ("vision",), ingress=24, proxy=48),
+    schemas.VisionClassifyRequest,
+    schemas.VisionClassifyResponse,
+    multipart=True,
+)
 async def vision_classify(
     request: Request, dataplane: DataplaneDep, admission: AdmissionDep
 ) -> schemas.VisionClassifyResponse:
     route = "/v1/vision/classify"
     deadline = request.state.deadline
-    with admission.slot(route):
+    with admission.slot(request):
         body, upload = await read_body(request, schemas.VisionClassifyRequest, multipart=True)
         synsets = dataplane.concepts(body.concepts or [])  # unknown concepts are refused before any work
         pixels = await dataplane.prepare_image(route, deadline, raw=upload, image_b64=body.image)
@@ -117,11 +130,17 @@ def _text_lines(result) -> list[schemas.TextLine]:
             for line in result.lines]  # fmt: skip
 
 
-@_post("/v1/vision/ocr", schemas.OcrRequest, schemas.OcrResponse, multipart=True)
+@_post(
+    "/v1/vision/ocr",
+    RoutePolicy("v1", ("ocr",), ingress=16, proxy=32),
+    schemas.OcrRequest,
+    schemas.OcrResponse,
+    multipart=True,
+)
 async def vision_ocr(request: Request, dataplane: DataplaneDep, admission: AdmissionDep) -> schemas.OcrResponse:
     """The lines of text in an image, in reading order, each with its confidence and box."""
     route = "/v1/vision/ocr"
-    with admission.slot(route):
+    with admission.slot(request):
         body, upload = await read_body(request, schemas.OcrRequest, multipart=True)
         image = await dataplane.prepare_views(
             route, request.state.deadline, raw=upload, image_b64=body.image, vision=False, ocr=True
@@ -134,7 +153,13 @@ async def vision_ocr(request: Request, dataplane: DataplaneDep, admission: Admis
     )  # fmt: skip
 
 
-@_post("/v1/multimodal/describe", schemas.DescribeRequest, schemas.DescribeResponse, multipart=True)
+@_post(
+    "/v1/multimodal/describe",
+    RoutePolicy("v1", ("vision", "ocr", "llm"), ingress=16, proxy=32, timeout="long"),
+    schemas.DescribeRequest,
+    schemas.DescribeResponse,
+    multipart=True,
+)
 async def multimodal_describe(
     request: Request, dataplane: DataplaneDep, admission: AdmissionDep
 ) -> schemas.DescribeResponse:
@@ -145,7 +170,7 @@ async def multimodal_describe(
     evidence is returned so a client can check the description against it.
     """
     route = "/v1/multimodal/describe"
-    with admission.slot(route):
+    with admission.slot(request):
         body, upload = await read_body(request, schemas.DescribeRequest, multipart=True)
         policy = dataplane.policy(body.policy)  # an unknown policy is refused before any work
         image = await dataplane.prepare_views(
@@ -177,9 +202,15 @@ async def multimodal_describe(
     )
 
 
-@_post("/v1/text/embed", schemas.TextEmbedRequest, schemas.TextEmbedResponse, multipart=False)
+@_post(
+    "/v1/text/embed",
+    RoutePolicy("v1", ("text",), ingress=32, proxy=64),
+    schemas.TextEmbedRequest,
+    schemas.TextEmbedResponse,
+    multipart=False,
+)
 async def text_embed(request: Request, dataplane: DataplaneDep, admission: AdmissionDep) -> schemas.TextEmbedResponse:
-    with admission.slot("/v1/text/embed"):
+    with admission.slot(request):
         body, _ = await read_body(request, schemas.TextEmbedRequest)
         result = await dataplane.embed(body.texts, request.state.deadline)
     return schemas.TextEmbedResponse(
@@ -187,22 +218,34 @@ async def text_embed(request: Request, dataplane: DataplaneDep, admission: Admis
     )
 
 
-@_post("/v1/text/classify", schemas.TextClassifyRequest, schemas.TextClassifyResponse, multipart=False)
+@_post(
+    "/v1/text/classify",
+    RoutePolicy("v1", ("text",), ingress=32, proxy=64),
+    schemas.TextClassifyRequest,
+    schemas.TextClassifyResponse,
+    multipart=False,
+)
 async def text_classify(
     request: Request, dataplane: DataplaneDep, admission: AdmissionDep
 ) -> schemas.TextClassifyResponse:
-    with admission.slot("/v1/text/classify"):
+    with admission.slot(request):
         body, _ = await read_body(request, schemas.TextClassifyRequest)
         result = await dataplane.zero_shot(body.text, body.labels, request.state.deadline)
     return schemas.TextClassifyResponse(labels=_label_scores(result.labels), model=result.model, version=result.version)
 
 
-@_post("/v1/multimodal/analyze", schemas.MultimodalRequest, schemas.MultimodalResponse, multipart=True)
+@_post(
+    "/v1/multimodal/analyze",
+    RoutePolicy("v1", ("vision", "text", "fusion"), ingress=24, proxy=48),
+    schemas.MultimodalRequest,
+    schemas.MultimodalResponse,
+    multipart=True,
+)
 async def multimodal_analyze(
     request: Request, dataplane: DataplaneDep, admission: AdmissionDep
 ) -> schemas.MultimodalResponse:
     route = "/v1/multimodal/analyze"
-    with admission.slot(route):
+    with admission.slot(request):
         body, upload = await read_body(request, schemas.MultimodalRequest, multipart=True)
         policy = dataplane.policy(body.policy)  # an unknown policy is refused before any work
         pixels = None
@@ -280,7 +323,14 @@ def _fusion_explanation(result, labels: list[str], fused: list[schemas.LabelScor
     )
 
 
-@_post("/v1/vision/explain", schemas.VisionExplainRequest, schemas.VisionExplainResponse, True, 504)
+@_post(
+    "/v1/vision/explain",
+    RoutePolicy("v1", ("vision",), ingress=8, proxy=16),
+    schemas.VisionExplainRequest,
+    schemas.VisionExplainResponse,
+    True,
+    504,
+)
 async def vision_explain(
     request: Request, dataplane: DataplaneDep, admission: AdmissionDep
 ) -> schemas.VisionExplainResponse:
@@ -292,7 +342,7 @@ async def vision_explain(
     """
     route = "/v1/vision/explain"
     deadline = request.state.deadline
-    with admission.slot(route):
+    with admission.slot(request):
         body, upload = await read_body(request, schemas.VisionExplainRequest, multipart=True)
         image = await dataplane.prepare_views(route, deadline, raw=upload, image_b64=body.image)
         result = await dataplane.explain_image(
@@ -312,13 +362,20 @@ async def vision_explain(
     )  # fmt: skip
 
 
-@_post("/v1/text/explain", schemas.TextExplainRequest, schemas.TextExplainResponse, False, 504)
+@_post(
+    "/v1/text/explain",
+    RoutePolicy("v1", ("text",), ingress=8, proxy=16),
+    schemas.TextExplainRequest,
+    schemas.TextExplainResponse,
+    False,
+    504,
+)
 async def text_explain(
     request: Request, dataplane: DataplaneDep, admission: AdmissionDep
 ) -> schemas.TextExplainResponse:
     """Why a text gets a zero-shot label: each word's contribution to the label's score (occlusion: the score
     of the whole text minus the score without the word). The top label by default, or the one named."""
-    with admission.slot("/v1/text/explain"):
+    with admission.slot(request):
         body, _ = await read_body(request, schemas.TextExplainRequest)
         result = await dataplane.explain_text(body.text, body.labels, body.label, request.state.deadline)
     ranking = sorted(range(len(result.words)), key=lambda i: -result.words[i].contribution)
@@ -335,7 +392,7 @@ async def text_explain(
     )
 
 
-@router.get("/v1/policies", response_model=schemas.PoliciesResponse)
+@router.get(declare("/v1/policies", RoutePolicy("v1")), response_model=schemas.PoliciesResponse)
 async def policies(dataplane: DataplaneDep) -> schemas.PoliciesResponse:
     """The policies a request can name: each rule's id, action and priority (never its condition)."""
     return schemas.PoliciesResponse(

@@ -8,6 +8,7 @@ tensors in and the explanation out. Errors are the spec's
 unknown model or version, and this service's 413, 415 and 503 (with ``Retry-After``) as on ``/v1``.
 """
 
+import dataclasses
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
@@ -16,10 +17,11 @@ from fastapi.responses import JSONResponse
 from api.body import read_bytes
 from api.context import AdmissionDep, DataplaneDep, SettingsDep
 from api.openapi import inline
+from api.policy import OPEN, PATH_MODEL, RoutePolicy, declare
 from api.problems import Problem
 from api.v2 import schemas
-from api.v2.explainers import EXPLAIN_ROUTE, EXPLAINERS
-from api.v2.models import MODELS, ROUTE, Element, TensorModel
+from api.v2.explainers import EXPLAINERS
+from api.v2.models import MODELS, Element, TensorModel
 from api.v2.tensors import (
     DATATYPES,
     HEADER_LENGTH,
@@ -75,17 +77,21 @@ def check_version(name: str, version: str | None, asked: str | None) -> None:
 # --- server ---------------------------------------------------------------------------
 
 
-@router.get("", response_model=schemas.ServerMetadata)
+@router.get(declare("/v2", RoutePolicy("v2")).removeprefix("/v2"), response_model=schemas.ServerMetadata)
 async def server_metadata() -> schemas.ServerMetadata:
     return SERVER
 
 
-@router.get("/health/live", response_model=schemas.ServerLive)
+@router.get(declare("/v2/health/live", OPEN).removeprefix("/v2"), response_model=schemas.ServerLive)
 async def server_live() -> schemas.ServerLive:
     return schemas.ServerLive(live=True)
 
 
-@router.get("/health/ready", response_model=schemas.ServerReady, responses={503: {"model": schemas.ServerReady}})
+@router.get(
+    declare("/v2/health/ready", OPEN).removeprefix("/v2"),
+    response_model=schemas.ServerReady,
+    responses={503: {"model": schemas.ServerReady}},
+)
 async def server_ready(response: Response, dataplane: DataplaneDep, settings: SettingsDep) -> schemas.ServerReady:
     """Ready (200) once every model can serve, as ``/readyz``; else 503."""
     models = await dataplane.models.ready(settings.readiness_timeout_s)
@@ -97,18 +103,27 @@ async def server_ready(response: Response, dataplane: DataplaneDep, settings: Se
 # --- models: readiness and inference before metadata, whose version may hold slashes ------
 
 
-def model_route(method: str, suffix: str = "", **options):
-    """Register a route at ``/models/{model_name}<suffix>`` and at the same path of one version of the model."""
+MODEL = RoutePolicy("v2", (PATH_MODEL,))
+"""A route about the model its path names."""
+
+
+def model_route(method: str, suffix: str = "", policy: RoutePolicy = MODEL, **options):
+    """Register a route at ``/models/{model_name}<suffix>`` and at the same path of one version of the model,
+    which is admitted against the first's count."""
 
     def register(endpoint):
-        for path in ("/models/{model_name}", "/models/{model_name}/versions/{model_version:path}"):
-            router.add_api_route(path + suffix, endpoint, methods=[method], **options)
+        path = router.prefix + "/models/{model_name}" + suffix
+        versioned = router.prefix + "/models/{model_name}/versions/{model_version:path}" + suffix
+        shared = dataclasses.replace(policy, ingress=None, proxy=None, shares=path) if policy.ingress else policy
+        for template, declared in ((path, policy), (versioned, shared)):
+            router.add_api_route(declare(template, declared).removeprefix(router.prefix), endpoint,
+                                 methods=[method], **options)  # fmt: skip
         return endpoint
 
     return register
 
 
-@model_route("GET", "/ready", response_model=schemas.ModelReady, responses=ERRORS)
+@model_route("GET", "/ready", OPEN, response_model=schemas.ModelReady, responses=ERRORS)
 async def model_ready(
     model_name: str,
     response: Response,
@@ -137,7 +152,7 @@ INFER = {
 }
 
 
-@model_route("POST", "/infer", **INFER)
+@model_route("POST", "/infer", RoutePolicy("v2", (PATH_MODEL,), ingress=24, proxy=48), **INFER)
 async def infer(
     model_name: str,
     request: Request,
@@ -147,7 +162,7 @@ async def infer(
 ) -> Response:
     """Run the model on the request's input tensors: JSON, or JSON followed by binary tensor data."""
     model = tensor_model(model_name, dataplane)
-    return await run(model, ROUTE, model_name, request, dataplane, admission, model_version)
+    return await run(model, model_name, request, dataplane, admission, model_version)
 
 
 EXPLAIN = {
@@ -159,7 +174,7 @@ EXPLAIN = {
 }
 
 
-@model_route("POST", "/explain", **EXPLAIN)
+@model_route("POST", "/explain", RoutePolicy("v2", (PATH_MODEL,), ingress=8, proxy=16), **EXPLAIN)
 async def explain(
     model_name: str,
     request: Request,
@@ -173,12 +188,11 @@ async def explain(
     tensor_model(model_name, dataplane)
     if model_name not in EXPLAINERS:
         raise UnknownModel(f"model {model_name!r} has no explainer; these do: {', '.join(EXPLAINERS)}")
-    return await run(EXPLAINERS[model_name], EXPLAIN_ROUTE, model_name, request, dataplane, admission, model_version)
+    return await run(EXPLAINERS[model_name], model_name, request, dataplane, admission, model_version)
 
 
 async def run(
     model: TensorModel,
-    route: str,
     model_name: str,
     request: Request,
     dataplane: Dataplane,
@@ -187,7 +201,7 @@ async def run(
 ) -> Response:
     """Decode the request's tensors for ``model``, run it within the route's admission, encode its outputs."""
     deadline = request.state.deadline
-    with admission.slot(route):
+    with admission.slot(request):
         encoding = request.headers.get("content-encoding", "identity").strip().lower()
         if encoding != "identity":
             raise UnsupportedMediaType("compressed request bodies are not accepted; send Content-Encoding: identity")

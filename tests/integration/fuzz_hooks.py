@@ -61,6 +61,7 @@ from schemathesis.core.failures import AcceptedNegativeData
 from schemathesis.openapi.checks import RejectedPositiveData
 from schemathesis.transport.serialization import Binary
 
+from api.policy import declared_routes
 from knowledge.rules import NAME_PATTERN
 
 MULTIPART = "multipart/form-data"
@@ -88,7 +89,10 @@ def _served_version() -> str:
     return httpx.get(f"{url}/v2/models/{OIP_MODEL}", timeout=30).json()["versions"][0]
 
 
-OPENAI_MODELS = {"/v1/chat/completions": "llm", "/v1/completions": "llm", "/v1/embeddings": "text"}
+# The model each OpenAI route serves, as its policy declares it (a request must name it).
+OPENAI_MODELS = {
+    path: policy.models[0] for path, policy in declared_routes().items() if policy.family == "openai" and policy.models
+}
 FUZZ_TOKENS, FUZZ_MESSAGES, FUZZ_CHARS = 2, 4, 40
 CONCEPTS = ["beverage", "animal", "n00001740", "dog.n.01", "vehicle", "food", "cup", "device", "plant", "tabby",
             "bird", "fish", "car", "weapon", "container", "structure", "mammal", "tool"]  # fmt: skip

@@ -156,7 +156,7 @@ def test_ingress_deadline_and_drain_follow_the_proxy_timeout(profile):
 @pytest.mark.parametrize("profile", PROFILES)
 def test_admission_fits_the_ingress_with_room_for_health_checks(profile):
     ingress = deployments(load(profile))["Ingress"]
-    admitted = sum(ingress["user_config"]["admission"].values())
+    admitted = sum(IngressConfig.model_validate(ingress["user_config"]).admission_limits().values())
     assert admitted + 16 <= ingress["max_ongoing_requests"]
 
 

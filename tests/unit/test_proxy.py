@@ -466,15 +466,16 @@ def test_bad_admission_settings_are_refused_at_start(monkeypatch, value):
         proxy.ProxySettings()
 
 
-def test_the_default_admission_covers_every_model_route_of_the_ingress(monkeypatch):
-    from api.v2.models import MODELS
-    from deployments.ingress import ADMITTED_ROUTES
+def test_the_default_admission_covers_every_route_the_ingress_admits(monkeypatch):
+    from api.policy import declared_routes
 
-    paths = {route.format(model_name=name) for route in ADMITTED_ROUTES for name in MODELS}
     monkeypatch.delenv("MAAS_HTTP_ADMISSION", raising=False)
-    assert set(proxy.ProxySettings().http_admission) == paths
+    limits = proxy.ProxySettings().admission_limits()
+    assert limits == declared_routes().proxy_limits()
+    assert set(limits) == set(declared_routes().ingress_limits())
+    assert limits["/v1/vision/classify"] == 48 and limits["/v2/models/{model_name}/infer"] == 48
     monkeypatch.setenv("MAAS_HTTP_ADMISSION", "{}")
-    assert proxy.ProxySettings().http_admission == {}
+    assert proxy.ProxySettings().admission_limits() == {}
 
 
 # Wiring
@@ -557,11 +558,60 @@ def test_refusals_are_counted_by_route_inside_ray(middlewares, fake_counters):
     assert counter.counts == {(("route", "/slow"),): 2}
 
 
-def test_a_refusal_under_v2_is_the_open_inference_protocols_error_object():
+def test_a_refusal_is_in_the_error_shape_of_its_route_family():
     from deployments.admission import Admission, refusal_body
 
-    admission = Admission({"/v2/models/vision/infer": 2, "/v1/text/embed": 2})
-    v2 = json.loads(refusal_body("/v2/models/vision/infer", admission.refusal("/v2/models/vision/infer")))
+    admission = Admission({"/v2/models/{model_name}/infer": 2, "/v1/text/embed": 2, "/v1/embeddings": 2})
+    v2 = json.loads(refusal_body("v2", admission.refusal("/v2/models/{model_name}/infer")))
     assert list(v2) == ["error"] and "limit of 2" in v2["error"]
-    v1 = json.loads(refusal_body("/v1/text/embed", admission.refusal("/v1/text/embed")))
+    v1 = json.loads(refusal_body("v1", admission.refusal("/v1/text/embed")))
     assert v1["detail"][0]["type"] == "overloaded"
+    openai = json.loads(refusal_body("openai", admission.refusal("/v1/embeddings")))
+    assert openai["error"]["code"] == "overloaded" and openai["error"]["type"] == "server_error"
+
+
+def test_a_models_paths_share_its_routes_count_and_each_is_refused_in_its_family(monkeypatch):
+    """The proxy matches a path to its route's template: every model's infer path, versioned or not, counts
+    against the one limit of /v2/models/{model_name}/infer, and is refused in the protocol's shape."""
+    import asyncio
+
+    from api.policy import declared_routes
+    from deployments.admission import AdmissionMiddleware
+
+    held = asyncio.Event()
+
+    async def app(scope, receive, send):
+        await held.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    middleware = AdmissionMiddleware(app, {"/v2/models/{model_name}/infer": 1}, routes=declared_routes())
+
+    async def call(path: str) -> tuple[int, bytes]:
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "path": path, "headers": []}
+        await middleware(scope, None, send)
+        return sent[0]["status"], b"".join(m.get("body", b"") for m in sent[1:])
+
+    async def scenario():
+        first = asyncio.create_task(call("/v2/models/vision/infer"))
+        await asyncio.sleep(0.01)
+        refused = [await call("/v2/models/text/infer"), await call("/v2/models/text/versions/x/y/infer")]
+        passed = await call("/v2/models/text/ready")  # no limit: it would wait for the held app
+        return first, refused, passed
+
+    async def run():
+        task = asyncio.create_task(scenario())
+        await asyncio.sleep(0.05)
+        held.set()
+        first, refused, passed = await task
+        return await first, refused, passed
+
+    first, refused, passed = asyncio.run(run())
+    assert first[0] == 200 and passed[0] == 200
+    for status, body in refused:
+        assert status == 503 and "limit of 1" in json.loads(body)["error"]
