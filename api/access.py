@@ -62,6 +62,17 @@ def requirement(template: str | None, path: str, path_params: dict) -> Requireme
     return Requirement(policy.family, models_of(template, path_params))
 
 
+def require_models(request, models: set[str]) -> None:
+    """Refuse (403) a request whose API key may not use ``models``, which its body asks for beyond its route's
+    own (a chat's images and audio: the route's policy names them ``optional``). Recorded for the audit line."""
+    key = request.scope.get("state", {}).get("api_key")
+    used = usage.current()
+    if used is not None:
+        used.models.update(models)
+    if key is not None and not key.may_call(frozenset(models)):
+        raise Forbidden(f"the API key {key.id!r} may not use the models {sorted(models)} this request asks for")
+
+
 class Guard:
     """The keys in force (``keys``: None while API keys are off), the file they come from, and their limits.
 
@@ -155,8 +166,11 @@ class AccessMiddleware:
         try:
             await self.app(scope, receive, send)
         finally:
-            if self.guard.limits and state["api_key"] is not None and used is not None and used.tokens:
-                await self.guard.limits.charge(state["api_key"], used.tokens)
+            if self.guard.limits and state["api_key"] is not None and used is not None:
+                if used.tokens or used.audio_seconds:
+                    await self.guard.limits.charge(
+                        state["api_key"], {"tokens": used.tokens, "audio": used.audio_seconds}
+                    )
 
     async def check(self, scope: Scope, needed: Requirement) -> None:
         """Puts the key in ``scope["state"]["api_key"]`` once it is known, or raises the refusal."""

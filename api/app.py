@@ -16,6 +16,7 @@ from api.access import AccessMiddleware, Guard, document
 from api.audit import Audit, AuditMiddleware
 from api.context import ApiSettings
 from api.middleware import RequestMetricsMiddleware
+from api.openai import audio
 from api.openai import routes as openai
 from api.policy import OPEN, declare
 from api.problems import HANDLED, Problem, problem
@@ -71,6 +72,7 @@ class Protocol:
 PROTOCOLS = (
     Protocol(("/v2",), v2.router, v2.render_error),
     Protocol(openai.PATHS, openai.router, openai.render_error),
+    Protocol(audio.PATHS, audio.router, openai.render_error),
     Protocol((), health.router, v1.render_error),
     Protocol((), v1.router, v1.render_error),
 )

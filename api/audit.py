@@ -4,13 +4,15 @@ Each line says who called what and what came of it, never what was sent or answe
 
     {"time": "2026-12-03T14:02:11.512Z", "request_id": "6f0c…", "key_id": "team-a", "method": "POST",
      "route": "/v1/text/classify", "models": ["text"], "status": 200, "latency_ms": 41.7,
-     "bytes_in": 96, "bytes_out": 230, "prompt_tokens": 0, "completion_tokens": 0, "masked": {}}
+     "bytes_in": 96, "bytes_out": 230, "prompt_tokens": 0, "completion_tokens": 0, "audio_seconds": 0.0,
+     "masked": {}}
 
 ``key_id`` is the key's configured id (null with keys off, or when no valid key was sent); ``route`` is the
-route template (``/v2/models/{model_name}/infer``), so no path carries data; ``masked`` counts the personal data
-masked by kind. Each ingress replica writes its own file (two processes rotating one file would lose lines):
-``maas-audit-<replica>.jsonl`` in ``security.audit.dir`` (default: Ray's session log folder, ``logs/serve``),
-rotated at ``max_bytes`` with ``backups`` old files kept.
+route template (``/v2/models/{model_name}/infer``), so no path carries data; ``models`` are those its route's
+policy names and those its body asked for (a chat's images and audio); ``audio_seconds`` is the audio it had
+heard and spoken; ``masked`` counts the personal data masked by kind. Each ingress replica writes its own file
+(two processes rotating one file would lose lines): ``maas-audit-<replica>.jsonl`` in ``security.audit.dir``
+(default: Ray's session log folder, ``logs/serve``), rotated at ``max_bytes`` with ``backups`` old files kept.
 """
 
 import json
@@ -106,7 +108,7 @@ class AuditMiddleware:
             status = status or 500
             if self.audit.metrics is not None:
                 self.audit.metrics.observe(key.id if key else None, status, state.get("error_type"),
-                                           used.prompt_tokens, used.completion_tokens)  # fmt: skip
+                                           used.prompt_tokens, used.completion_tokens, used.audio_seconds)  # fmt: skip
             if self.audit.log is not None:
                 route = getattr(scope.get("route"), "path", None)
                 self.audit.log.write({
@@ -115,13 +117,14 @@ class AuditMiddleware:
                     "key_id": key.id if key else None,
                     "method": scope.get("method"),
                     "route": route or "unmatched",
-                    "models": sorted(models_of(route, scope.get("path_params", {}))),
+                    "models": sorted(models_of(route, scope.get("path_params", {})) | used.models),
                     "status": status,
                     "latency_ms": round((time.perf_counter() - start) * 1000, 1),
                     "bytes_in": bytes_in,
                     "bytes_out": bytes_out,
                     "prompt_tokens": used.prompt_tokens,
                     "completion_tokens": used.completion_tokens,
+                    "audio_seconds": round(used.audio_seconds, 3),
                     "masked": dict(used.masked),
                 })  # fmt: skip
 

@@ -16,8 +16,8 @@ The file::
       - id: team-a                 # in the audit log and metrics; never the key
         sha256: 2c26b46b68ffc6...  # sha256 of the key, hex
         routes: [v1, openai]       # route families: v1, openai, v2 (default: all)
-        models: [vision, text]     # models: vision, text, fusion, ocr, llm (default: all)
-        rate_limit: {requests_per_s: 5, burst: 10, tokens_per_minute: 20000}
+        models: [vision, text]     # models: vision, text, fusion, ocr, llm, asr, tts (default: all)
+        rate_limit: {requests_per_s: 5, burst: 10, tokens_per_minute: 20000, audio_seconds_per_minute: 600}
 """
 
 import argparse
@@ -40,7 +40,7 @@ logger = logging.getLogger("ray.serve")
 
 FAMILIES = ("v1", "openai", "v2")
 """Route families a key can be scoped to: this service's ``/v1`` API, the OpenAI-compatible API, the OIP (``/v2``)."""
-MODELS = ("vision", "text", "fusion", "ocr", "llm")
+MODELS = ("vision", "text", "fusion", "ocr", "llm", "asr", "tts")
 """Models a key can be scoped to (GET /v1/models lists them)."""
 ALL = "*"
 PREFIX = "maas_"
@@ -61,6 +61,9 @@ class RateLimit(BaseModel):
     tokens_per_minute: int | None = Field(
         None, ge=1, le=100_000_000, description="Language-model tokens (prompt and completion) per minute."
     )
+    audio_seconds_per_minute: float | None = Field(
+        None, gt=0, le=100_000_000, description="Seconds of audio heard (transcribed) and spoken per minute."
+    )
 
     @property
     def capacity(self) -> float:
@@ -75,7 +78,7 @@ class ApiKey(BaseModel):
     id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", description="Names the key in logs and metrics.")
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="SHA-256 of the key, lower-case hex.")
     routes: tuple[Literal["*", "v1", "openai", "v2"], ...] = (ALL,)
-    models: tuple[Literal["*", "vision", "text", "fusion", "ocr", "llm"], ...] = (ALL,)
+    models: tuple[Literal["*", "vision", "text", "fusion", "ocr", "llm", "asr", "tts"], ...] = (ALL,)
     rate_limit: RateLimit | None = None
     mask: bool = Field(False, description="Mask this key's texts and answers (with security.masking.mode: keys).")
 
@@ -87,7 +90,10 @@ class ApiKey(BaseModel):
         return value
 
     def may_use(self, family: str, models: frozenset[str]) -> bool:
-        return (ALL in self.routes or family in self.routes) and (ALL in self.models or models <= set(self.models))
+        return (ALL in self.routes or family in self.routes) and self.may_call(models)
+
+    def may_call(self, models: frozenset[str]) -> bool:
+        return ALL in self.models or models <= set(self.models)
 
 
 class KeyList(BaseModel):
@@ -209,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     add.add_argument("--requests-per-s", type=float)
     add.add_argument("--burst", type=int)
     add.add_argument("--tokens-per-minute", type=int)
+    add.add_argument("--audio-seconds-per-minute", type=float)
     add.add_argument("--mask", action="store_true", help="mask this key's texts (security.masking.mode: keys)")
     revoke = commands.add_parser("revoke", help="remove a key from the file")
     revoke.add_argument("--file", type=Path, required=True)
@@ -236,9 +243,10 @@ def main(argv: list[str] | None = None) -> int:
         limit = None
         if args.requests_per_s is not None:
             limit = RateLimit(requests_per_s=args.requests_per_s, burst=args.burst,
-                              tokens_per_minute=args.tokens_per_minute)  # fmt: skip
-        elif args.burst is not None or args.tokens_per_minute is not None:
-            print("--burst and --tokens-per-minute need --requests-per-s", file=sys.stderr)
+                              tokens_per_minute=args.tokens_per_minute,
+                              audio_seconds_per_minute=args.audio_seconds_per_minute)  # fmt: skip
+        elif args.burst is not None or args.tokens_per_minute is not None or args.audio_seconds_per_minute is not None:
+            print("--burst, --tokens-per-minute and --audio-seconds-per-minute need --requests-per-s", file=sys.stderr)
             return 2
         key = new_key()
         entry = ApiKey(id=args.id, sha256=digest(key), routes=args.routes, models=args.models, rate_limit=limit,

@@ -12,9 +12,10 @@ arithmetic, in process), so a key's limit may be exceeded at most N-fold, never 
 waits on a missing actor for more than ``CALL_TIMEOUT_S``.
 
 The arithmetic: a bucket holds up to ``capacity`` and refills at ``rate`` per second. A request takes one
-request token or is refused with the seconds until one is there. Language-model tokens are known only after
-the answer, so a request is admitted while its key's token bucket is not empty and the tokens it used are
-taken afterwards; the bucket may go into debt, and the key's next requests wait until it is repaid.
+request token or is refused with the seconds until one is there. Language-model tokens and seconds of audio
+are known only after the request's body is read (or its answer made), so a request is admitted while its
+key's token and audio buckets are not empty, and what it used is taken afterwards; a bucket may go into debt,
+and the key's next requests wait until it is repaid.
 ``limits`` and ``slowapi`` count fixed or moving windows, not a token bucket with a burst, and cannot charge
 after the fact, so the twenty lines are here.
 """
@@ -84,18 +85,21 @@ class RateLimits:
             bucket.rate, bucket.capacity, bucket.level = rate, capacity, min(bucket.level, capacity)
         return bucket
 
-    def admit(self, key_id: str, requests_per_s: float, capacity: float, tokens_per_minute: int | None) -> float:
-        """0.0 and one request taken, or the seconds until the key may send its next request."""
+    def admit(
+        self, key_id: str, requests_per_s: float, capacity: float, per_minute: dict[str, float] | None = None
+    ) -> float:
+        """0.0 and one request taken, or the seconds until the key may send its next request. ``per_minute``:
+        the key's limits of what is charged after the request (``tokens``, ``audio``), by kind."""
         now = self.clock()
-        if tokens_per_minute:
-            waited = self._bucket(key_id, "tokens", tokens_per_minute / 60, tokens_per_minute).wait(now)
+        for kind, limit in (per_minute or {}).items():
+            waited = self._bucket(key_id, kind, limit / 60, limit).wait(now)
             if waited > 0:
                 return waited
         return self._bucket(key_id, "requests", requests_per_s, capacity).take(1.0, now)
 
-    def charge(self, key_id: str, tokens_per_minute: int, tokens: int) -> None:
-        """Take the language-model tokens a request used from its key's bucket."""
-        self._bucket(key_id, "tokens", tokens_per_minute / 60, tokens_per_minute).owe(tokens, self.clock())
+    def charge(self, key_id: str, kind: str, per_minute: float, amount: float) -> None:
+        """Take what a request used (language-model tokens, seconds of audio) from its key's bucket of ``kind``."""
+        self._bucket(key_id, kind, per_minute / 60, per_minute).owe(amount, self.clock())
 
     def ping(self) -> bool:
         return True
@@ -137,10 +141,17 @@ class SharedLimits:
         limit = key.rate_limit
         if limit is None:
             return 0.0
-        return await self._call("admit", key.id, limit.requests_per_s, limit.capacity, limit.tokens_per_minute)
+        return await self._call("admit", key.id, limit.requests_per_s, limit.capacity, _per_minute(limit))
 
-    async def charge(self, key: ApiKey, tokens: int) -> None:
-        limit = key.rate_limit
-        if limit is None or not limit.tokens_per_minute or tokens <= 0:
-            return
-        await self._call("charge", key.id, limit.tokens_per_minute, tokens)
+    async def charge(self, key: ApiKey, used: dict[str, float]) -> None:
+        """Take what a request used (``{"tokens": n, "audio": seconds}``) from the key's buckets that limit it."""
+        limits = _per_minute(key.rate_limit) if key.rate_limit else {}
+        for kind, amount in used.items():
+            if kind in limits and amount > 0:
+                await self._call("charge", key.id, kind, limits[kind], amount)
+
+
+def _per_minute(limit) -> dict[str, float]:
+    """A key's limits of what is charged after the request, by kind."""
+    kinds = {"tokens": limit.tokens_per_minute, "audio": limit.audio_seconds_per_minute}
+    return {kind: value for kind, value in kinds.items() if value}

@@ -158,3 +158,213 @@ class TextExplanation:
     model: str
     version: str
     seconds: float
+
+
+# --- speech ---------------------------------------------------------------------------------------------
+
+LANGUAGES: dict[str, str] = {
+    "en": "english",
+    "zh": "chinese",
+    "de": "german",
+    "es": "spanish",
+    "ru": "russian",
+    "ko": "korean",
+    "fr": "french",
+    "ja": "japanese",
+    "pt": "portuguese",
+    "tr": "turkish",
+    "pl": "polish",
+    "ca": "catalan",
+    "nl": "dutch",
+    "ar": "arabic",
+    "sv": "swedish",
+    "it": "italian",
+    "id": "indonesian",
+    "hi": "hindi",
+    "fi": "finnish",
+    "vi": "vietnamese",
+    "he": "hebrew",
+    "uk": "ukrainian",
+    "el": "greek",
+    "ms": "malay",
+    "cs": "czech",
+    "ro": "romanian",
+    "da": "danish",
+    "hu": "hungarian",
+    "ta": "tamil",
+    "no": "norwegian",
+    "th": "thai",
+    "ur": "urdu",
+    "hr": "croatian",
+    "bg": "bulgarian",
+    "lt": "lithuanian",
+    "la": "latin",
+    "mi": "maori",
+    "ml": "malayalam",
+    "cy": "welsh",
+    "sk": "slovak",
+    "te": "telugu",
+    "fa": "persian",
+    "lv": "latvian",
+    "bn": "bengali",
+    "sr": "serbian",
+    "az": "azerbaijani",
+    "sl": "slovenian",
+    "kn": "kannada",
+    "et": "estonian",
+    "mk": "macedonian",
+    "br": "breton",
+    "eu": "basque",
+    "is": "icelandic",
+    "hy": "armenian",
+    "ne": "nepali",
+    "mn": "mongolian",
+    "bs": "bosnian",
+    "kk": "kazakh",
+    "sq": "albanian",
+    "sw": "swahili",
+    "gl": "galician",
+    "mr": "marathi",
+    "pa": "punjabi",
+    "si": "sinhala",
+    "km": "khmer",
+    "sn": "shona",
+    "yo": "yoruba",
+    "so": "somali",
+    "af": "afrikaans",
+    "oc": "occitan",
+    "ka": "georgian",
+    "be": "belarusian",
+    "tg": "tajik",
+    "sd": "sindhi",
+    "gu": "gujarati",
+    "am": "amharic",
+    "yi": "yiddish",
+    "lo": "lao",
+    "uz": "uzbek",
+    "fo": "faroese",
+    "ht": "haitian creole",
+    "ps": "pashto",
+    "tk": "turkmen",
+    "nn": "nynorsk",
+    "mt": "maltese",
+    "sa": "sanskrit",
+    "lb": "luxembourgish",
+    "my": "myanmar",
+    "bo": "tibetan",
+    "tl": "tagalog",
+    "mg": "malagasy",
+    "as": "assamese",
+    "tt": "tatar",
+    "haw": "hawaiian",
+    "ln": "lingala",
+    "ha": "hausa",
+    "ba": "bashkir",
+    "jw": "javanese",
+    "su": "sundanese",
+    "yue": "cantonese",
+}
+"""The languages Whisper knows: ISO 639-1 code -> its English name, as Whisper names them (a unit test keeps the
+codes equal to faster-whisper's)."""
+MAX_PROMPT_CHARS = 1000
+"""Longest transcription prompt: Whisper reads at most 223 of its tokens."""
+
+
+@dataclass
+class TranscriptionRequest:
+    """Speech to text: 16 kHz mono samples (``deployments.audio.decode_audio``) and how to read them."""
+
+    audio: np.ndarray  # (n,) int16 at 16 kHz
+    task: str = "transcribe"  # or "translate": any language in, English text out
+    language: str | None = None  # one of LANGUAGES; None: detected (one more 30 s encoder pass)
+    prompt: str | None = None  # text the speech follows on from: names, spelling, style
+    temperature: float = 0.0  # 0: the fallback schedule (greedy first, hotter where it fails)
+    word_timestamps: bool = False  # one more alignment pass per window
+    timeout_s: float | None = None  # the replica stops past this (the request's deadline)
+
+    @property
+    def duration_s(self) -> float:
+        return len(self.audio) / 16_000
+
+
+@dataclass
+class TranscriptWord:
+    word: str
+    start: float  # seconds into the audio
+    end: float
+    probability: float
+
+
+@dataclass
+class TranscriptSegment:
+    """A stretch of speech Whisper wrote in one go, with its times and how sure it was."""
+
+    id: int
+    seek: int
+    start: float
+    end: float
+    text: str
+    tokens: list[int]
+    temperature: float
+    avg_logprob: float
+    compression_ratio: float
+    no_speech_prob: float
+    words: list[TranscriptWord] | None = None
+
+
+@dataclass
+class TranscriptPiece:
+    """One message of a streamed transcription: the first has the language (and no segment); each next one a
+    segment, as each 30 s window is decoded; the last ``done`` with the replica's time."""
+
+    language: str
+    language_probability: float
+    duration: float  # seconds of audio
+    model: str
+    version: str
+    segment: TranscriptSegment | None = None
+    done: bool = False
+    seconds: float = 0.0  # the replica's time, on the last piece
+
+
+@dataclass
+class Transcript:
+    """A whole transcription."""
+
+    text: str
+    language: str
+    language_probability: float
+    duration: float
+    segments: list[TranscriptSegment]
+    model: str
+    version: str
+    seconds: float  # the recogniser's time
+
+    @property
+    def words(self) -> list[TranscriptWord]:
+        return [word for segment in self.segments for word in segment.words or ()]
+
+
+@dataclass
+class SpeechRequest:
+    """Text to speech, in a format, at a speed."""
+
+    text: str
+    voice: str | None = None  # None: the deployment's voice
+    format: str = "wav"  # deployments.audio.OUTPUT_FORMATS
+    speed: float = 1.0  # 0.25 to 4.0
+    whole: bool = False  # a WAV with its real length in the header (not streamed)
+    timeout_s: float | None = None
+
+
+@dataclass
+class SpeechChunk:
+    """A piece of synthesised speech: the encoded bytes, and how much speech they hold. The first has no
+    audio (the request was accepted); the last is ``done``."""
+
+    audio: bytes
+    seconds: float  # of speech in this chunk
+    model: str
+    version: str
+    sample_rate: int
+    done: bool = False

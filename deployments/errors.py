@@ -42,6 +42,24 @@ class InvalidImage(InvalidInput):
     error_type = "invalid_image"
 
 
+class InvalidAudio(InvalidInput):
+    """The bytes are not decodable audio of a supported container, or are truncated or corrupt."""
+
+    error_type = "invalid_audio"
+
+
+class UnsupportedAudio(InvalidInput):
+    """Audio whose sample rate or channel count is out of the accepted bounds."""
+
+    error_type = "unsupported_audio"
+
+
+class EmptyAudio(InvalidInput):
+    """Audio that holds no samples, or only silence."""
+
+    error_type = "empty_audio"
+
+
 class PolicyBlocked(MaasError):
     """A rule of the policy the caller chose refused the request; the rule is named, never its condition."""
 
@@ -58,6 +76,12 @@ class PayloadTooLarge(MaasError):
 
     status_code = HTTPStatus.REQUEST_ENTITY_TOO_LARGE
     error_type = "payload_too_large"
+
+
+class AudioTooLong(PayloadTooLarge):
+    """Audio longer than the limit, by the duration its file states or by what it decodes to."""
+
+    error_type = "audio_too_long"
 
 
 class UnsupportedMediaType(MaasError):

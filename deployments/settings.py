@@ -52,6 +52,23 @@ class Limits(BaseSettings):
     token limits (``max_prompt_tokens``, ``max_tokens``) are its deployment's settings; this bounds the
     tokenizing that checking them costs."""
 
+    max_audio_bytes: int = Field(10 * 1024 * 1024, gt=0)
+    """Largest accepted audio file, after base64 decoding (OpenAI's API takes 25 MB: raise this and
+    ``max_request_bytes`` together to match it)."""
+    max_audio_seconds: float = Field(600.0, gt=0)
+    """Longest accepted audio, by the duration its file states and by what it decodes to. Transcribing costs
+    about 0.12 to 0.4 CPU-seconds per second of audio on one thread, so 600 s is up to four minutes of a core."""
+    min_audio_sample_rate: int = Field(8000, gt=0)
+    """Lowest accepted sample rate (telephone audio); below it speech is not intelligible."""
+    max_audio_sample_rate: int = Field(192_000, gt=0)
+    """Highest accepted sample rate."""
+    max_audio_channels: int = Field(8, gt=0)
+    """Most channels; they are mixed down to one."""
+    max_audio_clips: int = Field(4, gt=0)
+    """Most audio clips in one request (a chat's ``input_audio`` parts, an inference batch)."""
+    max_speech_chars: int = Field(4096, gt=0)
+    """Longest text to synthesise, in characters (OpenAI's limit): about four minutes of speech."""
+
     max_explain_steps: int = Field(64, gt=0)
     """Most integration steps of one Integrated Gradients explanation (each a forward and a backward pass)."""
     max_explanations: int = Field(4, gt=0)

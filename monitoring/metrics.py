@@ -40,6 +40,9 @@ TEXT_TOKENS_BUCKETS = (4, 8, 16, 32, 64, 128, 256, 512, 1024)
 FIRST_TOKEN_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 60.0)
 TOKEN_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0)
 OCR_LINES_BUCKETS = (0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500)  # le="0.5": images without text
+REAL_TIME_FACTOR_BUCKETS = (0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 5.0)
+AUDIO_SECONDS_BUCKETS = (0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600)
+WORDS_BUCKETS = (0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000)  # le="0.5": nothing was said
 
 # Class labels are class indices, never free text; at most this many distinct values.
 MAX_CLASS_INDEX_VALUES = 1000
@@ -47,6 +50,9 @@ OTHER = "other"
 
 NO_KEY = "none"
 REFUSALS = ("invalid_api_key", "insufficient_scope", "rate_limit_exceeded")
+AUDIO_REFUSALS = (
+    "payload_too_large", "audio_too_long", "invalid_audio", "unsupported_audio", "empty_audio", "text_too_long",
+)  # fmt: skip
 
 LABELS = {
     "model": "model name as reported by GET /v1/models",
@@ -59,8 +65,11 @@ LABELS = {
     "finish_reason": "why a generation ended: stop, length, cancelled (the client left) or error",
     "state": "a language-model sequence's state: running (being decoded) or waiting (for a slot)",
     "key_id": f"an API key's configured id, or {NO_KEY!r} (none presented, or an unknown one)",
-    "reason": "why a request was refused: " + ", ".join(REFUSALS),
+    "reason": "why a request was refused: " + ", ".join(REFUSALS) + "; why audio was: " + ", ".join(AUDIO_REFUSALS),
     "kind": "prompt or completion (language-model tokens)",
+    "direction": "in (speech heard: transcribed) or out (speech spoken: synthesised)",
+    "language": "the language a transcription was in (Whisper's ISO 639-1 codes, about 100)",
+    "task": "transcribe or translate (speech to English text)",
 }
 
 FINISH_REASONS = ("stop", "length", "cancelled", "error")
@@ -339,6 +348,64 @@ class OcrMetrics:
         self.lines.observe(lines)
 
 
+class SpeechMetrics:
+    """A speech deployment's own instruments, beside its ``ModelMetrics``: ``direction`` ``in`` for the
+    recogniser, ``out`` for the synthesiser. Create it inside the replica."""
+
+    def __init__(self, direction: str):
+        tags = ("model", "version", "direction")
+        self.direction = direction
+        self.audio_seconds = metrics.Counter(
+            PREFIX + "speech_audio_seconds_total",
+            description="Seconds of audio heard (in: transcribed) or spoken (out: synthesised).",
+            tag_keys=tags,
+        )
+        self.real_time_factor = metrics.Histogram(
+            PREFIX + "speech_real_time_factor_ratio",
+            description="The replica's time to transcribe or synthesise, divided by the audio's length (under 1: "
+            "faster than the audio plays).",
+            boundaries=list(REAL_TIME_FACTOR_BUCKETS),
+            tag_keys=tags,
+        )
+        self.words = metrics.Histogram(
+            PREFIX + "speech_words_items",
+            description="Words per transcription (0: nothing was said) or per text synthesised.",
+            boundaries=list(WORDS_BUCKETS),
+            tag_keys=tags,
+        )
+        self.transcriptions = metrics.Counter(
+            PREFIX + "speech_transcriptions_total",
+            description="Transcriptions by the language detected or asked for, and task.",
+            tag_keys=(*tags, "language", "task"),
+        )
+        self.first_audio_seconds = metrics.Histogram(
+            PREFIX + "speech_time_to_first_audio_seconds",
+            description="Time from a synthesis reaching its replica to its first audio.",
+            boundaries=list(LATENCY_BUCKETS_S),
+            tag_keys=tags,
+        )
+        self._all = [self.audio_seconds, self.real_time_factor, self.words, self.transcriptions,
+                     self.first_audio_seconds]  # fmt: skip
+        self.set_model("", "")
+
+    def set_model(self, model: str, version: str) -> None:
+        for instrument in self._all:
+            instrument.set_default_tags({"model": model, "version": version, "direction": self.direction})
+
+    def observe(self, audio_s: float, seconds: float, words: int) -> None:
+        """One transcription or synthesis of ``audio_s`` seconds of audio that took the replica ``seconds``."""
+        self.audio_seconds.inc(audio_s)
+        self.words.observe(words)
+        if audio_s > 0:
+            self.real_time_factor.observe(seconds / audio_s)
+
+    def observe_transcription(self, language: str, task: str) -> None:
+        self.transcriptions.inc(tags={"language": language, "task": task})
+
+    def observe_first_audio(self, seconds: float) -> None:
+        self.first_audio_seconds.observe(seconds)
+
+
 class ExplainerMetrics:
     """The explainer deployment's own instruments, beside its ``ModelMetrics``. Create it inside the replica."""
 
@@ -406,6 +473,24 @@ class RequestMetrics:
             boundaries=list(LATENCY_BUCKETS_S),
             tag_keys=("route",),
         )
+        self.audio_seconds = metrics.Histogram(
+            PREFIX + "input_audio_seconds",
+            description="Length of each uploaded audio, decoded.",
+            boundaries=list(AUDIO_SECONDS_BUCKETS),
+            tag_keys=("route",),
+        )
+        self.audio_decode_seconds = metrics.Histogram(
+            PREFIX + "audio_preprocess_seconds",
+            description="Time to decode one uploaded audio into 16 kHz mono samples at the ingress.",
+            boundaries=list(LATENCY_BUCKETS_S),
+            tag_keys=("route",),
+        )
+        self.audio_refusals = metrics.Counter(
+            PREFIX + "audio_refusals_total",
+            description="Audio refused before any model work, by route and reason (too many bytes, too long, "
+            "not decodable, sample rate or channels out of bounds, silent, text too long to say).",
+            tag_keys=("route", "reason"),
+        )
 
     def observe_request(self, route: str, status: int, seconds: float, error_type: str | None) -> None:
         tags = {"route": route, "status": str(status)}
@@ -420,9 +505,25 @@ class RequestMetrics:
         self.image_pixels.observe(pixels, tags=tags)
         self.decode_seconds.observe(seconds, tags=tags)
 
+    def observe_audio(self, route: str, audio_s: float, seconds: float) -> None:
+        tags = {"route": route}
+        self.audio_seconds.observe(audio_s, tags=tags)
+        self.audio_decode_seconds.observe(seconds, tags=tags)
+
+    def observe_audio_refusal(self, route: str, reason: str) -> None:
+        self.audio_refusals.inc(
+            tags={"route": route, "reason": reason if reason in AUDIO_REFUSALS else "invalid_audio"}
+        )
+
 
 KEY_METRICS = tuple(
-    EXPORTED_PREFIX + name for name in ("api_key_requests_total", "api_key_refusals_total", "api_key_tokens_total")
+    EXPORTED_PREFIX + name
+    for name in (
+        "api_key_requests_total",
+        "api_key_refusals_total",
+        "api_key_tokens_total",
+        "api_key_audio_seconds_total",
+    )
 )
 """What ``KeyMetrics`` exports: only while API keys are on."""
 
@@ -447,8 +548,15 @@ class KeyMetrics:
             description="Language-model tokens per API key, prompt and completion.",
             tag_keys=("key_id", "kind"),
         )
+        self.audio_seconds = metrics.Counter(
+            PREFIX + "api_key_audio_seconds_total",
+            description="Seconds of audio heard (transcribed) and spoken per API key.",
+            tag_keys=("key_id",),
+        )
 
-    def observe(self, key_id: str | None, status: int, error_type: str | None, prompt: int, completion: int) -> None:
+    def observe(
+        self, key_id: str | None, status: int, error_type: str | None, prompt: int, completion: int, audio_s: float = 0
+    ) -> None:
         key_id = key_id or NO_KEY
         self.requests.inc(tags={"key_id": key_id, "status": str(status)})
         if error_type in REFUSALS:
@@ -456,6 +564,8 @@ class KeyMetrics:
         for kind, tokens in (("prompt", prompt), ("completion", completion)):
             if tokens:
                 self.tokens.inc(tokens, tags={"key_id": key_id, "kind": kind})
+        if audio_s:
+            self.audio_seconds.inc(audio_s, tags={"key_id": key_id})
 
 
 @functools.cache

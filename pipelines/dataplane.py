@@ -16,7 +16,6 @@ back (the dataclasses of ``deployments.contracts``). Here, once for all of them:
 """
 
 import asyncio
-import contextlib
 import dataclasses
 import re
 import time
@@ -26,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from deployments.audio import DecodedAudio
 from deployments.contracts import (
     FusionResult,
     GenerationChunk,
@@ -33,13 +33,16 @@ from deployments.contracts import (
     ImageExplanation,
     OcrLine,
     OcrResult,
+    SpeechRequest,
     TextEmbeddings,
     TextExplanation,
     TextRanking,
+    Transcript,
+    TranscriptionRequest,
     VisionResult,
 )
-from deployments.downstream import Deadline, api_error, call_models
-from deployments.errors import InvalidInput, ModelTimeout, PolicyBlocked
+from deployments.downstream import Deadline, call_models
+from deployments.errors import InvalidInput, PolicyBlocked
 from deployments.imaging import ImageSpec, crop_region, decode_base64, decode_image, fit_within, prepare
 from deployments.settings import limits
 from deployments.words import check_words
@@ -50,6 +53,8 @@ from pipelines import grounding, usage
 from pipelines.grounding import Evidence
 from pipelines.grouping import Grouped
 from pipelines.registry import ModelRegistry
+from pipelines.speech import SpeechGraph, relay
+from pipelines.usage import private
 
 DESCRIBE_CLASSES = 5  # classes asked of the vision model for evidence (grounding keeps the likely ones)
 
@@ -97,6 +102,37 @@ class Chat:
     masked: int = 0  # matches of the policy's masks replaced in the images' text before the model read it
 
 
+DEFAULT_QUESTION = "What is in this picture?"
+"""What ``ask`` asks about an image that came without a question."""
+
+
+@dataclass
+class Heard:
+    """A transcript and the audio it came from."""
+
+    transcript: Transcript
+    audio: DecodedAudio
+
+
+@dataclass
+class Answer:
+    """A question asked in speech, text and/or with an image, answered: what was heard and seen, the answer, and
+    the answer spoken."""
+
+    question: str
+    text: str
+    last: GenerationChunk  # the answer's last chunk: finish reason, token counts, model and version
+    heard: Heard | None
+    looked: object | None  # pipelines.dataplane.Looked
+    speech: bytes | None
+    speech_seconds: float
+    speech_model: str | None
+    seconds: dict[str, float]  # each stage: asr, vision and ocr (in parallel with it), llm, tts
+    facts: list
+    decision: Decision | None = None
+    masked: int = 0
+
+
 @dataclass
 class Analysis:
     """A multimodal answer: the fused label scores, and the vision branch's classes when an image was sent."""
@@ -120,8 +156,9 @@ def decode_and_prepare(
     )
 
 
-class Dataplane:
-    """Calls the ``vision``, ``text`` and ``fusion`` models of ``models``.
+class Dataplane(SpeechGraph):
+    """Calls the models of ``models``: ``vision``, ``text`` and ``fusion``, ``ocr``, ``llm``, the ``explainer``,
+    and the speech models ``asr`` and ``tts`` (``SpeechGraph``).
 
     ``metrics`` (the ingress's instruments) records each decoded image under the route that sent it; the
     batch job passes none. ``knowledge`` (the shipped WordNet graph by default) turns class probabilities into
@@ -466,6 +503,81 @@ class Dataplane:
         sources = [fact for item in looked for fact in item.evidence.facts] + facts
         return Chat(chunks, looked, sources, masked)
 
+    async def ask(
+        self,
+        question: str | None,
+        audio: DecodedAudio | None,
+        image,
+        deadline: Deadline,
+        *,
+        language: str | None = None,
+        max_tokens: int | None = None,
+        knowledge: bool = False,
+        policy: CompiledPolicy | None = None,
+        route: str = "",
+        speak: SpeechRequest | None = None,
+    ) -> Answer:
+        """A question in speech (``audio``) and/or text, maybe about an image, answered by the language model and,
+        with ``speak``, spoken back. The audio is heard while vision and OCR look at the image. With a
+        ``policy``, its rules run on what was heard, read and seen before the language model starts (a block
+        refuses, masks mask the question), and on the answer."""
+        seconds: dict[str, float] = {}
+
+        async def hear() -> Heard | None:
+            if audio is None:
+                return None
+            start = time.perf_counter()
+            transcript = await self.transcribe(audio, TranscriptionRequest(audio.samples, language=language), deadline)
+            seconds["asr"] = time.perf_counter() - start
+            return Heard(transcript, audio)
+
+        async def see():
+            if image is None:
+                return None
+            looked = await self.look(image, deadline, knowledge)
+            seconds.update(looked.seconds)
+            return looked
+
+        heard, looked = await asyncio.gather(hear(), see())
+        asked = " ".join(part for part in (heard.transcript.text.strip() if heard else "", question or "") if part)
+        if not asked:
+            if image is None:
+                raise InvalidInput("the audio holds no words, and no text was sent with it", field="audio")
+            asked = DEFAULT_QUESTION
+        messages = [{"role": "user", "content": [grounding.ImagePart(0), asked] if looked else asked}]
+        facts = self.named_facts(messages) if knowledge else []
+        masked = 0
+        if policy is not None:
+            before = self.judge(policy, route, [looked.vision] if looked else [], [looked.ocr] if looked else [],
+                                input=asked)  # fmt: skip
+            asked, count = before.mask(asked)
+            masked += count
+            if looked is not None:
+                looked, count = _masked(looked, before)
+                masked += count
+            messages = [{"role": "user", "content": [grounding.ImagePart(0), asked] if looked else asked}]
+        prompt = grounding.chat_messages(messages, [looked.evidence] if looked else [], facts)
+        start = time.perf_counter()
+        generation = GenerationRequest(messages=prompt, max_tokens=max_tokens, temperature=0.0)
+        text, last = await collect(await self.generate(generation, deadline))
+        seconds["llm"] = time.perf_counter() - start
+        text, decision = text.strip(), None
+        if policy is not None:
+            decision = self.judge(policy, route, [looked.vision] if looked else [], [looked.ocr] if looked else [],
+                                  output=text, input=asked)  # fmt: skip
+            text, count = decision.mask(text)
+            masked += count
+        speech, said, speaker = None, 0.0, None
+        if speak is not None and text:
+            start = time.perf_counter()
+            chunks = [chunk async for chunk in await self.speak(dataclasses.replace(speak, text=text), deadline)]
+            speech = b"".join(chunk.audio for chunk in chunks)
+            said = sum(chunk.seconds for chunk in chunks)
+            speaker = f"{chunks[0].model} {chunks[0].version}"
+            seconds["tts"] = time.perf_counter() - start
+        sources = [*(looked.evidence.facts if looked else []), *facts]
+        return Answer(asked, text, last, heard, looked, speech, said, speaker, seconds, sources, decision, masked)
+
     @staticmethod
     def last_user_text(messages: list[dict]) -> str:
         return next((_text_of(m["content"]) for m in reversed(messages) if m["role"] == "user"), "")
@@ -491,16 +603,6 @@ class Dataplane:
         head = await call_models(accepted, deadline)
         chunks = _relay(head, stream, deadline)
         return chunks if masker is None else _masked_answer(chunks)
-
-
-async def private(texts: list[str]) -> list[str]:
-    """The texts with personal data masked, where the request asked for masking (counted in its usage)."""
-    masker = usage.masker()
-    if masker is None:
-        return texts
-    masked, counts = await asyncio.to_thread(masker.mask_all, texts)  # the NER model takes milliseconds a text
-    usage.record_masked(counts)
-    return masked
 
 
 async def _private_request(request: GenerationRequest) -> GenerationRequest:
@@ -576,24 +678,13 @@ def _in_upload_pixels(result: OcrResult, scale: float) -> OcrResult:
 
 
 async def _relay(head: GenerationChunk, stream, deadline: Deadline) -> AsyncIterator[GenerationChunk]:
-    finished, last = False, head
+    """A generation's chunks after its first (``speech.relay``), its tokens recorded as the request's usage."""
+    last = head
+    chunks = relay(head, stream, deadline, "the answer")
     try:
-        yield head
-        while True:
-            try:
-                chunk = await asyncio.wait_for(stream.__anext__(), timeout=deadline.remaining())
-            except StopAsyncIteration:
-                break
-            except TimeoutError:
-                raise ModelTimeout("the answer did not finish within the request's deadline") from None
-            except Exception as exc:  # noqa: BLE001 - API errors keep their status; the rest are bugs
-                error = api_error(exc)
-                raise error or exc from None
+        async for chunk in chunks:
             last = chunk
             yield chunk
-        finished = True
     finally:
         usage.record_tokens(last.prompt_tokens, last.completion_tokens)  # a cancelled answer's tokens count too
-        if not finished:
-            with contextlib.suppress(Exception):
-                stream.cancel()
+        await chunks.aclose()

@@ -30,6 +30,8 @@ from deployments.fusion import FusionScorer
 from deployments.ingress import Ingress
 from deployments.language import TextGenerator
 from deployments.ocr import TextReader
+from deployments.recognizer import SpeechRecognizer
+from deployments.synthesizer import SpeechSynthesizer
 from deployments.text import TextEncoder
 from deployments.vision import VisionClassifier
 from pipelines.registry import ModelRegistry
@@ -68,7 +70,8 @@ class MultimodalArgs(BaseModel):
 
 
 def build_app(args: MultimodalArgs | dict | None = None) -> Application:
-    """Bind the vision, text, fusion, OCR, language-model, explainer and ingress deployments into one application."""
+    """Bind the vision, text, fusion, OCR, language-model, explainer, speech and ingress deployments into one
+    application."""
     try:
         args = MultimodalArgs.model_validate(args or {})
     except ValidationError as exc:
@@ -82,8 +85,11 @@ def build_app(args: MultimodalArgs | dict | None = None) -> Application:
     ocr = TextReader.bind()
     llm = TextGenerator.bind()
     explainer = Explainer.bind(text)
+    asr = SpeechRecognizer.bind()
+    tts = SpeechSynthesizer.bind()
     # The models by the names every protocol knows them by (GET /v1/models, /v2/models/{name}, OpenAI's model).
-    models = {"vision": vision, "text": text, "fusion": fusion, "ocr": ocr, "llm": llm, "explainer": explainer}
+    models = {"vision": vision, "text": text, "fusion": fusion, "ocr": ocr, "llm": llm, "explainer": explainer,
+              "asr": asr, "tts": tts}  # fmt: skip
     return Ingress.bind(models)
 
 
@@ -94,6 +100,8 @@ MODEL_DEPLOYMENTS = {
     "ocr": TextReader.name,
     "llm": TextGenerator.name,
     "explainer": Explainer.name,
+    "asr": SpeechRecognizer.name,
+    "tts": SpeechSynthesizer.name,
 }
 
 

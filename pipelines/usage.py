@@ -5,6 +5,7 @@ wherever the work happens (``record_tokens``), in the request's own task or in t
 same object through the context variable. Outside a request (a unit test, a batch job) recording does nothing.
 """
 
+import asyncio
 from collections import Counter
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -18,8 +19,10 @@ if TYPE_CHECKING:
 class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    audio_seconds: float = 0.0  # heard (transcribed) and spoken (synthesised)
     masked: Counter = field(default_factory=Counter)  # kind of personal data -> how many were masked
     masker: "Masker | None" = None  # set where the request's texts are to be masked
+    models: set = field(default_factory=set)  # models the request's body asked for beyond its route's own
 
     @property
     def tokens(self) -> int:
@@ -46,6 +49,12 @@ def record_tokens(prompt_tokens: int, completion_tokens: int) -> None:
         usage.completion_tokens += completion_tokens
 
 
+def record_audio(seconds: float) -> None:
+    """Seconds of audio a request had heard or spoken."""
+    if (usage := _current.get()) is not None:
+        usage.audio_seconds += seconds
+
+
 def masker() -> "Masker | None":
     """The masker of the request being served, if its texts are to be masked."""
     usage = _current.get()
@@ -55,3 +64,13 @@ def masker() -> "Masker | None":
 def record_masked(counts: dict[str, int]) -> None:
     if (usage := _current.get()) is not None:
         usage.masked.update({kind: n for kind, n in counts.items() if n})
+
+
+async def private(texts: list[str]) -> list[str]:
+    """The texts with personal data masked, where the request asked for masking (counted in its usage)."""
+    found = masker()
+    if found is None:
+        return texts
+    masked, counts = await asyncio.to_thread(found.mask_all, texts)  # the NER model takes milliseconds a text
+    record_masked(counts)
+    return masked

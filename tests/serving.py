@@ -117,8 +117,10 @@ def gpu_profile(http_port: int, vision_replicas: int, require_gpus: bool = True)
     deployments["TextEncoder"]["ray_actor_options"]["num_gpus"] = 0
     deployments["TextGenerator"]["ray_actor_options"]["num_gpus"] = 0
     deployments["Explainer"]["ray_actor_options"]["num_gpus"] = 0
+    deployments["SpeechRecognizer"]["ray_actor_options"]["num_gpus"] = 0
     # Placement and node loss need one replica of the rest; two each (for updates) only slow the start.
-    for name in ("TextEncoder", "FusionScorer", "TextReader", "TextGenerator", "Explainer"):
+    for name in ("TextEncoder", "FusionScorer", "TextReader", "TextGenerator", "Explainer", "SpeechRecognizer",
+                 "SpeechSynthesizer"):  # fmt: skip
         deployments[name]["autoscaling_config"] |= {"min_replicas": 1, "max_replicas": 1}
     deployments["Ingress"]["num_replicas"] = 1
     return config

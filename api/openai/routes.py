@@ -19,6 +19,7 @@ import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from api.access import require_models
 from api.context import AdmissionDep, DataplaneDep
 from api.knowledge import render_decision, render_sources
 from api.openai import schemas
@@ -26,7 +27,7 @@ from api.openapi import inline
 from api.policy import RoutePolicy, declare
 from api.problems import Problem, problem
 from api.v1.bodies import read_body
-from deployments.contracts import GenerationChunk, GenerationRequest
+from deployments.contracts import GenerationChunk, GenerationRequest, Transcript, TranscriptionRequest
 from deployments.downstream import Deadline
 from deployments.errors import InvalidInput, MaasError
 from pipelines.dataplane import Dataplane, PreparedImage, collect
@@ -151,20 +152,37 @@ async def _chat_image(dataplane: Dataplane, where: tuple, url: str, deadline: De
         raise
 
 
-def _chat_messages(body: schemas.ChatCompletionRequest) -> list[dict]:
-    """The chat for the dataplane: each message's text, or, where it holds images, its parts in order: text, and
-    ``ImagePart`` with the image's index among the chat's images."""
-    messages, images = [], 0
+async def _chat_audio(dataplane: Dataplane, where: tuple, clip: schemas.InputAudio, deadline: Deadline) -> Transcript:
+    """What a chat's audio clip says (heard by the ``asr`` model); its errors name where it is in the request."""
+    try:
+        audio = await dataplane.prepare_audio(CHAT, deadline, audio_b64=clip.data, field=where)
+        return await dataplane.transcribe(audio, TranscriptionRequest(audio.samples), deadline)
+    except MaasError as exc:
+        if exc.field in ("file", "audio"):
+            exc.field = where
+        raise
+
+
+def _chat_messages(body: schemas.ChatCompletionRequest, heard: list[Transcript] = ()) -> list[dict]:
+    """The chat for the dataplane: each message's text, or, where it holds images or audio, its parts in order:
+    text, ``ImagePart`` with the image's index among the chat's images, and each audio clip's transcript (what
+    the user said, as if typed)."""
+    messages, images, clips = [], 0, 0
     for message in body.messages:
         content: str | list = message.text()
-        if message.images():
+        if message.images() or message.audios():
             content = []
             for part in message.content:
                 if isinstance(part, schemas.ImagePart):
                     content.append(ImagePart(images))
                     images += 1
+                elif isinstance(part, schemas.AudioPart):
+                    content.append(heard[clips].text)
+                    clips += 1
                 else:
                     content.append(part.text)
+            if not message.images():
+                content = "\n".join(content)
         messages.append({"role": message.chat_role(), "content": content})
     return messages
 
@@ -217,7 +235,7 @@ def _envelope(kind: str, ident: str, created: int, chunk: GenerationChunk) -> di
 
 
 @router.post(
-    declare(CHAT, RoutePolicy("openai", ("llm",), ("vision", "ocr"), ingress=32, proxy=64, timeout="long")),
+    declare(CHAT, RoutePolicy("openai", ("llm",), ("vision", "ocr", "asr"), ingress=32, proxy=64, timeout="long")),
     response_model=schemas.ChatCompletion,
     responses=GENERATION_RESPONSES,
     openapi_extra=_body(schemas.ChatCompletionRequest),
@@ -227,18 +245,32 @@ async def chat_completions(request: Request, dataplane: DataplaneDep, admission:
 
     Images (``image_url`` parts with a data URL) are looked at by the vision and OCR models in parallel; the
     language model reads, in place of each, ``[Image N]`` and what they found in it (the ImageNet classes it
-    is most sure of and the text read), and is told to answer about images from that evidence only.
+    is most sure of and the text read), and is told to answer about images from that evidence only. Audio
+    (``input_audio`` parts, base64 WAV or MP3) is heard by the ``asr`` model first: the language model reads
+    what was said, as if typed, and the answer's ``transcripts`` say what was heard.
     """
     deadline = request.state.deadline
     grounded: dict = {}  # what start() learnt: the knowledge given, the policy's decision
 
     async def start(body: schemas.ChatCompletionRequest) -> AsyncIterator[GenerationChunk]:
         policy = dataplane.policy(body.policy)  # an unknown policy is refused before any work
-        images = body.image_urls()
-        generation = GenerationRequest(messages=_chat_messages(body), **_sampling(body, body.token_cap()))
+        images, clips = body.image_urls(), body.audio_parts()
+        if images:
+            require_models(request, {"vision", "ocr"})
+        if clips:
+            require_models(request, {"asr"})
+        # Images are decoded while the audio is decoded and heard.
+        prepared, heard = await asyncio.gather(
+            asyncio.gather(*(_chat_image(dataplane, where, url, deadline) for where, url in images)),
+            asyncio.gather(*(_chat_audio(dataplane, where, clip, deadline) for where, clip in clips)),
+        )
+        if clips:
+            grounded["transcripts"] = [
+                schemas.HeardAudio(text=t.text, language=t.language, duration=t.duration) for t in heard
+            ]
+        generation = GenerationRequest(messages=_chat_messages(body, heard), **_sampling(body, body.token_cap()))
         if not images and not body.knowledge and policy is None:
             return await dataplane.generate(generation, deadline)
-        prepared = await asyncio.gather(*(_chat_image(dataplane, where, url, deadline) for where, url in images))
         chat = await dataplane.chat(generation, list(prepared), deadline, body.knowledge, policy, CHAT)
         grounded["knowledge"] = render_sources(chat.facts) if body.knowledge else None
         if policy is None:
@@ -282,6 +314,7 @@ async def chat_completions(request: Request, dataplane: DataplaneDep, admission:
         usage=_usage(last),
         knowledge=grounded.get("knowledge"),
         policy=grounded.get("policy"),
+        transcripts=grounded.get("transcripts"),
     )
 
 
@@ -292,6 +325,8 @@ def _extensions(grounded: dict) -> dict:
         extensions["knowledge"] = [source.model_dump() for source in grounded["knowledge"]]
     if grounded.get("policy") is not None:
         extensions["policy"] = grounded["policy"].model_dump()
+    if grounded.get("transcripts") is not None:
+        extensions["transcripts"] = [heard.model_dump() for heard in grounded["transcripts"]]
     return extensions
 
 

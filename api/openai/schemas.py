@@ -26,6 +26,9 @@ from pydantic import (
 
 from api.knowledge import KnowledgeSource, PolicyDecision
 from api.openapi import integral
+from deployments.audio import OUTPUT_FORMATS
+from deployments.contracts import LANGUAGES
+from deployments.contracts import MAX_PROMPT_CHARS as MAX_TRANSCRIPTION_PROMPT_CHARS
 from deployments.settings import limits
 from knowledge.rules import NAME_PATTERN
 
@@ -37,6 +40,9 @@ MAX_STOP = 4  # OpenAI's limit
 MAX_STOP_CHARS = 64
 MAX_USER_CHARS = 256
 MAX_CHAT_IMAGES = _L.max_chat_images
+MAX_SPEECH_CHARS = _L.max_speech_chars
+MAX_AUDIO_CLIPS = _L.max_audio_clips
+MAX_AUDIO_B64_CHARS = 4 * -(-_L.max_audio_bytes // 3)
 # Base64 of the largest accepted image, and its data URL prefix.
 MAX_IMAGE_URL_CHARS = 4 * -(-_L.max_image_bytes // 3) + 128
 
@@ -84,9 +90,25 @@ class ImagePart(Request):
     image_url: ImageURL
 
 
+class InputAudio(Request):
+    data: Annotated[str, Field(min_length=1, max_length=MAX_AUDIO_B64_CHARS)] = Field(
+        description="The audio file, base64-encoded (no data URL prefix)."
+    )
+    format: Literal["wav", "mp3", "flac", "ogg", "webm", "m4a"] = Field(
+        description="Its format: OpenAI's `wav` and `mp3`, and as an extension `flac`, `ogg`, `webm`, `m4a`. The "
+        "file is decoded by what its bytes are."
+    )
+
+
+class AudioPart(Request):
+    type: Literal["input_audio"]
+    input_audio: InputAudio
+
+
 def _part_kind(part) -> str | None:
     kind = part.get("type") if isinstance(part, dict) else getattr(part, "type", None)
-    return {"text": "TextPart", "image_url": "ImagePart"}.get(kind) if isinstance(kind, str) else None
+    parts = {"text": "TextPart", "image_url": "ImagePart", "input_audio": "AudioPart"}
+    return parts.get(kind) if isinstance(kind, str) else None
 
 
 def _content_kind(content) -> str | None:
@@ -96,11 +118,15 @@ def _content_kind(content) -> str | None:
 # Tagged unions, so a bad part is reported once, where it is: the tags are names error messages leave out of
 # the field path (``messages.0.content.1.image_url.url``).
 ContentPart = Annotated[
-    Union[Annotated[TextPart, Tag("TextPart")], Annotated[ImagePart, Tag("ImagePart")]],
+    Union[
+        Annotated[TextPart, Tag("TextPart")],
+        Annotated[ImagePart, Tag("ImagePart")],
+        Annotated[AudioPart, Tag("AudioPart")],
+    ],
     Discriminator(
         _part_kind,
         custom_error_type="invalid_content_part",
-        custom_error_message="a content part's type must be 'text' or 'image_url'",
+        custom_error_message="a content part's type must be 'text', 'image_url' or 'input_audio'",
     ),
 ]
 Content = Annotated[
@@ -119,7 +145,9 @@ Content = Annotated[
 class Message(Request):
     role: Literal["system", "developer", "user", "assistant"] = Field(
         description="`developer` is treated as `system`. Tool messages are not supported. Images (`image_url` "
-        f"parts) are taken in `user` messages only, at most {MAX_CHAT_IMAGES} in a chat (`MAAS_MAX_CHAT_IMAGES`)."
+        f"parts) are taken in `user` messages only, at most {MAX_CHAT_IMAGES} in a chat (`MAAS_MAX_CHAT_IMAGES`); "
+        f"so is audio (`input_audio` parts, heard by the `asr` model), at most {MAX_AUDIO_CLIPS} clips in a chat "
+        "(`MAAS_MAX_AUDIO_CLIPS`)."
     )
     content: Content
     name: Annotated[str, Field(max_length=64)] | None = None
@@ -128,6 +156,8 @@ class Message(Request):
     def _images_from_the_user(self) -> "Message":
         if self.role != "user" and self.images():
             raise ValueError("images are accepted in user messages only")
+        if self.role != "user" and self.audios():
+            raise ValueError("audio is accepted in user messages only")
         return self
 
     def text(self) -> str:
@@ -141,6 +171,12 @@ class Message(Request):
         if isinstance(self.content, str):
             return []
         return [(index, part) for index, part in enumerate(self.content) if isinstance(part, ImagePart)]
+
+    def audios(self) -> list[tuple[int, AudioPart]]:
+        """The audio parts, with their index in the content."""
+        if isinstance(self.content, str):
+            return []
+        return [(index, part) for index, part in enumerate(self.content) if isinstance(part, AudioPart)]
 
     def chat_role(self) -> str:
         return "system" if self.role == "developer" else self.role
@@ -202,6 +238,9 @@ class ChatCompletionRequest(Sampling):
         images = sum(len(message.images()) for message in messages)
         if images > MAX_CHAT_IMAGES:
             raise ValueError(f"the messages have {images} images; at most {MAX_CHAT_IMAGES} in one chat")
+        clips = sum(len(message.audios()) for message in messages)
+        if clips > MAX_AUDIO_CLIPS:
+            raise ValueError(f"the messages have {clips} audio clips; at most {MAX_AUDIO_CLIPS} in one chat")
         return messages
 
     def image_urls(self) -> list[tuple[tuple, str]]:
@@ -210,6 +249,14 @@ class ChatCompletionRequest(Sampling):
             (("messages", m, "content", j, "image_url", "url"), part.image_url.url)
             for m, message in enumerate(self.messages)
             for j, part in message.images()
+        ]
+
+    def audio_parts(self) -> list[tuple[tuple, InputAudio]]:
+        """Every audio clip of the chat in order, with where it is in the request (``messages.i.content.j``)."""
+        return [
+            (("messages", m, "content", j, "input_audio", "data"), part.input_audio)
+            for m, message in enumerate(self.messages)
+            for j, part in message.audios()
         ]
 
     def token_cap(self) -> int | None:
@@ -273,6 +320,14 @@ class ChatChoice(BaseModel):
     logprobs: None = None
 
 
+class HeardAudio(BaseModel):
+    """What an ``input_audio`` clip said, as the ``asr`` model heard it."""
+
+    text: str
+    language: str = Field(description="ISO 639-1 code of the language heard.")
+    duration: float = Field(description="Seconds of audio.")
+
+
 class ChatCompletion(BaseModel):
     id: str
     object: Literal["chat.completion"] = "chat.completion"
@@ -283,6 +338,9 @@ class ChatCompletion(BaseModel):
     usage: Usage
     knowledge: list[KnowledgeSource] | None = Field(None, description="Extension: the facts given, with knowledge.")
     policy: PolicyDecision | None = Field(None, description="Extension: the decision of the policy asked for.")
+    transcripts: list[HeardAudio] | None = Field(
+        None, description="Extension: what each `input_audio` clip said, in the order of the chat."
+    )
 
 
 class Delta(BaseModel):
@@ -382,3 +440,119 @@ class ErrorBody(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorBody
+
+
+# --- audio ------------------------------------------------------------------------------------------------
+
+TRANSCRIPT_FORMATS = ("json", "text", "srt", "verbose_json", "vtt")
+MAX_VOICE_CHARS = 64
+
+
+class _AudioForm(BaseModel):
+    """A multipart form of the audio routes: every value arrives as text, read as the field's type."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    file: str = Field(description="The audio file (FLAC, MP3, MP4/M4A, Ogg, WAV or WebM), as a form upload.")
+    model: str = Field(description="`asr`, as `GET /v1/models` lists it.")
+    prompt: Annotated[str, Field(max_length=MAX_TRANSCRIPTION_PROMPT_CHARS)] | None = Field(
+        None, description="Text the speech follows on from: names, spelling, style (Whisper reads its last 223 tokens)."
+    )
+    response_format: Literal[TRANSCRIPT_FORMATS] = "json"
+    temperature: float = Field(
+        0.0, ge=0.0, le=1.0, description="0: greedy, then hotter where a window fails the quality checks."
+    )
+    policy: Annotated[str, StringConstraints(pattern=NAME_PATTERN)] | None = Field(
+        None,
+        description="Extension: a policy (GET /v1/policies) to check what was said with; a `block` refuses "
+        "the request (403), `mask` rules mask the transcript.",
+    )
+
+
+class TranscriptionForm(_AudioForm):
+    language: str | None = Field(
+        None, description="The speech's language (ISO 639-1, e.g. `en`); unset, it is detected (one more pass)."
+    )
+    timestamp_granularities: Annotated[list[Literal["word", "segment"]], Field(min_length=1, max_length=2)] | None = (
+        Field(None, description="`timestamp_granularities[]`: `segment` and/or `word`; with `verbose_json` only.")
+    )
+    stream: bool = Field(False, description="Server-Sent Events: `transcript.text.delta`, then `.done`.")
+
+    @field_validator("language")
+    @classmethod
+    def _known_language(cls, language: str | None) -> str | None:
+        if language is not None and language not in LANGUAGES:
+            raise ValueError(f"unknown language; Whisper's are ISO 639-1 codes: {', '.join(LANGUAGES)}")
+        return language
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TranscriptionForm":
+        if self.timestamp_granularities and self.response_format != "verbose_json":
+            raise ValueError("timestamp_granularities[] needs response_format verbose_json")
+        if self.stream and self.response_format not in ("json", "text"):
+            raise ValueError("stream is for response_format json or text")
+        return self
+
+    def words(self) -> bool:
+        return "word" in (self.timestamp_granularities or ())
+
+
+class TranslationForm(_AudioForm):
+    """Speech in any language Whisper knows, English text out."""
+
+
+class AudioUsage(BaseModel):
+    type: Literal["duration"] = "duration"
+    seconds: int = Field(description="Seconds of audio heard, rounded up.")
+
+
+class Transcription(BaseModel):
+    text: str
+    usage: AudioUsage
+
+
+class TranscriptionWord(BaseModel):
+    word: str
+    start: float
+    end: float
+
+
+class TranscriptionSegment(BaseModel):
+    id: int
+    seek: int
+    start: float
+    end: float
+    text: str
+    tokens: list[int]
+    temperature: float
+    avg_logprob: float
+    compression_ratio: float
+    no_speech_prob: float
+
+
+class TranscriptionVerbose(BaseModel):
+    task: Literal["transcribe", "translate"]
+    language: str = Field(description="The language heard, by its English name (`english`), as OpenAI gives it.")
+    duration: float = Field(description="Seconds of audio.")
+    text: str
+    segments: list[TranscriptionSegment] | None = None
+    words: list[TranscriptionWord] | None = None
+    usage: AudioUsage
+
+
+class SpeechBody(Request):
+    model: str = Field(description="`tts`, as `GET /v1/models` lists it.")
+    input: Annotated[str, Field(min_length=1, max_length=MAX_SPEECH_CHARS)] = Field(
+        description=f"The text to say, at most {MAX_SPEECH_CHARS} characters (`MAAS_MAX_SPEECH_CHARS`)."
+    )
+    voice: Annotated[str, Field(min_length=1, max_length=MAX_VOICE_CHARS)] = Field(
+        description="A voice the `tts` model has (`GET /v1/models`: its details' `voices`)."
+    )
+    response_format: Literal[OUTPUT_FORMATS] = Field(
+        "mp3", description="pcm is 16-bit little-endian mono at 24 kHz, as OpenAI's; the others at the voice's rate."
+    )
+    speed: float = Field(1.0, ge=0.25, le=4.0, description="Tempo, its pitch unchanged.")
+    stream_format: Literal["audio", "sse"] = Field(
+        "audio",
+        description="`audio`: the bytes, streamed as each sentence is said; `sse`: `speech.audio.delta` events.",
+    )

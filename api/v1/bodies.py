@@ -26,6 +26,8 @@ class StrictMultiPartParser(MultiPartParser):
     client's broken UTF-8 into other text.
     """
 
+    spool_max_size = limits().max_request_bytes  # uploads stay in memory: no request's data touches the disk
+
     def on_part_end(self) -> None:
         part = self._current_part
         if part.file is None:
@@ -50,38 +52,54 @@ async def read_body(request: Request, model: type[Model], multipart: bool = Fals
     if kind == JSON:
         return model.model_validate_json(await read_bytes(request), strict=True), None
     if kind == MULTIPART and multipart:
-        return await read_form(request, model)
+        body, files = await read_form(request, model, {"image": limits().max_image_bytes})
+        return body, files.get("image")
     accepted = f"{JSON} or {MULTIPART}" if multipart else JSON
     raise UnsupportedMediaType(f"Content-Type must be {accepted}")
 
 
-async def read_form(request: Request, model: type[Model]) -> tuple[Model, bytes | None]:
+LISTS = {"labels": "labels", "texts": "texts", "concepts": "concepts"}
+"""Form fields that may repeat, each value an item of a list field (form name -> field)."""
+
+
+async def read_form(
+    request: Request, model: type[Model], files: dict[str, int], lists: dict[str, str] = LISTS
+) -> tuple[Model, dict[str, bytes]]:
+    """A multipart form validated as ``model``, and its files: at most one per field of ``files`` (field name ->
+    its most bytes). A file field's value in the model is ``schemas.IMAGE_PLACEHOLDER``, so the model's own
+    check that it was sent passes. Uploads are kept in memory (within ``max_request_bytes``): none is written
+    to disk."""
     lim = limits()
-    parser = StrictMultiPartParser(request.headers, request.stream(), max_files=1, max_fields=lim.max_labels + 8)
+    parser = StrictMultiPartParser(
+        request.headers, request.stream(), max_files=len(files), max_fields=lim.max_labels + 8
+    )
     try:
         form = await parser.parse()
     except MultiPartException as exc:  # a malformed form, too many files or fields
         raise HTTPException(status_code=400, detail=exc.message) from None
     try:
         fields: dict = {}
-        image_bytes = None
+        uploaded: dict[str, bytes] = {}
         for key, value in form.multi_items():
             if isinstance(value, UploadFile):
-                if key != "image":
-                    raise InvalidInput(f"unexpected file field {key!r}; send the image in field 'image'", field=key)
-                image_bytes = await value.read(lim.max_image_bytes + 1)
-                if len(image_bytes) > lim.max_image_bytes:
-                    raise PayloadTooLarge(
-                        f"image is larger than the limit of {lim.max_image_bytes} bytes", field="image"
-                    )
-            elif key in ("labels", "texts", "concepts"):
-                fields.setdefault(key, []).append(value)
-            elif key in fields:
+                if key not in files:
+                    names = " or ".join(repr(name) for name in files)
+                    raise InvalidInput(f"unexpected file field {key!r}; send the file in field {names}", field=key)
+                if key in uploaded:
+                    raise InvalidInput(f"form field {key!r} is given more than once", field=key)
+                data = await value.read(files[key] + 1)
+                if len(data) > files[key]:
+                    raise PayloadTooLarge(f"{key} is larger than the limit of {files[key]} bytes", field=key)
+                uploaded[key] = data
+            elif key in lists:
+                fields.setdefault(lists[key], []).append(value)
+            elif key in fields or key in uploaded:
                 raise InvalidInput(f"form field {key!r} is given more than once", field=key)
             else:
                 fields[key] = value
     finally:
         await form.close()
-    if image_bytes is not None:
-        fields["image"] = schemas.IMAGE_PLACEHOLDER  # so the model's own check on the field passes
-    return model.from_form(fields), image_bytes
+    for name in uploaded:
+        fields[name] = schemas.IMAGE_PLACEHOLDER  # so the model's own check on the field passes
+    validate = getattr(model, "from_form", model.model_validate)
+    return validate(fields), uploaded

@@ -5,6 +5,7 @@ result in its response schema (``schemas``). Errors are ``{"detail": [{"loc", "m
 FastAPI gives validation errors, so clients parse one format.
 """
 
+import asyncio
 import base64
 
 import numpy as np
@@ -13,13 +14,16 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
+from api.access import require_models
 from api.context import AdmissionDep, DataplaneDep
 from api.knowledge import render_decision, render_sources
 from api.policy import RoutePolicy, declare
 from api.problems import Problem
 from api.v1 import schemas
-from api.v1.bodies import JSON, MULTIPART, read_body
+from api.v1.bodies import JSON, MULTIPART, content_type, read_body, read_form
+from deployments.contracts import SpeechRequest
 from deployments.scoring import top_k
+from deployments.settings import limits
 
 IMAGE_MEDIA_TYPES = ("image/jpeg", "image/png", "image/webp", "image/gif", "image/bmp", "image/tiff")
 
@@ -60,10 +64,10 @@ def _openapi_body(model: type[BaseModel], multipart: bool) -> dict:
     """OpenAPI request body for routes that parse the body themselves (JSON and/or form)."""
     content = {JSON: {"schema": model.model_json_schema()}}
     if multipart:
-        content[MULTIPART] = {
-            "schema": schemas.form_schema(model),
-            "encoding": {"image": {"contentType": ", ".join(IMAGE_MEDIA_TYPES)}},
-        }
+        encoding = {"image": {"contentType": ", ".join(IMAGE_MEDIA_TYPES)}}
+        if "audio" in model.model_fields:
+            encoding["audio"] = {"contentType": "audio/*, application/octet-stream"}
+        content[MULTIPART] = {"schema": schemas.form_schema(model), "encoding": encoding}
     return {"requestBody": {"required": True, "content": content}}
 
 
@@ -199,6 +203,104 @@ async def multimodal_describe(
         usage=schemas.DescribeUsage(prompt_tokens=last.prompt_tokens, completion_tokens=last.completion_tokens),
         seconds={name: round(value, 4) for name, value in described.seconds.items()},
         method="grounded-prompt: imagenet classes + ocr -> language model",
+    )
+
+
+ASK = "/v1/multimodal/ask"
+
+
+@_post(
+    ASK,
+    RoutePolicy("v1", ("llm",), ("asr", "vision", "ocr", "tts"), ingress=8, proxy=16, timeout="long"),
+    schemas.AskRequest,
+    schemas.AskResponse,
+    multipart=True,
+)
+async def multimodal_ask(request: Request, dataplane: DataplaneDep, admission: AdmissionDep) -> schemas.AskResponse:
+    """A question, spoken and/or written, maybe about an image, answered; with `speak`, said back.
+
+    The audio is heard (the `asr` model) while the vision and OCR models look at the image; the language model
+    answers what was said (and written) from what they found, and the `tts` model says the answer. Each
+    stage's time is in `seconds`. JSON with the files base64-encoded, or a multipart form with the files in
+    fields `audio` and `image`.
+    """
+    deadline = request.state.deadline
+    with admission.slot(request):
+        body, files = await _ask_body(request)
+        policy = dataplane.policy(body.policy)  # an unknown policy is refused before any work
+        raw_audio, raw_image = files.get("audio"), files.get("image")
+        has_audio = raw_audio is not None or body.audio is not None
+        has_image = raw_image is not None or body.image is not None
+        needed = {"asr"} if has_audio else set()
+        needed |= {"vision", "ocr"} if has_image else set()
+        needed |= {"tts"} if body.speak else set()
+        require_models(request, needed)
+
+        async def nothing():
+            return None
+
+        audio, image = await asyncio.gather(
+            dataplane.prepare_audio(ASK, deadline, raw=raw_audio, audio_b64=body.audio, field="audio")
+            if has_audio else nothing(),
+            dataplane.prepare_views(ASK, deadline, raw=raw_image, image_b64=body.image, vision=True, ocr=True)
+            if has_image else nothing(),
+        )  # fmt: skip
+        speak = SpeechRequest("", voice=body.voice, format=body.speech_format, whole=True) if body.speak else None
+        answer = await dataplane.ask(
+            body.text, audio, image, deadline, language=body.language, max_tokens=body.max_tokens,
+            knowledge=body.knowledge, policy=policy, route=ASK, speak=speak,
+        )  # fmt: skip
+    return _ask_response(answer, body)
+
+
+async def _ask_body(request: Request) -> tuple[schemas.AskRequest, dict[str, bytes]]:
+    """An ask request: JSON (files base64-encoded) or a multipart form with files in fields audio and image."""
+    if content_type(request) == MULTIPART:
+        lim = limits()
+        return await read_form(
+            request, schemas.AskRequest, {"audio": lim.max_audio_bytes, "image": lim.max_image_bytes}
+        )
+    body, _ = await read_body(request, schemas.AskRequest)
+    return body, {}
+
+
+def _ask_response(answer, body: schemas.AskRequest) -> schemas.AskResponse:
+    last, heard, looked = answer.last, answer.heard, answer.looked
+    models = {"llm": f"{last.model} {last.version}"}
+    transcript = evidence = speech = None
+    if heard is not None:
+        t = heard.transcript
+        models["asr"] = f"{t.model} {t.version}"
+        transcript = schemas.HeardSpeech(text=t.text, language=t.language, duration=t.duration)
+    if looked is not None:
+        models |= {"vision": f"{looked.vision.model} {looked.vision.version}",
+                   "ocr": f"{looked.ocr.model} {looked.ocr.version}"}  # fmt: skip
+        evidence = schemas.DescriptionEvidence(
+            classes=_label_scores(looked.evidence.classes), text=_text_lines(looked.ocr),
+            text_truncated=looked.evidence.text_truncated, prompt=looked.evidence.render(),
+            knowledge=render_sources(looked.evidence.facts),
+        )  # fmt: skip
+    if answer.speech is not None:
+        models["tts"] = answer.speech_model
+        speech = schemas.SpokenAnswer(format=body.speech_format, audio=base64.b64encode(answer.speech).decode("ascii"),
+                                      duration=round(answer.speech_seconds, 3))  # fmt: skip
+    return schemas.AskResponse(
+        question=answer.question,
+        transcript=transcript,
+        answer=answer.text,
+        finish_reason=last.finish_reason,
+        speech=speech,
+        evidence=evidence,
+        knowledge=render_sources(answer.facts) if body.knowledge else None,
+        policy=render_decision(answer.decision, answer.masked) if answer.decision else None,
+        models=models,
+        usage=schemas.AskUsage(
+            prompt_tokens=last.prompt_tokens,
+            completion_tokens=last.completion_tokens,
+            audio_seconds_heard=heard.transcript.duration if heard else 0.0,
+            audio_seconds_spoken=round(answer.speech_seconds, 3),
+        ),  # fmt: skip
+        seconds={name: round(value, 4) for name, value in answer.seconds.items()},
     )
 
 

