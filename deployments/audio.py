@@ -134,7 +134,14 @@ def decode_audio(raw: bytes, limits: Limits, field: str | tuple = "file") -> Dec
             raise InvalidAudio(f"the {container_name} file has no audio stream", field=field)
         stream = container.streams.audio[0]
         context = stream.codec_context
+        if context is None:  # FFmpeg knows no decoder for it: an unknown codec, or a damaged header
+            raise InvalidAudio(f"the {container_name} file cannot be read: its audio codec is unknown", field=field)
         rate, channels = context.sample_rate, context.channels
+        if not rate or not channels:  # FFmpeg found no stream parameters: nothing it can decode
+            raise InvalidAudio(
+                f"the {container_name} file cannot be read: its audio states {rate} Hz and {channels} channels",
+                field=field,
+            )
         _check_format(rate, channels, limits, field)
         stated = _stated_seconds(stream, container)
         if stated is not None and stated > limits.max_audio_seconds:
@@ -201,21 +208,32 @@ def _decode(container, stream, limits: Limits, field) -> np.ndarray:
     import av
 
     most = int(limits.max_audio_seconds * TARGET_RATE)
-    resampler = av.AudioResampler(format="s16", layout="mono", rate=TARGET_RATE)
+    resampler, shape = None, None
     pieces, count = [], 0
+
+    def drain(frame) -> None:
+        nonlocal count
+        for out in resampler.resample(frame):
+            pieces.append(out.to_ndarray().reshape(-1))
+            count += out.samples
+
     try:
         for frame in container.decode(stream):
-            if not limits.min_audio_sample_rate <= frame.sample_rate <= limits.max_audio_sample_rate:
-                _check_format(frame.sample_rate, 1, limits, field)
-            for out in resampler.resample(frame):
-                pieces.append(out.to_ndarray().reshape(-1))
-                count += out.samples
+            _check_format(frame.sample_rate, frame.layout.nb_channels, limits, field)
+            # A stream may change its rate or channels midway (files joined end to end): resample each stretch
+            # from what it is.
+            if (frame.format.name, frame.layout.name, frame.sample_rate) != shape:
+                if resampler is not None:
+                    drain(None)
+                resampler = av.AudioResampler(format="s16", layout="mono", rate=TARGET_RATE)
+                shape = (frame.format.name, frame.layout.name, frame.sample_rate)
+            drain(frame)
             if count > most:
                 raise AudioTooLong(
                     f"the audio decodes to more than the limit of {limits.max_audio_seconds:g} s", field=field
                 )
-        for out in resampler.resample(None):
-            pieces.append(out.to_ndarray().reshape(-1))
+        if resampler is not None:
+            drain(None)
     except av.FFmpegError as exc:
         raise InvalidAudio(f"the audio is truncated or corrupt: {_describe(exc)}", field=field) from None
     return np.concatenate(pieces) if pieces else np.zeros(0, np.int16)

@@ -34,7 +34,7 @@ from deployments.contracts import (
     TranscriptSegment,
     TranscriptWord,
 )
-from deployments.errors import ModelTimeout
+from deployments.errors import InvalidInput, ModelTimeout
 from deployments.runtime import (
     ModelDeployment,
     file_digest,
@@ -208,6 +208,21 @@ class WhisperRecognizer:
             local_files_only=Path(location).is_dir(),  # a hub id downloads (where the network allows)
         )
         self.multilingual = self.model.model.is_multilingual
+        tokenizer = self.model.hf_tokenizer
+        # The languages this model has a token for (Whisper large-v3 added Cantonese; English-only models, one).
+        known = [code for code in LANGUAGES if tokenizer.token_to_id(f"<|{code}|>") is not None]
+        self.languages = tuple(known) if self.multilingual else ("en",)
+        if config.language is not None and config.language not in self.languages:
+            raise ValueError(f"{self.name} does not know the language {config.language!r} (model.language)")
+
+    def check_language(self, language: str | None) -> None:
+        """Refuse a language this model has no token for, before any work (it would hear nonsense)."""
+        if language is not None and language not in self.languages:
+            raise InvalidInput(
+                f"the served model {self.name} does not know the language {language!r}; it knows "
+                f"{', '.join(self.languages)}",
+                field="language",
+            )
 
     def begin(self, request: TranscriptionRequest):
         """Start a transcription: the language is known (detected, unless given) and the windows are ready to be
@@ -303,6 +318,7 @@ class SpeechRecognizer(ModelDeployment):
                 "language": config.language,
                 "vad_filter": config.vad_filter,
                 "multilingual": model.multilingual,
+                "languages": list(model.languages),
                 "sample_rate": SAMPLE_RATE,
             },
             "drift": None,
@@ -315,6 +331,7 @@ class SpeechRecognizer(ModelDeployment):
         start = time.monotonic()
         deadline = start + request.timeout_s if request.timeout_s else None
         with self.counted():
+            model.check_language(request.language)
             segments, info = await asyncio.to_thread(model.begin, request)
             piece = TranscriptPiece(info.language, round(float(info.language_probability), 4),
                                     round(request.duration_s, 3), model.name, model.version)  # fmt: skip

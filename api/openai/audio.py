@@ -69,7 +69,13 @@ def _form_body(model: type) -> dict:
 TRANSCRIPT_RESPONSES = {
     **ERRORS,
     200: {
-        "content": {"text/plain": {}, "text/event-stream": {}},
+        "content": {
+            "application/json": {},
+            "text/plain": {},
+            "application/x-subrip": {},
+            "text/vtt": {},
+            "text/event-stream": {},
+        },
         "description": "JSON (json, verbose_json), text (text, srt, vtt), or with stream Server-Sent Events.",
     },
     413: {

@@ -73,7 +73,7 @@ def _is_field(part) -> bool:
     return isinstance(part, int) or (FIELD.fullmatch(part) is not None and part not in PYDANTIC_TYPES)
 
 
-FIELD = re.compile(r"[a-z_][a-z0-9_]*")
+FIELD = re.compile(r"[a-z_][a-z0-9_]*(?:\[\])?")  # a form field may repeat: `timestamp_granularities[]`
 PYDANTIC_TYPES = {"str", "int", "float", "bool", "list", "dict", "none"}
 
 

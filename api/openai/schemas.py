@@ -445,6 +445,7 @@ class ErrorResponse(BaseModel):
 # --- audio ------------------------------------------------------------------------------------------------
 
 TRANSCRIPT_FORMATS = ("json", "text", "srt", "verbose_json", "vtt")
+LANGUAGE_CODE = r"^[a-z]{2,3}$"
 MAX_VOICE_CHARS = 64
 
 
@@ -470,8 +471,10 @@ class _AudioForm(BaseModel):
 
 
 class TranscriptionForm(_AudioForm):
-    language: str | None = Field(
-        None, description="The speech's language (ISO 639-1, e.g. `en`); unset, it is detected (one more pass)."
+    language: Annotated[str, StringConstraints(pattern=LANGUAGE_CODE)] | None = Field(
+        None,
+        description="The speech's language (ISO 639-1, e.g. `en`); unset, it is detected (one more pass). Which "
+        "languages there are is the served model's: `GET /v1/models` lists them (the `asr` model's details).",
     )
     timestamp_granularities: Annotated[list[Literal["word", "segment"]], Field(min_length=1, max_length=2)] | None = (
         Field(None, description="`timestamp_granularities[]`: `segment` and/or `word`; with `verbose_json` only.")

@@ -12,7 +12,16 @@ import functools
 import json
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
 
 from api.knowledge import KnowledgeSource, PolicyDecision
 from api.openapi import integral
@@ -375,9 +384,19 @@ class AskRequest(_Request):
     audio: AudioB64 | None = None
     image: ImageB64 | None = None
     text: Text | None = Field(None, description="The question as text, or words to add to the spoken one.")
-    language: Literal[tuple(LANGUAGES)] | None = Field(
-        None, description="The language of the audio (ISO 639-1); unset, it is detected (one more model pass)."
+    language: Annotated[str, StringConstraints(pattern=r"^[a-z]{2,3}$")] | None = Field(
+        None,
+        description="The language of the audio (ISO 639-1, e.g. `en`); unset, it is detected (one more model pass). "
+        "Which languages there are is the served model's: `GET /v1/models` lists them (the `asr` model's details).",
     )
+
+    @field_validator("language")
+    @classmethod
+    def _known_language(cls, language: str | None) -> str | None:
+        if language is not None and language not in LANGUAGES:
+            raise ValueError(f"unknown language; Whisper's are ISO 639-1 codes: {', '.join(LANGUAGES)}")
+        return language
+
     max_tokens: Annotated[
         int,
         Field(ge=1, le=MAX_ANSWER_TOKENS, description="Most tokens the answer may have."),

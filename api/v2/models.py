@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from api.v2.tensors import BadTensor
+from deployments.contracts import LANGUAGES, TranscriptionRequest
 from deployments.downstream import Deadline
 from deployments.errors import InvalidInput
 from deployments.settings import limits
@@ -88,8 +89,8 @@ def texts(elements: list[Element], name: str, max_chars: int) -> list[str]:
     return decoded
 
 
-def images(elements: list[Element], name: str) -> list[tuple[bytes | None, str | None]]:
-    """Encoded images: raw bytes from binary data, base64 strings from JSON (``(raw, b64)`` pairs)."""
+def files(elements: list[Element], name: str) -> list[tuple[bytes | None, str | None]]:
+    """Encoded files (images, audio): raw bytes from binary data, base64 strings from JSON (``(raw, b64)`` pairs)."""
     pairs: list[tuple[bytes | None, str | None]] = []
     for index, element in enumerate(elements):
         if isinstance(element, bytes):
@@ -122,7 +123,7 @@ def weight(parameters: dict, name: str) -> float | None:
 async def prepared(dataplane: Dataplane, route: str, elements: list[Element], name: str, deadline: Deadline) -> list:
     return list(
         await asyncio.gather(
-            *(dataplane.prepare_image(route, deadline, raw=raw, image_b64=b64) for raw, b64 in images(elements, name))
+            *(dataplane.prepare_image(route, deadline, raw=raw, image_b64=b64) for raw, b64 in files(elements, name))
         )
     )
 
@@ -248,5 +249,73 @@ class FusionModel(TensorModel):
         return arrays
 
 
-MODELS: dict[str, TensorModel] = {model.name: model for model in (VisionModel(), TextModel(), FusionModel())}
+class SpeechModel(TensorModel):
+    """The speech recogniser: encoded audio files, or one clip's samples, to text."""
+
+    name = "asr"
+    platform = "ctranslate2"
+    inputs = (
+        Tensor(
+            "audio",
+            "BYTES",
+            (-1,),
+            "Encoded audio files (WAV, FLAC, MP3, Ogg, WebM, MP4/M4A): raw bytes as binary data, base64 strings in "
+            "JSON. Each is heard on its own.",
+            limit="max_audio_clips",
+            required=False,
+        ),
+        Tensor(
+            "samples",
+            "FP32",
+            (-1,),
+            "One clip's mono samples, from -1 to 1, at the `sample_rate` parameter (instead of `audio`).",
+            limit="max_audio_samples",
+            required=False,
+        ),
+    )
+    outputs = (
+        Tensor("text", "BYTES", (-1,), "What each clip says."),
+        Tensor("language", "BYTES", (-1,), "The language each was heard in (ISO 639-1)."),
+        Tensor("duration", "FP32", (-1,), "Each clip's seconds of audio."),
+    )
+    parameters = {
+        "sample_rate": "Samples per second of `samples` (default 16000).",
+        "language": "The clips' language (ISO 639-1); unset, each is detected (one more model pass).",
+        "task": "`transcribe` (default), or `translate`: English text from any language.",
+    }
+
+    async def infer(self, inputs, parameters, outputs, dataplane, deadline):
+        if ("audio" in inputs) == ("samples" in inputs):
+            raise BadTensor("send input 'audio' (encoded files) or input 'samples' (one clip's samples), not both")
+        language = parameters.get("language")
+        if language is not None and language not in LANGUAGES:
+            raise InvalidInput(f"parameter 'language' must be a language Whisper knows: {', '.join(LANGUAGES)}")
+        task = parameters.get("task", "transcribe")
+        if task not in ("transcribe", "translate"):
+            raise InvalidInput("parameter 'task' must be transcribe or translate")
+        if "samples" in inputs:
+            rate = integer(parameters, "sample_rate", 16_000, 1, 10_000_000)
+            clips = [await dataplane.prepare_samples(ROUTE, inputs["samples"], rate)]
+        else:
+            if "sample_rate" in parameters:
+                raise InvalidInput("parameter 'sample_rate' is for input 'samples'; a file states its own")
+            pairs = files(inputs["audio"], "audio")
+            clips = list(await asyncio.gather(*(
+                dataplane.prepare_audio(ROUTE, deadline, raw=raw, audio_b64=b64, field="audio") for raw, b64 in pairs
+            )))  # fmt: skip
+        transcripts = await asyncio.gather(*(
+            dataplane.transcribe(clip, TranscriptionRequest(clip.samples, task=task, language=language), deadline)
+            for clip in clips
+        ))  # fmt: skip
+        arrays = {
+            "text": np.array([t.text for t in transcripts], dtype=object),
+            "language": np.array([t.language for t in transcripts], dtype=object),
+            "duration": np.array([t.duration for t in transcripts], dtype=np.float32),
+        }
+        return arrays, transcripts[0].version
+
+
+MODELS: dict[str, TensorModel] = {
+    model.name: model for model in (VisionModel(), TextModel(), FusionModel(), SpeechModel())
+}
 """Every model of the graph the protocol serves, by its registry name."""

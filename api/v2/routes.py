@@ -29,6 +29,8 @@ from api.v2.tensors import (
     bytes_elements,
     flatten,
     join_body,
+    numbers_from_binary,
+    numbers_from_json,
     output_data,
     split_body,
 )
@@ -267,7 +269,11 @@ def decode_inputs(model: TensorModel, tensors: list[schemas.RequestInput], binar
                 raise BadTensor(f"input {tensor.name!r} has both data and binary_data_size")
             if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size <= len(binary) - offset:
                 raise BadTensor(f"input {tensor.name!r}: binary_data_size runs past the binary data of the request")
-            decoded[tensor.name] = list(bytes_elements(binary[offset : offset + size], count, tensor.name))
+            raw = binary[offset : offset + size]
+            if spec.datatype == "BYTES":
+                decoded[tensor.name] = list(bytes_elements(raw, count, tensor.name))
+            else:
+                decoded[tensor.name] = numbers_from_binary(raw, count, spec.datatype, tensor.name)
             offset += size
             continue
         if tensor.data is None:
@@ -275,6 +281,9 @@ def decode_inputs(model: TensorModel, tensors: list[schemas.RequestInput], binar
         elements = flatten(tensor.data, tensor.name)
         if len(elements) != count:
             raise BadTensor(f"input {tensor.name!r} has {len(elements)} elements; its shape says {count}")
+        if spec.datatype != "BYTES":
+            decoded[tensor.name] = numbers_from_json(elements, spec.datatype, tensor.name)
+            continue
         if not all(isinstance(element, str) for element in elements):
             raise BadTensor(f"input {tensor.name!r}: BYTES data in JSON are strings")
         decoded[tensor.name] = elements

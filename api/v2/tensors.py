@@ -105,3 +105,20 @@ def join_body(header: dict, blobs: list[bytes]) -> tuple[bytes, int | None]:
     if not blobs:
         return text, None
     return b"".join([text, *blobs]), len(text)
+
+
+def numbers_from_binary(raw: bytes, count: int, datatype: str, name: str) -> np.ndarray:
+    """``count`` numbers of ``datatype`` from their binary form (little-endian), which must fill ``raw`` exactly."""
+    dtype = NUMPY_TYPES[datatype]
+    if len(raw) != count * dtype.itemsize:
+        raise BadTensor(
+            f"input {name!r}: {count} {datatype} elements are {count * dtype.itemsize} bytes, not {len(raw)}"
+        )
+    return np.frombuffer(raw, dtype=dtype)
+
+
+def numbers_from_json(elements: list, datatype: str, name: str) -> np.ndarray:
+    """Numbers of ``datatype`` from JSON data: numbers only (not booleans, not strings)."""
+    if not all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in elements):
+        raise BadTensor(f"input {name!r}: {datatype} data in JSON are numbers")
+    return np.asarray(elements, dtype=NUMPY_TYPES[datatype])

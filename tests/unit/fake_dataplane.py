@@ -14,6 +14,7 @@ from fastapi.testclient import TestClient
 from api.app import build_app
 from api.context import ApiSettings
 from deployments.admission import Admission
+from deployments.audio import AudioEncoder
 from deployments.contracts import (
     FusionExplanation,
     FusionResult,
@@ -22,9 +23,15 @@ from deployments.contracts import (
     ImageExplanation,
     OcrLine,
     OcrResult,
+    SpeechChunk,
+    SpeechRequest,
     TextEmbeddings,
     TextExplanation,
     TextRanking,
+    TranscriptionRequest,
+    TranscriptPiece,
+    TranscriptSegment,
+    TranscriptWord,
     VisionResult,
     WordContribution,
 )
@@ -35,6 +42,7 @@ from knowledge.graph import knowledge_graph
 from pipelines import grounding, usage
 from pipelines.dataplane import Analysis, Dataplane, Looked, PreparedImage, decode_and_prepare
 from pipelines.registry import ModelRegistry
+from pipelines.speech import _masked_pieces
 
 SPEC = ImageSpec(8, 8, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), Interpolation.bilinear)
 CLASSES = [f"class{i}" for i in range(10)]
@@ -46,6 +54,8 @@ VERSIONS = {
     "ocr": "ocr==4/abc",
     "llm": "llm==3/def",
     "explainer": "vision-weights==1/abc",
+    "asr": "whisper==5/fed",
+    "tts": "voice==6/cba",
 }
 DETAILS = {
     "vision": {"embedding_dim": 3},
@@ -54,7 +64,11 @@ DETAILS = {
     "ocr": {"max_lines": 200},
     "llm": {"context_tokens": 64},
     "explainer": {"image_methods": ["gradcam", "integrated_gradients"]},
+    "asr": {"sample_rate": 16000},
+    "tts": {"voice": "joe", "voices": ["joe"], "sample_rate": 22050},
 }
+VOICE = "joe"
+VOICE_RATE = 22050
 MAX_TOKENS_CAP = 100
 
 
@@ -131,6 +145,15 @@ class FakeDataplane:
     # The real graph over the fakes above: the prompts the language model gets are the real ones.
     describe = Dataplane.describe
     chat = Dataplane.chat
+    ask = Dataplane.ask
+    # Audio is really decoded (the limits and errors are the real ones); the models are fakes (below).
+    prepare_audio = Dataplane.prepare_audio
+    prepare_samples = Dataplane.prepare_samples
+    _audio = Dataplane._audio
+    refused_text = Dataplane.refused_text
+    transcribe = Dataplane.transcribe
+    metrics = None
+    _decoder = None  # the event loop's default executor
     last_user_text = staticmethod(Dataplane.last_user_text)
     named_facts = Dataplane.named_facts
     class_facts = Dataplane.class_facts
@@ -180,6 +203,54 @@ class FakeDataplane:
                     yield GenerationChunk(word, prompt, n, "llm-model", VERSIONS["llm"], reason)
             finally:
                 usage.record_tokens(prompt, n)  # as the real dataplane's relay does
+
+        return chunks()
+
+    async def transcribe_stream(self, audio, request: TranscriptionRequest, deadline):
+        """Hears "a sound of <seconds> seconds" (its duration, to one decimal), one word a segment of 0.5 s each;
+        a request's language is the one it names, else "en"; a translation says it in upper case."""
+        self._check("asr")
+        self.calls.append(("transcribe", request.task, request.language, request.word_timestamps))
+        usage.record_audio(audio.duration_s)
+        said = f"a sound of {audio.duration_s:.1f} seconds"
+        if request.task == "translate":
+            said = said.upper()
+        language = request.language or "en"
+
+        async def pieces():
+            yield TranscriptPiece(language, 0.99, audio.duration_s, "asr-model", VERSIONS["asr"])
+            for index, word in enumerate(said.split()):
+                start, end = index * 0.5, index * 0.5 + 0.5
+                words = [TranscriptWord(" " + word, start, end, 0.9)] if request.word_timestamps else None
+                segment = TranscriptSegment(index, 0, start, end, " " + word, [index], 0.0, -0.1, 1.0, 0.01, words)
+                yield TranscriptPiece(language, 0.99, audio.duration_s, "asr-model", VERSIONS["asr"], segment)
+            yield TranscriptPiece(language, 0.99, audio.duration_s, "asr-model", VERSIONS["asr"], done=True)
+
+        return _masked_pieces(pieces()) if usage.masker() is not None else pieces()
+
+    async def speak(self, request: SpeechRequest, deadline):
+        """Says a 440 Hz tone of 0.1 s per character, a chunk per sentence, encoded as asked."""
+        self._check("tts")
+        self.calls.append(("speak", request.text, request.voice, request.format, request.speed))
+        if request.voice is not None and request.voice != VOICE:
+            raise InvalidInput(f"unknown voice {request.voice!r}; the voices are: {VOICE}", field="voice")
+        (text,) = await usage.private([request.text])
+        encoder = AudioEncoder(request.format, VOICE_RATE, whole=request.whole)
+        lines = [line for line in text.split(". ") if line.strip()]
+
+        async def chunks():
+            said = 0.0
+            try:
+                yield SpeechChunk(b"", 0.0, "tts-model", VERSIONS["tts"], VOICE_RATE)
+                for line in lines:
+                    samples = round(0.1 * len(line) * VOICE_RATE / request.speed)
+                    tone = (np.sin(np.arange(samples) * 2 * np.pi * 440 / VOICE_RATE) * 8000).astype(np.int16)
+                    said += samples / VOICE_RATE
+                    yield SpeechChunk(encoder.feed(tone), samples / VOICE_RATE, "tts-model", VERSIONS["tts"],
+                                      VOICE_RATE)  # fmt: skip
+                yield SpeechChunk(encoder.finish(), 0.0, "tts-model", VERSIONS["tts"], VOICE_RATE, done=True)
+            finally:
+                usage.record_audio(said)
 
         return chunks()
 

@@ -114,7 +114,7 @@ def test_a_route_at_its_admission_limit_refuses_before_reading_the_body():
 
 def test_models_and_readiness_read_the_registry(api):
     models = api.get("/v1/models").json()["data"]
-    assert [m["id"] for m in models] == ["vision", "text", "fusion", "ocr", "llm", "explainer"]
+    assert [m["id"] for m in models] == ["vision", "text", "fusion", "ocr", "llm", "explainer", "asr", "tts"]
     ready = api.get("/readyz")
     assert ready.status_code == 200 and ready.json()["deployments"]["text"]["version"] == "text==2"
     assert api.get("/healthz").json() == {"status": "ok"}

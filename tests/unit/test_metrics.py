@@ -19,7 +19,8 @@ class Recorded:
 
 @pytest.fixture
 def instruments(monkeypatch) -> list[Recorded]:
-    """Every instrument ModelMetrics and RequestMetrics declare, recorded instead of registered with Ray."""
+    """Every instrument ModelMetrics, RequestMetrics, SpeechMetrics and KeyMetrics declare, recorded instead of
+    registered with Ray."""
     created: list[Recorded] = []
 
     def recorder(kind):
@@ -37,6 +38,8 @@ def instruments(monkeypatch) -> list[Recorded]:
         monkeypatch.setattr(metrics.metrics, kind, recorder(kind))
     metrics.ModelMetrics("mobilenet_v2", "1")
     metrics.RequestMetrics()
+    metrics.SpeechMetrics("in")
+    metrics.KeyMetrics()
     return created
 
 
@@ -65,6 +68,9 @@ def test_histogram_buckets_are_increasing_constants(instruments):
             metrics.IMAGE_BYTES_BUCKETS,
             metrics.IMAGE_PIXELS_BUCKETS,
             metrics.TEXT_TOKENS_BUCKETS,
+            metrics.REAL_TIME_FACTOR_BUCKETS,
+            metrics.AUDIO_SECONDS_BUCKETS,
+            metrics.WORDS_BUCKETS,
         )
     }
     for histogram in histograms:
