@@ -339,6 +339,10 @@ def markdown(results: dict, plot_name: str) -> str:
         from benchmarks.faithfulness import report as faithfulness_report
 
         lines += ["", *faithfulness_report(results["faithfulness"])]
+    if results.get("speech"):
+        from benchmarks.speech import report as speech_report
+
+        lines += ["", *speech_report(results["speech"])]
     gpu = Path(__file__).resolve().parents[1] / "docs" / "benchmarks" / "gpu.json"
     if gpu.exists():
         from benchmarks.gpu import report as gpu_report

@@ -10,8 +10,10 @@ Each HTTP setup is loaded on the vision and multimodal routes at several
 concurrencies with a closed-loop client. Also measured: cold start, the time
 from ``serve run serve_config.yaml`` to the first multimodal answer; and the
 language model (``benchmarks/llm.py``): streaming clients against the cluster
-and the same model in-process, one request at a time; and grounded descriptions
-(``benchmarks/describe.py``): vision and OCR in parallel, then the language model.
+and the same model in-process, one request at a time; grounded descriptions
+(``benchmarks/describe.py``): vision and OCR in parallel, then the language model; and speech
+(``benchmarks/speech.py``): Whisper's word error rate on real speech, transcription throughput and time to first
+text, and synthesis, through the cluster and in-process.
 
 Writes ``docs/benchmarks/results.json``, ``docs/benchmarks/throughput.png``
 and ``docs/BENCHMARKS.md``. Environment knobs: ``BENCH_DURATION_S`` (per
@@ -23,7 +25,8 @@ cluster on the vision and multimodal routes, the other sections kept from the la
 ``BENCH_SETUPS=llm``: measure the language model alone and update its section of the last report;
 ``BENCH_SETUPS=describe`` likewise for descriptions (and the ``BENCH_DESCRIBE_*`` knobs of
 ``benchmarks/describe.py``); ``BENCH_SETUPS=faithfulness`` likewise for the explainers' deletion curves
-(``benchmarks/faithfulness.py``, in-process).
+(``benchmarks/faithfulness.py``, in-process); ``BENCH_SETUPS=speech`` likewise for speech (and the
+``BENCH_SPEECH_*`` knobs of ``benchmarks/speech.py``).
 """
 
 import base64
@@ -45,7 +48,7 @@ import torch
 import yaml
 from PIL import Image
 
-from benchmarks import describe, faithfulness, llm
+from benchmarks import describe, faithfulness, llm, speech
 from benchmarks.loadgen import run_load, run_overload
 from benchmarks.report import write_report
 
@@ -222,10 +225,10 @@ def measure_overload(base: str, requests: dict[str, dict], rows: list[dict]) -> 
 
 def run_cluster(
     requests: dict[str, dict], only: str | None = None
-) -> tuple[list[dict], float, dict, list[dict], list[dict]]:
-    """The cluster's rows (batching on and off), cold start, overload points, language-model rows and
-    description rows; ``only`` measures part of it: "http" (the rows, cold start and overload), "models" (the
-    language model and descriptions), "llm" or "describe"."""
+) -> tuple[list[dict], float, dict, list[dict], list[dict], dict | None]:
+    """The cluster's rows (batching on and off), cold start, overload points, language-model rows,
+    description rows and speech measures; ``only`` measures part of it: "http" (the rows, cold start and
+    overload), "models" (the language model, descriptions and speech), "llm", "describe" or "speech"."""
     config = yaml.safe_load(CONFIG.read_text())
     config["http_options"]["port"] = CLUSTER_PORT
     folder = Path(tempfile.mkdtemp(prefix="bench-"))
@@ -245,8 +248,9 @@ def run_cluster(
         log(f"cold start: first multimodal answer {cold_start_s:.1f} s after `serve run`")
         llm_rows = llm.measure_cluster(base, log) if only in (None, "llm", "models") else []
         describe_rows = describe.measure_cluster(base, log) if only in (None, "describe", "models") else []
+        speech_cluster = speech.measure_cluster(base, log) if only in (None, "speech", "models") else None
         if only not in (None, "http"):
-            return [], cold_start_s, [], llm_rows, describe_rows
+            return [], cold_start_s, [], llm_rows, describe_rows, speech_cluster
         rows = load_all("cluster-batching", base, requests)
         overload = measure_overload(base, requests, rows)
         # Batching off, applied live through user_config (reconfigure), no restart.
@@ -264,7 +268,7 @@ def run_cluster(
                 break
             time.sleep(1)
         rows += load_all("cluster-no-batching", base, requests)
-        return rows, cold_start_s, overload, llm_rows, describe_rows
+        return rows, cold_start_s, overload, llm_rows, describe_rows, speech_cluster
     finally:
         stop(process)
         log(f"cluster stopped ({time.monotonic() - started:.0f} s in all)")
@@ -303,7 +307,7 @@ def measure_http(requests: dict[str, dict], niceness: dict) -> dict:
     ``niceness``, from ``same_priority``)."""
     raw, raw_cpu_ms = measure_raw(requests)  # its models are freed on return, before the servers start
     rows = run_baseline(requests)
-    cluster_rows, cold_start_s, overload, _, _ = run_cluster(requests, only="http")
+    cluster_rows, cold_start_s, overload, *_ = run_cluster(requests, only="http")
     cluster_rows += run_haproxy(requests)
     return {
         "machine": {
@@ -341,6 +345,11 @@ def main() -> None:
         results["describe"] = describe_results(run_cluster(requests, only="describe")[4])
         write_results(results)
         return
+    if os.environ.get("BENCH_SETUPS") == "speech":  # speech alone, into the last report
+        results = json.loads((OUT / "results.json").read_text())
+        results["speech"] = measure_speech(requests)
+        write_results(results)
+        return
     if os.environ.get("BENCH_SETUPS") == "faithfulness":  # the explainers alone, into the last report
         results = json.loads((OUT / "results.json").read_text())
         results["faithfulness"] = faithfulness.measure(log)
@@ -354,12 +363,14 @@ def main() -> None:
     in_process = llm.measure_in_process()
     log(f"llm in-process: {in_process['tokens_per_s']:.1f} tokens/s, first token p50 {in_process['ttft_p50_s']:.2f} s")
     explained = faithfulness.measure(log)
-    cluster_rows, _, _, llm_rows, describe_rows = run_cluster(requests, only="models")
+    speech_in_process = speech.measure_in_process(log)
+    cluster_rows, _, _, llm_rows, describe_rows, speech_cluster = run_cluster(requests, only="models")
     results = {
         **measure_http(requests, niceness),
         "llm": llm_results(in_process, llm_rows),
         "describe": describe_results(describe_rows),
         "faithfulness": explained,
+        "speech": speech.combine(speech_in_process, speech_cluster),
     }
     write_results(results)
 
@@ -378,6 +389,13 @@ def measure_llm(requests: dict[str, dict]) -> dict:
     log(f"llm in-process: {in_process['tokens_per_s']:.1f} tokens/s, first token p50 {in_process['ttft_p50_s']:.2f} s")
     cluster_rows = run_cluster(requests, only="llm")[3]
     return llm_results(in_process, cluster_rows)
+
+
+def measure_speech(requests: dict[str, dict]) -> dict:
+    """Speech in this process (before the cluster starts, so nothing else competes for the CPUs), then
+    through the cluster."""
+    in_process = speech.measure_in_process(log)
+    return speech.combine(in_process, run_cluster(requests, only="speech")[5])
 
 
 def write_results(results: dict) -> None:

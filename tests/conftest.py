@@ -4,6 +4,8 @@ import base64
 import difflib
 import io
 import re
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -133,3 +135,74 @@ def chelsea_exif_rotated_jpeg() -> bytes:
 def many_frames_gif() -> bytes:
     """A 2.3 MB animated GIF of 501 frames of 2000x2000 (2 billion pixels in all); frame 0 is black."""
     return many_frames_gif_bytes()
+
+
+# --- speech: real recordings, and the same speech in other containers ------------------------------------------
+
+SPEECH_DATA = Path("/usr/share/pocketsphinx/test/data")
+"""Debian's pocketsphinx-testdata (BSD-2): LibriVox read speech with transcripts, short spoken commands."""
+
+
+@dataclass(frozen=True)
+class Recording:
+    name: str
+    wav: bytes  # 16 kHz mono 16-bit
+    words: str  # what is said, lower case, as the transcript has it
+
+
+@pytest.fixture(scope="session")
+def librivox() -> list[Recording]:
+    """Five LibriVox clips of read speech (3 to 7 s, 24.7 s in all), with what they say."""
+    folder = SPEECH_DATA / "librivox"
+    if not (folder / "transcription").is_file():
+        from tests.serving import missing_system_package
+
+        missing_system_package("the LibriVox recordings of pocketsphinx-testdata", "pocketsphinx-testdata")
+    clips = []
+    for line in (folder / "transcription").read_text().splitlines():
+        found = re.fullmatch(r"<s> (.*) </s> \((\S+)\)", line.strip())
+        if found:
+            words, name = found.groups()
+            clips.append(Recording(name, (folder / f"{name}.wav").read_bytes(), words))
+    assert len(clips) == 5
+    return clips
+
+
+def transcode(wav: bytes, fmt: str, rate: int = 44_100, layout: str = "stereo") -> bytes:
+    """The speech of a WAV file in another container and codec, resampled (``flac``, ``ogg`` (Opus), ``mp3``)."""
+    import av
+
+    muxer, codec = {"flac": ("flac", "flac"), "ogg": ("ogg", "libopus"), "mp3": ("mp3", "libmp3lame")}[fmt]
+    out = io.BytesIO()
+    with av.open(io.BytesIO(wav)) as source, av.open(out, "w", format=muxer) as target:
+        stream = target.add_stream(codec, rate=48_000 if codec == "libopus" else rate, layout=layout)
+        resampler = av.AudioResampler(format="s16", layout=layout, rate=rate)
+        for frame in [*source.decode(audio=0), None]:
+            for resampled in resampler.resample(frame):
+                for packet in stream.encode(resampled):
+                    target.mux(packet)
+        for packet in stream.encode(None):
+            target.mux(packet)
+    return out.getvalue()
+
+
+NUMBERS = "zero one two three four five six seven eight nine ten eleven twelve".split()
+SPELLED = {"mr": "mister", "mrs": "missus", "dr": "doctor"}
+
+
+def words_of(text: str) -> list[str]:
+    """A text's words as word error rates compare them: lower case, no punctuation, hyphenated words apart,
+    abbreviations and small numbers spelled out (Whisper writes "Mr." and "10")."""
+    words = re.sub(r"[^\w\s'-]|(?<!\w)'|'(?!\w)", " ", text.lower()).replace("-", " ").split()
+    return [NUMBERS[int(w)] if w.isdigit() and int(w) < len(NUMBERS) else SPELLED.get(w, w) for w in words]
+
+
+def word_error_rate(reference: str, heard: str) -> float:
+    """Word-level edit distance over the reference's words."""
+    ref, hyp = words_of(reference), words_of(heard)
+    row = list(range(len(hyp) + 1))
+    for i, word in enumerate(ref, start=1):
+        previous, row[0] = row[0], i
+        for j, other in enumerate(hyp, start=1):
+            previous, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, previous + (word != other))
+    return row[-1] / max(1, len(ref))

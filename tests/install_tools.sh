@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Installs the system packages the test suite reads, where this user can (root or passwordless sudo):
-# Debian's prometheus (it brings promtool) for the monitoring tests, and wordnet-base with
-# wordnet-sense-index (WordNet 3.0's database) to check the shipped knowledge graph against its source.
+# Debian's prometheus (it brings promtool) for the monitoring tests, wordnet-base with
+# wordnet-sense-index (WordNet 3.0's database) to check the shipped knowledge graph against its source, and
+# pocketsphinx-testdata (real recordings of read speech with their transcripts) for the speech tests.
 # Where it cannot, it writes why to the file named by $1, and the tests that need them skip with that
 # reason (under CI=true a missing package without a reason fails them instead).
 set -u
 reason_file=$1
 rm -f "$reason_file"
-packages="prometheus wordnet-base wordnet-sense-index"
-command -v prometheus >/dev/null && command -v promtool >/dev/null && [ -f /usr/share/wordnet/index.sense ] && exit 0
+packages="prometheus wordnet-base wordnet-sense-index pocketsphinx-testdata"
+command -v prometheus >/dev/null && command -v promtool >/dev/null && [ -f /usr/share/wordnet/index.sense ] &&
+  [ -f /usr/share/pocketsphinx/test/data/librivox/transcription ] && exit 0
 
 missing() {
   echo "$1" > "$reason_file"

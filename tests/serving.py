@@ -95,6 +95,14 @@ def replica_infos(deployment: str, replicas: int, timeout_s: float = 60) -> dict
     pytest.fail(f"only {len(seen)} of {replicas} {deployment} replicas answered info() in {timeout_s} s")
 
 
+def kib(pid: int, field: str) -> int:
+    """A memory figure of a process from /proc (VmHWM: its peak resident set since the last reset)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
 def replica_actors(deployment: str) -> dict[str, int]:
     """Process id of each live replica actor of a deployment, by actor id (from Ray's state API)."""
     from ray.util.state import list_actors

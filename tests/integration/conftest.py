@@ -72,3 +72,14 @@ def app_url(ray_cluster, tmp_path_factory) -> str:
 def client(app_url):
     with httpx.Client(base_url=app_url, timeout=60) as c:
         yield c
+
+
+@pytest.fixture
+def ingress_peak_growth_mib():
+    """Resets the ingress replicas' peak RSS (Linux clear_refs 5); yields a function giving its growth since."""
+    pids = list(serving.replica_actors("Ingress").values())
+    baseline = {}
+    for pid in pids:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+        baseline[pid] = serving.kib(pid, "VmRSS")
+    yield lambda: max((serving.kib(pid, "VmHWM") - baseline[pid]) / 1024 for pid in pids)

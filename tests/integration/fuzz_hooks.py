@@ -42,6 +42,13 @@ more:
   Gradients runs at most ``FUZZ_STEPS`` steps (up to 64 are valid, seconds each here). The v2 explain
   route gets the text explainer's tensors.
 
+- a valid request to a speech route names its model (``asr``, ``tts``) and the voice the service has
+  (``joe``); its audio is a real recording of one second (``CLIP``: base64 in JSON, a file in a form), its
+  ``language`` one the recogniser knows (``en``: which codes exist is the served model's, as its metadata
+  says, not the schema's), a text to say is kept to ``FUZZ_CHARS`` characters and an answer to
+  ``FUZZ_TOKENS`` tokens. A form's audio is judged valid on the wire when it decodes (as an image is when
+  Pillow decodes it).
+
 Every other failure stands.
 """
 
@@ -51,6 +58,7 @@ import io
 import json
 import os
 import re
+import wave
 
 import httpx
 import jsonschema_rs
@@ -62,6 +70,9 @@ from schemathesis.openapi.checks import RejectedPositiveData
 from schemathesis.transport.serialization import Binary
 
 from api.policy import declared_routes
+from deployments.audio import decode_audio
+from deployments.errors import MaasError
+from deployments.settings import limits
 from knowledge.rules import NAME_PATTERN
 
 MULTIPART = "multipart/form-data"
@@ -75,6 +86,22 @@ def _photo() -> bytes:
 
 PHOTO = _photo()
 PHOTO_URL = "data:image/jpeg;base64," + base64.b64encode(PHOTO).decode()
+
+
+def _clip() -> bytes:
+    """One second of a real recording (LibriVox read speech, Debian's pocketsphinx-testdata), as a WAV file."""
+    source = "/usr/share/pocketsphinx/test/data/librivox/sense_and_sensibility_01_austen_64kb-0880.wav"
+    with wave.open(source) as reader, io.BytesIO() as out:
+        with wave.open(out, "wb") as writer:
+            writer.setparams(reader.getparams())
+            writer.writeframes(reader.readframes(reader.getframerate()))
+        return out.getvalue()
+
+
+CLIP = _clip()
+ASK = "/v1/multimodal/ask"
+VOICE, LANGUAGE = "joe", "en"
+LANGUAGE_CODE = re.compile(r"[a-z]{2,3}")
 
 
 OIP_MODEL = "text"
@@ -94,6 +121,7 @@ OPENAI_MODELS = {
     path: policy.models[0] for path, policy in declared_routes().items() if policy.family == "openai" and policy.models
 }
 FUZZ_TOKENS, FUZZ_MESSAGES, FUZZ_CHARS = 2, 4, 40
+SPEECH_MODELS = {path: model for path, model in OPENAI_MODELS.items() if model in ("asr", "tts")}
 CONCEPTS = ["beverage", "animal", "n00001740", "dog.n.01", "vehicle", "food", "cup", "device", "plant", "tabby",
             "bird", "fish", "car", "weapon", "container", "structure", "mammal", "tool"]  # fmt: skip
 CLASSES = ["espresso", "cup", "tabby", "Egyptian cat", "coffee mug", "rocket", "pizza", "golden retriever"]
@@ -184,6 +212,10 @@ def before_call(ctx, case, **kwargs):
     path = case.operation.path
     if isinstance(case.body, dict):
         case.body = _known_names(case.body)
+    if isinstance(case.body, dict) and (path in SPEECH_MODELS or path == ASK):
+        case.body = _speakable(path, case)
+        if path in SPEECH_MODELS:
+            return
     if path in OPENAI_MODELS and isinstance(case.body, dict):
         if OPENAI_MODELS[path] == "llm":
             case.body = _short_generation(case.body)
@@ -216,7 +248,8 @@ def filter_failure(ctx, failure, case, response) -> bool:
     if case.media_type != MULTIPART or not isinstance(case.body, dict):
         return True
     if isinstance(failure, RejectedPositiveData):
-        return _valid_on_wire(case) and _decodes(case.body.get("image"))
+        files = (case.body.get("image"), case.body.get("audio"), case.body.get("file"))
+        return _valid_on_wire(case) and _decodes(files[0]) and all(_plays(f) for f in files[1:])
     if isinstance(failure, AcceptedNegativeData):
         return not _valid_on_wire(case)
     return True
@@ -268,6 +301,44 @@ def _decodes(file) -> bool:
         with Image.open(io.BytesIO(data)) as image:
             image.load()
     except Exception:  # noqa: BLE001 - anything Pillow cannot decode
+        return False
+    return True
+
+
+def _speakable(path: str, case) -> dict:
+    """A speech request the service can answer in about a second: see the module's docstring."""
+    body = dict(case.body)
+    if path in SPEECH_MODELS:
+        body["model"] = SPEECH_MODELS[path]
+    audio_field = "file" if path in SPEECH_MODELS else "audio"
+    if audio_field in body and path != "/v1/audio/speech":
+        body[audio_field] = base64.b64encode(CLIP).decode() if case.media_type == "application/json" else CLIP
+    if isinstance(body.get("language"), str) and LANGUAGE_CODE.fullmatch(body["language"]):
+        body["language"] = LANGUAGE
+    if isinstance(body.get("voice"), str) and body["voice"]:
+        body["voice"] = VOICE
+    if isinstance(body.get("input"), str):
+        body["input"] = _short(body["input"])
+    if path == ASK:
+        if isinstance(body.get("max_tokens"), int) and not isinstance(body["max_tokens"], bool):
+            body["max_tokens"] = min(body["max_tokens"], FUZZ_TOKENS)
+        elif isinstance(body.get("max_tokens"), str) and body["max_tokens"].isdigit():  # a form's text
+            body["max_tokens"] = str(min(int(body["max_tokens"]), FUZZ_TOKENS))
+        elif "max_tokens" not in body:
+            body["max_tokens"] = FUZZ_TOKENS if case.media_type == "application/json" else str(FUZZ_TOKENS)
+        if isinstance(body.get("text"), str):
+            body["text"] = _short(body["text"])
+    return body
+
+
+def _plays(file) -> bool:
+    """Whether an audio file decodes within the limits (a form's file judged as the server judges it)."""
+    if file is None:
+        return True
+    data = file.data if isinstance(file, Binary) else file.encode() if isinstance(file, str) else bytes(file)
+    try:
+        decode_audio(data, limits())
+    except MaasError:
         return False
     return True
 

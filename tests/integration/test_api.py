@@ -112,7 +112,7 @@ def test_multimodal_text_only_and_multipart(client, coffee_jpeg):
 
 def test_models_lists_each_model_with_its_source_version_device_and_resources(client):
     models = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
-    assert set(models) == {"vision", "text", "fusion", "ocr", "llm", "explainer"}
+    assert set(models) == {"vision", "text", "fusion", "ocr", "llm", "explainer", "asr", "tts"}
     assert all(m["object"] == "model" and m["owned_by"] == "maas-cluster" for m in models.values())
     assert models["explainer"]["name"] == "explainer:mobilenet_v2" and models["explainer"]["task"] == "explanation"
     assert models["explainer"]["version"] == models["vision"]["version"]  # its copy is the served model

@@ -14,7 +14,7 @@ import pytest
 from ray.job_submission import JobStatus, JobSubmissionClient
 
 from monitoring.tools.profile import augmented, skimage_photos
-from tests.conftest import b64, encode, rendered_words
+from tests.conftest import b64, encode, rendered_words, transcode, word_error_rate
 from tests.integration.conftest import DASHBOARD_PORT
 from tests.serving import ROOT
 
@@ -150,3 +150,37 @@ def test_job_describes_a_folder_through_the_same_graph_as_the_describe_route(job
     assert set(errors) == {"broken.png"} and "not a decodable image" in errors["broken.png"]
     summary = json.loads((out / "summary.json").read_text())
     assert any(model.startswith("PP-OCRv4") for model in summary["models"])
+
+
+def test_job_transcribes_a_folder_of_recordings_and_a_second_run_resumes_past_them(jobs, tmp_path, librivox):
+    folder = tmp_path / "recordings"
+    (folder / "flac").mkdir(parents=True)
+    for clip in librivox[:2]:
+        (folder / f"{clip.name}.wav").write_bytes(clip.wav)
+    (folder / "flac" / f"{librivox[2].name}.flac").write_bytes(transcode(librivox[2].wav, "flac"))
+    (folder / "broken.mp3").write_bytes(b"ID3 but nothing after it")
+    (folder / "notes.txt").write_text("not a recording, and not an audio file name: skipped")
+    out = tmp_path / "out"
+    args = f"--transcribe {folder} --out {out} --chunk-size 2"
+    job_id = submit(jobs, args)
+    status = wait(jobs, job_id, {JobStatus.SUCCEEDED, JobStatus.FAILED})
+    logs = jobs.get_job_logs(job_id)
+    assert status == JobStatus.SUCCEEDED, logs[-3000:]
+    assert "4 records, 3 succeeded, 1 failed" in logs
+
+    results = {r["id"]: r for r in read_parts(out / "results")}
+    said = {clip.name: clip.words for clip in librivox}
+    for record_id, result in results.items():
+        name = Path(record_id).stem
+        assert word_error_rate(said[name], result["text"]) <= 0.1, result["text"]
+        assert result["language"] == "en" and result["segments"][0]["start"] == 0.0
+    assert f"flac/{librivox[2].name}.flac" in results
+    errors = {e["id"]: e["reason"] for e in read_parts(out / "errors")}
+    assert set(errors) == {"broken.mp3"} and "cannot be read" in errors["broken.mp3"]
+
+    again = submit(jobs, args)
+    assert wait(jobs, again, {JobStatus.SUCCEEDED, JobStatus.FAILED}) == JobStatus.SUCCEEDED
+    assert "this run processed 0 in" in jobs.get_job_logs(again) and "resumed 2 finished chunks" in jobs.get_job_logs(
+        again
+    )
+    assert len(read_parts(out / "results")) == 3  # nothing written twice

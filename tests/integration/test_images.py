@@ -1,36 +1,14 @@
 """Images as they come from the wild: hostile ones cost the ingress bounded memory, real ones get the right answer."""
 
-from pathlib import Path
-
 import pytest
 
 from tests.conftest import b64
-from tests.serving import replica_actors
 
 CAT_CLASSES = {"Egyptian cat", "tabby", "tiger cat"}
 
 
 def detail(response) -> str:
     return " | ".join(e["msg"] for e in response.json()["detail"])
-
-
-def kib(pid: int, field: str) -> int:
-    """A memory figure of a process from /proc (VmHWM: its peak resident set since the last reset)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise KeyError(field)
-
-
-@pytest.fixture
-def ingress_peak_growth_mib():
-    """Resets the ingress replicas' peak RSS (Linux clear_refs 5); yields a function giving its growth since."""
-    pids = list(replica_actors("Ingress").values())
-    baseline = {}
-    for pid in pids:
-        Path(f"/proc/{pid}/clear_refs").write_text("5")
-        baseline[pid] = kib(pid, "VmRSS")
-    yield lambda: max((kib(pid, "VmHWM") - baseline[pid]) / 1024 for pid in pids)
 
 
 def test_hostile_images_are_refused_with_the_reason_and_bounded_memory(

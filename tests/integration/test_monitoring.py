@@ -497,6 +497,36 @@ def test_ocr_metrics_count_each_image_and_its_lines(prometheus, drift_app, chels
         assert seen == delta, f"{name}: Prometheus saw {seen}, sent {delta} ({exprs[name]})"
 
 
+def test_speech_metrics_count_the_audio_heard_and_spoken_and_each_refusal(prometheus, drift_app, librivox):
+    heard, spoken = 'direction="in"', 'direction="out"'
+    exprs = {
+        "heard_s": f"sum(ray_maas_speech_audio_seconds_total{{{heard}}})",
+        "english": f'sum(ray_maas_speech_transcriptions_total{{language="en", task="transcribe", {heard}}})',
+        "factors": f"sum(ray_maas_speech_real_time_factor_ratio_count{{{heard}}})",
+        "words": f"sum(ray_maas_speech_words_items_sum{{{heard}}})",
+        "spoken": f"sum(ray_maas_speech_real_time_factor_ratio_count{{{spoken}}})",
+        "first_audio": "sum(ray_maas_speech_time_to_first_audio_seconds_count)",
+        "uploads": 'sum(ray_maas_input_audio_seconds_count{route="/v1/audio/transcriptions"})',
+        "refused": 'sum(ray_maas_audio_refusals_total{route="/v1/audio/transcriptions", reason="invalid_audio"})',
+    }
+    before = prometheus.stable(exprs)
+    clip = librivox[0]  # 7.1 s, 22 words
+    with httpx.Client(base_url=drift_app, timeout=120) as client:
+        for _ in range(2):
+            answer = client.post("/v1/audio/transcriptions", files={"file": ("a.wav", clip.wav)}, data={"model": "asr"})
+            assert answer.status_code == 200, answer.text
+        said = client.post("/v1/audio/speech", json={"model": "tts", "voice": "joe", "input": "Hello there."})
+        assert said.status_code == 200
+        refused = client.post("/v1/audio/transcriptions", files={"file": ("a.wav", b"no audio")}, data={"model": "asr"})
+        assert refused.status_code == 400
+    expected = {"heard_s": 14.2, "english": 2, "factors": 2, "spoken": 1, "first_audio": 1, "uploads": 2, "refused": 1}
+    for name, delta in expected.items():
+        seen = prometheus.wait_for(exprs[name], lambda v, d=delta, n=name: v >= before[n] + d - 0.01) - before[name]
+        assert seen == pytest.approx(delta, abs=0.01), f"{name}: Prometheus saw {seen}, sent {delta} ({exprs[name]})"
+    # Ray rebuilds histogram sums from bucket midpoints: the words are there, not exactly 44.
+    assert prometheus.wait_for(exprs["words"], lambda v: v > before["words"]) > before["words"]
+
+
 def test_drift_gauges_are_still_reported_when_traffic_stops(prometheus, drift_app):
     """A quiet replica keeps exporting its drift gauges: Ray drops a gauge not set again within about 20 s,
     so an alert with ``for: 10m`` would never fire on a replica that drifted and then saw little traffic."""

@@ -108,7 +108,7 @@ def test_embeddings_rank_by_meaning_and_equal_the_native_route(llm, client):
 
 def test_models_lists_every_model_with_the_language_model(llm):
     models = {m.id: m for m in llm.models.list()}
-    assert set(models) == {"vision", "text", "fusion", "ocr", "llm", "explainer"}
+    assert set(models) == {"vision", "text", "fusion", "ocr", "llm", "explainer", "asr", "tts"}
     assert models["llm"].owned_by == "maas-cluster" and models["llm"].object == "model"
     assert models["llm"].model_extra["name"] == "SmolLM2-135M-Instruct"
 

