@@ -266,6 +266,10 @@ LANGUAGES: dict[str, str] = {
 }
 """The languages Whisper knows: ISO 639-1 code -> its English name, as Whisper names them (a unit test keeps the
 codes equal to faster-whisper's)."""
+UNKNOWN_LANGUAGE = (
+    "unknown language: Whisper's languages are ISO 639-1 codes such as en, de, fr, es, zh (GET /v1/models lists "
+    "those of the asr model)"
+)
 MAX_PROMPT_CHARS = 1000
 """Longest transcription prompt: Whisper reads at most 223 of its tokens."""
 

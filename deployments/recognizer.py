@@ -29,6 +29,7 @@ from ray import serve
 
 from deployments.contracts import (
     LANGUAGES,
+    UNKNOWN_LANGUAGE,
     TranscriptionRequest,
     TranscriptPiece,
     TranscriptSegment,
@@ -85,7 +86,7 @@ class RecognizerConfig(BaseModel):
     @classmethod
     def _known_language(cls, language: str | None) -> str | None:
         if language is not None and language not in LANGUAGES:
-            raise ValueError(f"unknown language {language!r}; Whisper's are ISO 639-1 codes: {', '.join(LANGUAGES)}")
+            raise ValueError(f"{language!r} is an {UNKNOWN_LANGUAGE}")
         return language
 
 
@@ -250,7 +251,7 @@ def _segment(segment) -> TranscriptSegment:
             for w in segment.words
         ]
     return TranscriptSegment(
-        id=segment.id,
+        id=segment.id - 1,  # faster-whisper counts from 1; OpenAI's segments, from 0
         seek=segment.seek,
         start=round(float(segment.start), 3),
         end=round(float(segment.end), 3),

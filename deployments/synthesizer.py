@@ -70,8 +70,17 @@ class SynthesizerConfig(BaseModel):
     name: str | None = Field(None, description="Name reported by the API (default: piper-<voice>).")
     version: str | None = Field(None, description="Overrides the derived version string.")
     length_scale: float | None = Field(None, gt=0.1, le=4.0, description="Phoneme length (default: the voice's).")
-    noise_scale: float | None = Field(None, ge=0.0, le=2.0, description="Generator noise (default: the voice's).")
-    noise_w_scale: float | None = Field(None, ge=0.0, le=2.0, description="Phoneme width noise (the voice's).")
+    noise_scale: float | None = Field(
+        0.0,
+        ge=0.0,
+        le=2.0,
+        description="Generator noise. 0: the same text is said the same way every time, as intelligibly as with "
+        "noise (6.2% word errors heard back against 6.7% here); null: the voice's own (0.667 for joe), which "
+        "varies each saying.",
+    )
+    noise_w_scale: float | None = Field(
+        0.0, ge=0.0, le=2.0, description="Phoneme width noise: 0, or null for the voice's own (0.8 for joe)."
+    )
     sentence_pause_s: float = Field(0.15, ge=0.0, le=2.0, description="Silence after each sentence.")
     max_sentence_chars: int = Field(
         400, ge=20, le=4096, description="Longer sentences are said in pieces, split at a comma or a space."
@@ -342,7 +351,7 @@ class SpeechSynthesizer(ModelDeployment):
         deadline = start + request.timeout_s if request.timeout_s else None
         with self.counted():
             if request.voice is not None and request.voice != voice.voice:
-                raise InvalidInput(f"unknown voice {request.voice!r}; the voices are: {voice.voice}", field="voice")
+                raise InvalidInput(f"no such voice; the voices are: {voice.voice}", field="voice")
             lines = sentences(request.text, voice.config.max_sentence_chars)  # none: nothing to say, no audio
             rate = voice.sample_rate
             encoder = AudioEncoder(request.format, rate, whole=request.whole)

@@ -394,9 +394,9 @@ class SpeechMetrics:
 
     def observe(self, audio_s: float, seconds: float, words: int) -> None:
         """One transcription or synthesis of ``audio_s`` seconds of audio that took the replica ``seconds``."""
-        self.audio_seconds.inc(audio_s)
         self.words.observe(words)
-        if audio_s > 0:
+        if audio_s > 0:  # Ray's counters take only positive increments: a text with nothing to say says none
+            self.audio_seconds.inc(audio_s)
             self.real_time_factor.observe(seconds / audio_s)
 
     def observe_transcription(self, language: str, task: str) -> None:

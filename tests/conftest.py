@@ -184,25 +184,3 @@ def transcode(wav: bytes, fmt: str, rate: int = 44_100, layout: str = "stereo") 
         for packet in stream.encode(None):
             target.mux(packet)
     return out.getvalue()
-
-
-NUMBERS = "zero one two three four five six seven eight nine ten eleven twelve".split()
-SPELLED = {"mr": "mister", "mrs": "missus", "dr": "doctor"}
-
-
-def words_of(text: str) -> list[str]:
-    """A text's words as word error rates compare them: lower case, no punctuation, hyphenated words apart,
-    abbreviations and small numbers spelled out (Whisper writes "Mr." and "10")."""
-    words = re.sub(r"[^\w\s'-]|(?<!\w)'|'(?!\w)", " ", text.lower()).replace("-", " ").split()
-    return [NUMBERS[int(w)] if w.isdigit() and int(w) < len(NUMBERS) else SPELLED.get(w, w) for w in words]
-
-
-def word_error_rate(reference: str, heard: str) -> float:
-    """Word-level edit distance over the reference's words."""
-    ref, hyp = words_of(reference), words_of(heard)
-    row = list(range(len(hyp) + 1))
-    for i, word in enumerate(ref, start=1):
-        previous, row[0] = row[0], i
-        for j, other in enumerate(hyp, start=1):
-            previous, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, previous + (word != other))
-    return row[-1] / max(1, len(ref))

@@ -27,7 +27,7 @@ from pydantic import (
 from api.knowledge import KnowledgeSource, PolicyDecision
 from api.openapi import integral
 from deployments.audio import OUTPUT_FORMATS
-from deployments.contracts import LANGUAGES
+from deployments.contracts import LANGUAGES, UNKNOWN_LANGUAGE
 from deployments.contracts import MAX_PROMPT_CHARS as MAX_TRANSCRIPTION_PROMPT_CHARS
 from deployments.settings import limits
 from knowledge.rules import NAME_PATTERN
@@ -485,7 +485,7 @@ class TranscriptionForm(_AudioForm):
     @classmethod
     def _known_language(cls, language: str | None) -> str | None:
         if language is not None and language not in LANGUAGES:
-            raise ValueError(f"unknown language; Whisper's are ISO 639-1 codes: {', '.join(LANGUAGES)}")
+            raise ValueError(UNKNOWN_LANGUAGE)
         return language
 
     @model_validator(mode="after")

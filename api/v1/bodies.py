@@ -83,8 +83,8 @@ async def read_form(
         for key, value in form.multi_items():
             if isinstance(value, UploadFile):
                 if key not in files:
-                    names = " or ".join(repr(name) for name in files)
-                    raise InvalidInput(f"unexpected file field {key!r}; send the file in field {names}", field=key)
+                    where = " or ".join(f"the {name} in field {name!r}" for name in files)
+                    raise InvalidInput(f"unexpected file field {key!r}; send {where}", field=key)
                 if key in uploaded:
                     raise InvalidInput(f"form field {key!r} is given more than once", field=key)
                 data = await value.read(files[key] + 1)

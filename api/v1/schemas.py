@@ -26,7 +26,7 @@ from pydantic import (
 from api.knowledge import KnowledgeSource, PolicyDecision
 from api.openapi import integral
 from deployments.audio import OUTPUT_FORMATS
-from deployments.contracts import LANGUAGES
+from deployments.contracts import LANGUAGES, UNKNOWN_LANGUAGE
 from deployments.settings import limits
 from knowledge.rules import NAME_PATTERN
 
@@ -394,7 +394,7 @@ class AskRequest(_Request):
     @classmethod
     def _known_language(cls, language: str | None) -> str | None:
         if language is not None and language not in LANGUAGES:
-            raise ValueError(f"unknown language; Whisper's are ISO 639-1 codes: {', '.join(LANGUAGES)}")
+            raise ValueError(UNKNOWN_LANGUAGE)
         return language
 
     max_tokens: Annotated[

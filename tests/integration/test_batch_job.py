@@ -13,8 +13,9 @@ import httpx
 import pytest
 from ray.job_submission import JobStatus, JobSubmissionClient
 
+from benchmarks.wer import word_error_rate
 from monitoring.tools.profile import augmented, skimage_photos
-from tests.conftest import b64, encode, rendered_words, transcode, word_error_rate
+from tests.conftest import b64, encode, rendered_words, transcode
 from tests.integration.conftest import DASHBOARD_PORT
 from tests.serving import ROOT
 

@@ -38,6 +38,8 @@ def sends(image: str) -> list[tuple[str, dict]]:
         ("/v1/vision/ocr", {"image": image}),
         ("/v1/vision/explain", {"image": image, "heatmap": False}),
         ("/v1/multimodal/describe", {"image": image, "max_tokens": 4}),
+        ("/v1/audio/speech", {"model": "tts", "voice": "joe", "input": words, "response_format": "wav"}),
+        ("/v1/multimodal/ask", {"text": words, "image": image, "max_tokens": 4}),
         ("/v1/multimodal/analyze", {"image": image, "text": words, "labels": [CANARY, "finance"]}),
         ("/v1/text/embed", {"texts": [words]}),
         ("/v1/text/classify", {"text": words, "labels": [CANARY, "sports"]}),
@@ -56,6 +58,7 @@ def sends(image: str) -> list[tuple[str, dict]]:
         ("/v1/chat/completions", {"model": CANARY, "messages": [{"role": "user", "content": words}]}),
         ("/v1/chat/completions", {"model": "llm", "messages": [{"role": CANARY, "content": words}]}),
         ("/v2/models/text/infer", {"inputs": [{**tensor, "datatype": CANARY}]}),
+        ("/v1/audio/speech", {"model": "tts", "voice": CANARY, "input": words}),
     ]  # fmt: skip
 
 

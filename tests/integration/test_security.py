@@ -9,6 +9,7 @@ import base64
 import contextlib
 import io
 import json
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -255,7 +256,8 @@ def test_each_request_has_an_audit_line_and_key_metrics_count_refusals_by_reason
     # The dashboard's Access row queries these; they exist only while keys are on (test_monitoring skips them).
     assert all(f"{name}{{" in exposition for name in KEY_METRICS), [n for n in KEY_METRICS if n not in exposition]
     tokens = [row for row in exposition.splitlines() if row.startswith("ray_maas_api_key_tokens_total{")]
-    assert any('key_id="tokens"' in row and 'kind="prompt"' in row for row in tokens), tokens
+    labels = [re.findall(r'(key_id|kind|replica)="([^"]*)"', row) + [row.rsplit(" ", 1)[-1]] for row in tokens]
+    assert any('key_id="tokens"' in row and 'kind="prompt"' in row for row in tokens), labels
 
 
 def test_a_masked_keys_text_reaches_the_model_masked_and_the_response_counts_each_kind(client, keys):

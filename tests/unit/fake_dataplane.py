@@ -233,7 +233,7 @@ class FakeDataplane:
         self._check("tts")
         self.calls.append(("speak", request.text, request.voice, request.format, request.speed))
         if request.voice is not None and request.voice != VOICE:
-            raise InvalidInput(f"unknown voice {request.voice!r}; the voices are: {VOICE}", field="voice")
+            raise InvalidInput(f"no such voice; the voices are: {VOICE}", field="voice")
         (text,) = await usage.private([request.text])
         encoder = AudioEncoder(request.format, VOICE_RATE, whole=request.whole)
         lines = [line for line in text.split(". ") if line.strip()]

@@ -1,7 +1,7 @@
 """The benchmark report's headline and CPU tables: each cluster setup rated against the same baseline and raw
 limit of one run, and the HAProxy ingress's process counted as serving."""
 
-from benchmarks import cpu, report, speech
+from benchmarks import cpu, report, speech, wer
 
 
 def _row(setup: str, route: str, concurrency: int, rps: float, p50: float, p99: float, cpu_ms: dict) -> dict:
@@ -89,22 +89,22 @@ def test_haproxy_is_counted_as_serving_and_other_programs_are_not(monkeypatch):
 
 
 def test_speech_is_compared_word_by_word_with_numbers_as_words():
-    assert speech.normalise("Go forward 10 meters.") == speech.normalise("go forward ten meters")
-    assert speech.word_error_rate("go forward ten meters", "Go forward 10 meters.") == 0.0
-    assert speech.word_error_rate("and mister john dashwood", "And Mr. John Dashwood") == 0.0
-    assert speech.normalise("A cold-hearted man, don't you think? The 21st!") == [
+    assert wer.normalise("Go forward 10 meters.") == wer.normalise("go forward ten meters")
+    assert wer.word_error_rate("go forward ten meters", "Go forward 10 meters.") == 0.0
+    assert wer.word_error_rate("and mister john dashwood", "And Mr. John Dashwood") == 0.0
+    assert wer.normalise("A cold-hearted man, don't you think? The 21st!") == [
         "a", "cold", "hearted", "man", "dont", "you", "think", "the", "twenty", "first"
     ]  # fmt: skip
-    assert [speech.number_words(n) for n in (0, 15, 40, 115, 999, 2025)] == [
+    assert [wer.number_words(n) for n in (0, 15, 40, 115, 999, 2025)] == [
         "zero", "fifteen", "forty", "one hundred fifteen", "nine hundred ninety nine", "two thousand twenty five"
     ]  # fmt: skip
 
 
 def test_speech_word_errors_count_substitutions_deletions_and_insertions():
-    assert speech.edits(["a", "b", "c"], ["a", "x", "c", "d"]) == 2  # one substitution, one insertion
-    assert speech.edits(["a", "b", "c"], ["a", "c"]) == 1
-    assert speech.word_errors("ten of clubs", "10 of clothes.") == (1, 3)
-    assert speech.word_errors("five five", "") == (2, 2)
+    assert wer.edits(["a", "b", "c"], ["a", "x", "c", "d"]) == 2  # one substitution, one insertion
+    assert wer.edits(["a", "b", "c"], ["a", "c"]) == 1
+    assert wer.word_errors("ten of clubs", "10 of clothes.") == (1, 3)
+    assert wer.word_errors("five five", "") == (2, 2)
 
 
 def _speech() -> dict:

@@ -110,3 +110,27 @@ def test_held_gauges_resend_their_last_values_until_a_new_model_version(monkeypa
     sent.clear()
     gauge.refresh()
     assert sent == []
+
+
+def test_a_synthesis_of_nothing_records_no_zero_increment(monkeypatch):
+    """Ray's counters refuse increments that are not positive (a ValueError in the replica, the answer cut
+    off): a text with nothing to say is said as no audio, and counts none."""
+    increments = []
+
+    class Counter:
+        def __init__(self, name, description="", tag_keys=()):
+            pass
+
+        def set_default_tags(self, tags):
+            pass
+
+        def inc(self, value=1.0, tags=None):
+            if value <= 0:
+                raise ValueError(f"value must be >0, got {value}")
+            increments.append(value)
+
+    monkeypatch.setattr(metrics.metrics, "Counter", Counter)
+    speech = metrics.SpeechMetrics("out")
+    speech.observe(0.0, 0.01, 0)
+    speech.observe(2.5, 0.2, 6)
+    assert increments == [2.5]

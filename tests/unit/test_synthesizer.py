@@ -162,6 +162,12 @@ def test_a_sentence_comes_back_as_speech_of_a_plausible_length(loop, program, vo
     assert 0.2 < seconds(short, voice) < 1.5
 
 
+def test_the_same_text_is_said_the_same_way_every_time(loop, program):
+    """Without noise (the default) a saying can be tested, cached and heard back the same way each time."""
+    first, second = (loop.run_until_complete(program.say(LONG)) for _ in range(2))
+    assert np.array_equal(first, second)
+
+
 def test_the_wav_file_piper_wrote_is_deleted_and_its_folder_is_the_owners_alone(loop, program):
     loop.run_until_complete(program.say(SHORT))
     assert list(program.folder.iterdir()) == []
@@ -237,7 +243,9 @@ def test_the_command_passes_the_voice_and_only_the_settings_given(program, voice
     assert command[1:3] == ["-m", "piper"] and "--length-scale" not in command
     assert command[command.index("--model") + 1] == str(voice.model)
     assert command[command.index("--output-dir") + 1] == str(program.folder)
+    assert command[-4:] == ["--noise-scale", "0", "--noise-w-scale", "0"]  # the default: no noise
     monkeypatch.setattr(voice.config, "length_scale", 1.5)
+    monkeypatch.setattr(voice.config, "noise_scale", None)  # the voice's own
     monkeypatch.setattr(voice.config, "noise_w_scale", 0.25)
     command = program.command()
     assert command[-4:] == ["--length-scale", "1.5", "--noise-w-scale", "0.25"]
