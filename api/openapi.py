@@ -1,8 +1,8 @@
 """OpenAPI documents of routes that read their bodies themselves."""
 
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel
+from pydantic import AfterValidator, BaseModel, Field, StringConstraints
 
 
 def integral(value: Any) -> Any:
@@ -26,3 +26,24 @@ def inline(model: type[BaseModel]) -> dict:
         return node
 
     return resolve(schema)
+
+
+def _known_language(code: str) -> str:
+    from deployments.contracts import LANGUAGES, UNKNOWN_LANGUAGE
+
+    if code not in LANGUAGES:
+        raise ValueError(UNKNOWN_LANGUAGE)
+    return code
+
+
+Language = Annotated[
+    str,
+    StringConstraints(pattern=r"^[a-z]{2,3}$"),
+    AfterValidator(_known_language),
+    Field(
+        description="The speech's language (ISO 639-1, e.g. `en`); unset, it is detected (one more model pass). "
+        "Which languages there are is the served model's: `GET /v1/models` lists them (the `asr` model's "
+        "details), so the schema gives their form only.",
+    ),
+]
+"""A language of speech, in every protocol's schemas."""

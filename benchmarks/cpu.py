@@ -28,6 +28,8 @@ def role(pid: int, cmdline: str) -> str | None:
         return "load generator"
     if cmdline.startswith("ray::ServeReplica:"):  # ray::ServeReplica:<app>:<deployment>[.<method> while busy]
         return "replica: " + cmdline.split()[0].rsplit(":", 1)[-1].split(".")[0]
+    if " -m piper " in f" {cmdline} ":  # the speech synthesiser's own program, a child of its replica
+        return "replica: SpeechSynthesizer (its Piper program)"
     if cmdline.startswith("ray::ProxyActor"):
         return "HTTP proxy"
     if cmdline.split(" ", 1)[0].endswith("/haproxy"):  # the HAProxy ingress (make serve INGRESS=haproxy)

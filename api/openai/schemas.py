@@ -25,9 +25,8 @@ from pydantic import (
 )
 
 from api.knowledge import KnowledgeSource, PolicyDecision
-from api.openapi import integral
+from api.openapi import Language, integral
 from deployments.audio import OUTPUT_FORMATS
-from deployments.contracts import LANGUAGES, UNKNOWN_LANGUAGE
 from deployments.contracts import MAX_PROMPT_CHARS as MAX_TRANSCRIPTION_PROMPT_CHARS
 from deployments.settings import limits
 from knowledge.rules import NAME_PATTERN
@@ -445,7 +444,6 @@ class ErrorResponse(BaseModel):
 # --- audio ------------------------------------------------------------------------------------------------
 
 TRANSCRIPT_FORMATS = ("json", "text", "srt", "verbose_json", "vtt")
-LANGUAGE_CODE = r"^[a-z]{2,3}$"
 MAX_VOICE_CHARS = 64
 
 
@@ -471,22 +469,11 @@ class _AudioForm(BaseModel):
 
 
 class TranscriptionForm(_AudioForm):
-    language: Annotated[str, StringConstraints(pattern=LANGUAGE_CODE)] | None = Field(
-        None,
-        description="The speech's language (ISO 639-1, e.g. `en`); unset, it is detected (one more pass). Which "
-        "languages there are is the served model's: `GET /v1/models` lists them (the `asr` model's details).",
-    )
+    language: Language | None = None
     timestamp_granularities: Annotated[list[Literal["word", "segment"]], Field(min_length=1, max_length=2)] | None = (
         Field(None, description="`timestamp_granularities[]`: `segment` and/or `word`; with `verbose_json` only.")
     )
     stream: bool = Field(False, description="Server-Sent Events: `transcript.text.delta`, then `.done`.")
-
-    @field_validator("language")
-    @classmethod
-    def _known_language(cls, language: str | None) -> str | None:
-        if language is not None and language not in LANGUAGES:
-            raise ValueError(UNKNOWN_LANGUAGE)
-        return language
 
     @model_validator(mode="after")
     def _consistent(self) -> "TranscriptionForm":

@@ -19,14 +19,12 @@ from pydantic import (
     ConfigDict,
     Field,
     StringConstraints,
-    field_validator,
     model_validator,
 )
 
 from api.knowledge import KnowledgeSource, PolicyDecision
-from api.openapi import integral
+from api.openapi import Language, integral
 from deployments.audio import OUTPUT_FORMATS
-from deployments.contracts import LANGUAGES, UNKNOWN_LANGUAGE
 from deployments.settings import limits
 from knowledge.rules import NAME_PATTERN
 
@@ -384,18 +382,7 @@ class AskRequest(_Request):
     audio: AudioB64 | None = None
     image: ImageB64 | None = None
     text: Text | None = Field(None, description="The question as text, or words to add to the spoken one.")
-    language: Annotated[str, StringConstraints(pattern=r"^[a-z]{2,3}$")] | None = Field(
-        None,
-        description="The language of the audio (ISO 639-1, e.g. `en`); unset, it is detected (one more model pass). "
-        "Which languages there are is the served model's: `GET /v1/models` lists them (the `asr` model's details).",
-    )
-
-    @field_validator("language")
-    @classmethod
-    def _known_language(cls, language: str | None) -> str | None:
-        if language is not None and language not in LANGUAGES:
-            raise ValueError(UNKNOWN_LANGUAGE)
-        return language
+    language: Language | None = None
 
     max_tokens: Annotated[
         int,

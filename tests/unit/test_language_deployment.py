@@ -18,13 +18,6 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 @pytest.fixture(scope="module")
-def loop():
-    loop = asyncio.new_event_loop()
-    yield loop
-    loop.close()
-
-
-@pytest.fixture(scope="module")
 def generator(loop):
     deployment = TextGenerator.func_or_class()
     loop.run_until_complete(deployment.reconfigure(SETTINGS))

@@ -132,13 +132,6 @@ def test_a_package_without_a_voice_is_refused():
 
 
 @pytest.fixture(scope="module")
-def loop():
-    loop = asyncio.new_event_loop()
-    yield loop
-    loop.close()
-
-
-@pytest.fixture(scope="module")
 def program(loop, voice):
     program = PiperProgram(voice)
     loop.run_until_complete(program.start())
