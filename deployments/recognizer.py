@@ -186,34 +186,53 @@ def _digest(files: list[Path]) -> str:
     return digest.hexdigest()
 
 
-def _whisper_encoding_once():
+def _whisper_encoding_once(kept_at_most: int = 4):
     """faster-whisper's ``WhisperModel``, encoding the first 30 s window once where it would encode it twice.
 
     To detect a language, faster-whisper 1.2 encodes the first window, then transcribing encodes it again:
     for a clip under 30 s that is two encoder passes where one would do, 1.0 of its 2.4 CPU-seconds here.
     The language is detected from the window exactly as transcribing slices it (without the feature
     extractor's last frame, 10 ms of padding), and the encoder's answer for it is kept and given back once.
-    Kept per model and compared by content, so concurrent transcriptions never get each other's.
+    Only detection's answers are kept, up to ``kept_at_most`` (each about 4 MB: the window's features and the
+    encoder's output), one per transcription between its detection and its first window, so the transcriptions
+    a replica holds at once (``max_ongoing_requests``) each find theirs; they are compared by content, so none
+    gets another's.
     """
+    import threading
+    from collections import deque
+
     import numpy as np
     from faster_whisper import WhisperModel
 
     class EncodingOnce(WhisperModel):
         encodings = 0  # encoder passes run: what a test counts
 
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self._kept: deque = deque(maxlen=kept_at_most)  # (features, encoder output), oldest first
+            self._keeping = threading.Lock()  # detection and transcription run in worker threads
+            self._detecting = threading.local()  # whether this thread is detecting a language now
+
         def detect_language(self, audio=None, features=None, *args, **kwargs):
             if features is not None:
                 features = features[..., :-1]  # as generate_segments takes the first window
-            return super().detect_language(audio, features, *args, **kwargs)
+            self._detecting.on = True
+            try:
+                return super().detect_language(audio, features, *args, **kwargs)
+            finally:
+                self._detecting.on = False
 
         def encode(self, features):
-            kept = getattr(self, "_kept", None)
-            if kept is not None and kept[0].shape == features.shape and np.array_equal(kept[0], features):
-                self._kept = None
-                return kept[1]
-            self.encodings += 1
+            with self._keeping:
+                for i, (window, output) in enumerate(self._kept):
+                    if window.shape == features.shape and np.array_equal(window, features):
+                        del self._kept[i]
+                        return output
             output = super().encode(features)
-            self._kept = (features, output)
+            with self._keeping:
+                self.encodings += 1
+                if getattr(self._detecting, "on", False):  # a window transcription will ask for again
+                    self._kept.append((features, output))
             return output
 
     return EncodingOnce

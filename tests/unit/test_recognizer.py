@@ -296,6 +296,21 @@ def test_detecting_the_language_encodes_the_first_window_once_and_hears_what_fas
     assert info.language_probability == pytest.approx(their_info.language_probability, abs=0.01)
 
 
+def test_two_transcriptions_at_once_each_keep_their_first_window_and_hear_their_own_words(deployment, librivox):
+    """A replica holds two transcriptions at once (max_ongoing_requests): both detect their language before
+    either decodes a window, and each still encodes its window once and gets its own words back."""
+    first, second = (decode_audio(clip.wav, Limits()).samples for clip in librivox[:2])
+    model = deployment.model
+    alone = [
+        "".join(segment.text for segment in model.begin(TranscriptionRequest(audio))[0]) for audio in (first, second)
+    ]
+    before = model.model.encodings
+    interleaved = [model.begin(TranscriptionRequest(audio))[0] for audio in (first, second)]  # both detected
+    heard = ["".join(segment.text for segment in segments) for segments in reversed(interleaved)][::-1]
+    assert heard == alone
+    assert model.model.encodings - before == 2
+
+
 def test_a_passed_deadline_stops_the_transcription_before_a_window_is_decoded(loop, deployment, reader):
     stream = deployment.transcribe(TranscriptionRequest(reader[1].samples, language="en", timeout_s=1e-6))
     assert loop.run_until_complete(stream.__anext__()).language == "en"
