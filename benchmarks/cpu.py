@@ -111,3 +111,8 @@ class Meter:
 
     def per_request(self, requests: int) -> dict[str, dict]:
         return per_request(self.before, self.after, requests)
+
+    def cores(self, seconds: float) -> dict[str, float]:
+        """Cores each role kept busy over ``seconds`` of wall time (its CPU seconds over them), busiest first."""
+        spent = {name: entry["cpu_ms_per_request"] / 1000.0 for name, entry in self.per_request(1).items()}
+        return {name: cpu_s / seconds for name, cpu_s in spent.items()} if seconds > 0 else {}

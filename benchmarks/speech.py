@@ -40,6 +40,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from benchmarks import cpu
 from benchmarks.report import _verdict
 from benchmarks.wer import word_errors
 
@@ -355,11 +356,15 @@ async def _load(base: str, librivox: list[Clip], clients: int, duration_s: float
     rows: list[tuple[float, float]] = []
     counts = {"errors": 0, "refused": 0}
     async with httpx.AsyncClient(base_url=base, timeout=300, limits=httpx.Limits(max_connections=clients + 4)) as http:
-        start = time.monotonic()
-        await asyncio.gather(*(_client(http, librivox, c, start + duration_s, rows, counts) for c in range(clients)))
-        seconds = time.monotonic() - start  # until the last answer begun in time is done
+        with cpu.Meter() as meter:
+            start = time.monotonic()
+            await asyncio.gather(
+                *(_client(http, librivox, c, start + duration_s, rows, counts) for c in range(clients))
+            )
+            seconds = time.monotonic() - start  # until the last answer begun in time is done
     result = _throughput([r[0] for r in rows], [r[1] for r in rows], seconds, counts["errors"], counts["refused"])
     result["clients"] = clients
+    result["cores"] = meter.cores(seconds)
     return result
 
 
@@ -473,6 +478,7 @@ def combine(in_process: dict, cluster: dict) -> dict:
     return {
         "duration_s": DURATION_S,
         "repeats": REPEATS,
+        "cpus": os.cpu_count(),
         "accuracy": accuracy(clips(), in_process["transcripts"], cluster["transcripts"]),
         "throughput": {"in_process": in_process["throughput"], "cluster": cluster["throughput"]},
         "streaming": cluster["streaming"],
@@ -493,6 +499,39 @@ def headline(speech: dict) -> dict:
     if eight and alone:
         out["audio_s_per_s_8_over_in_process"] = eight["audio_s_per_s"] / alone
     return out
+
+
+def _cpu_lines(speech: dict) -> list[str]:
+    """Cores each part of the stack kept busy at each throughput point, and what that leaves 8 clients."""
+    points = [row for row in speech["throughput"]["cluster"] if row.get("cores")]
+    if not points:
+        return []
+    roles = sorted(
+        {name for row in points for name in row["cores"]}, key=lambda n: -max(r["cores"].get(n, 0) for r in points)
+    )
+    lines = [
+        "",
+        f"**Where the CPU went.** Cores each part kept busy during each point (its CPU seconds over the point's "
+        f"wall seconds; this machine has {speech.get('cpus', '?')}), read from `/proc` (`benchmarks/cpu.py`).",
+        "",
+        "| process | "
+        + " | ".join(f"{row['clients']} client{'s' if row['clients'] > 1 else ''}" for row in points)
+        + " |",
+        "|---|" + "---|" * len(points),
+    ]
+    for name in roles:
+        lines.append(f"| {name} | " + " | ".join(f"{row['cores'].get(name, 0.0):.2f}" for row in points) + " |")
+    totals = [sum(row["cores"].values()) for row in points]
+    lines.append("| all | " + " | ".join(f"{total:.2f}" for total in totals) + " |")
+    one = next((row for row in points if row["clients"] == 1), None)
+    if one and speech.get("cpus"):
+        busy = sum(one["cores"].values())
+        lines += [
+            "",
+            f"One client already keeps {busy:.2f} cores busy, so {speech['cpus']} cores leave room for at most "
+            f"{speech['cpus'] / busy:.2f}× its audio-s/s however the load is spread.",
+        ]
+    return lines
 
 
 def _s(value: float | None) -> str:
@@ -588,6 +627,7 @@ def report(speech: dict) -> list[str]:
                 else "."
             ),
         ]
+    lines += _cpu_lines(speech)
     lines += [
         "",
         "**Time to first text.** Each clip once with `stream=true` (to the first `transcript.text.delta` event, "

@@ -163,5 +163,26 @@ def test_the_report_renders_the_speech_section_with_its_verdicts():
     assert "| 1.62 | >= 1.8 | missed by 10% |" in report.markdown(results, "plot.png")
 
 
+def test_the_speech_section_says_where_the_cpu_went_and_what_it_leaves_more_clients():
+    results = {**_results(), "speech": _speech()}
+    results["speech"]["cpus"] = 2
+    one, _, eight = results["speech"]["throughput"]["cluster"]
+    one["cores"] = {"replica: SpeechRecognizer": 1.0, "HTTP proxy": 0.25}
+    eight["cores"] = {"replica: SpeechRecognizer": 1.5, "HTTP proxy": 0.5}
+    text = report.markdown(results, "plot.png")
+    assert "| process | 1 client | 8 clients |" in text  # the 4-client point has no reading
+    assert "| replica: SpeechRecognizer | 1.00 | 1.50 |" in text
+    assert "| all | 1.25 | 2.00 |" in text
+    assert "One client already keeps 1.25 cores busy, so 2 cores leave room for at most 1.60× its audio-s/s" in text
+
+
+def test_cores_are_cpu_seconds_over_wall_seconds_by_role():
+    meter = cpu.Meter()
+    meter.before = {1: cpu.Sample("HTTP proxy", 10.0, 0), 2: cpu.Sample("HTTP proxy", 5.0, 0)}
+    meter.after = {1: cpu.Sample("HTTP proxy", 12.0, 0), 2: cpu.Sample("HTTP proxy", 6.0, 0),
+                   3: cpu.Sample("load generator", 1.0, 0)}  # fmt: skip
+    assert meter.cores(4.0) == {"HTTP proxy": 0.75, "load generator": 0.25}
+
+
 def test_a_run_without_speech_has_no_speech_section():
     assert "## Speech" not in report.markdown(_results(), "plot.png")
