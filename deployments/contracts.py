@@ -30,6 +30,16 @@ class TextEmbeddings:
 
 
 @dataclass
+class TextScores:
+    """How relevant each document is to its query, in the order of the documents."""
+
+    scores: list[float]  # a bi-encoder's: cosine similarities, in [-1, 1]
+    model: str
+    version: str
+    tokens: int = 0  # tokens the model read: each text once per time it was sent (as ``TextEmbeddings.tokens``)
+
+
+@dataclass
 class TextRanking:
     labels: list[tuple[str, float]]  # (label, score), best first
     model: str
@@ -70,17 +80,48 @@ class FusionResult:
     explanation: FusionExplanation | None = None  # when asked for
 
 
+@dataclass(frozen=True)
+class Grammar:
+    """What an answer must be, enforced token by token while it is generated (``deployments.grammar``).
+
+    ``kind`` is ``json_object`` (any JSON object), ``json_schema`` (``source``: the schema as JSON), ``regex``
+    (``source``: the expression the whole answer matches) or ``lark`` (``source``: a grammar in llguidance's
+    Lark dialect, which can embed JSON schemas: the tool-call format). ``field`` is the request field it came
+    from, which an error about it names.
+    """
+
+    kind: str
+    source: str = ""
+    field: tuple = ("response_format",)
+
+
 @dataclass
 class GenerationRequest:
     """A request to the language model: a chat (``messages``) or a raw ``prompt``, and how to sample."""
 
-    messages: list[dict[str, str]] | None = None  # {"role": system|user|assistant, "content": str}
+    # {"role": system|user|assistant|tool, "content": str}; an assistant's may have "tool_calls", a tool's has
+    # "tool_call_id" (OpenAI's shapes)
+    messages: list[dict] | None = None
     prompt: str | None = None
     max_tokens: int | None = None  # None: the deployment's default
     temperature: float = 1.0  # 0: greedy
     top_p: float = 1.0
     seed: int | None = None
     stop: list[str] | None = None  # strings that end the answer; not part of it
+    grammar: Grammar | None = None  # None: free text
+    tools: list[dict] | None = None  # functions ({"name", "description", "parameters"}) the model is told of
+    logprobs: int | None = None  # None: none; k: each token's log probability and the k most likely (0-20)
+
+
+@dataclass
+class TokenLogprob:
+    """One generated token and how likely it was, in the distribution it was drawn from (``logprob``: natural
+    log); ``top``: the most likely tokens there, as ``(token, bytes, logprob)``, most likely first."""
+
+    token: str
+    bytes: list[int]
+    logprob: float
+    top: list[tuple[str, list[int], float]]
 
 
 @dataclass
@@ -94,6 +135,7 @@ class GenerationChunk:
     model: str
     version: str
     finish_reason: str | None = None  # "stop" or "length"
+    logprobs: list[TokenLogprob] | None = None  # the tokens generated since the last chunk, when asked for
 
 
 @dataclass

@@ -7,6 +7,10 @@ serves at once share forward passes. ``generate`` is a streaming method: the ing
 
 Limits come from ``user_config`` and are checked before any work: prompt tokens, ``max_tokens``, and the
 sequences decoded together. A request over a limit is refused with an error that names the parameter.
+
+A request with a ``grammar`` (structured outputs, tool calls) gets a matcher from the replica's
+``GrammarCompiler`` before it is accepted, so a grammar that cannot be enforced is refused (400) before any
+token is generated; its tokens are then masked to the grammar inside the running batch.
 """
 
 import asyncio
@@ -19,9 +23,10 @@ from typing import ClassVar
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 
-from deployments.contracts import GenerationChunk, GenerationRequest
+from deployments.contracts import GenerationChunk, GenerationRequest, TokenLogprob
 from deployments.errors import InvalidInput, PromptTooLong
-from deployments.generation import BatcherLimits, ContinuousBatcher, SamplingParams
+from deployments.generation import BatcherLimits, ContinuousBatcher, Logprob, SamplingParams
+from deployments.grammar import GrammarCompiler
 from deployments.llm import LanguageConfig, LanguageModel, TextStream
 from deployments.runtime import ModelDeployment, configure_threads
 from monitoring.metrics import LanguageMetrics
@@ -71,6 +76,7 @@ class TextGenerator(ModelDeployment):
         super().__init__()
         self.model: LanguageModel | None = None
         self.batcher: ContinuousBatcher | None = None
+        self.grammars: GrammarCompiler | None = None
         self.torch_threads = 0
         self.llm_metrics = LanguageMetrics(model="", version="")
         self._open_streams: dict[int, int] = {}  # id(batcher) -> streams reading from it
@@ -78,9 +84,9 @@ class TextGenerator(ModelDeployment):
         self._sampler: asyncio.Task | None = None
 
     async def prepare(self, settings: GenerationSettings):
-        model = self.model
+        model, grammars = self.model, self.grammars
         if model is None or settings.model != model.config:
-            model = await asyncio.to_thread(self._load, settings.model)
+            model, grammars = await asyncio.to_thread(self._load, settings.model)
         room = settings.max_prompt_tokens + settings.max_tokens
         if room > model.context_tokens:
             raise ValueError(
@@ -95,14 +101,16 @@ class TextGenerator(ModelDeployment):
                 model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else model.stop_token_ids[0],
                 settings.batcher_limits(),
             )
-        return model, batcher
+        return model, batcher, grammars
 
-    def _load(self, config: LanguageConfig) -> LanguageModel:
+    def _load(self, config: LanguageConfig) -> tuple[LanguageModel, GrammarCompiler]:
         self.torch_threads = configure_threads(config.torch_threads)
-        return LanguageModel(config)
+        model = LanguageModel(config)
+        vocab_size = int(model.model.config.vocab_size)
+        return model, GrammarCompiler(model.tokenizer, vocab_size, model.stop_token_ids)
 
     def commit(self, prepared) -> None:
-        model, batcher = prepared
+        model, batcher, self.grammars = prepared
         if model is not self.model:
             logger.info("Serving %s %s on %s with %d torch threads", model.name, model.version, model.device,
                         self.torch_threads)  # fmt: skip
@@ -168,7 +176,7 @@ class TextGenerator(ModelDeployment):
 
     def prompt_ids(self, request: GenerationRequest) -> list[int]:
         if request.messages is not None:
-            ids = self.model.chat_prompt(request.messages)
+            ids = self.model.chat_prompt(request.messages, request.tools)
             field = "messages"
         else:
             ids = self.model.text_prompt(request.prompt or "")
@@ -192,22 +200,29 @@ class TextGenerator(ModelDeployment):
         """The answer in pieces: first an empty chunk (accepted, prompt counted), then text as it is generated,
         the last one with the finish reason."""
         with self.counted():
-            model, batcher = self.model, self.batcher
+            model, batcher, grammars = self.model, self.batcher, self.grammars
             prompt = await asyncio.to_thread(self.prompt_ids, request)
-            params = SamplingParams(self.max_tokens(request), request.temperature, request.top_p, request.seed)
+            params = SamplingParams(
+                self.max_tokens(request), request.temperature, request.top_p, request.seed, request.logprobs
+            )
+            matcher = None
+            if request.grammar is not None:
+                matcher, built = await asyncio.to_thread(grammars.matcher, request.grammar)
+                self.llm_metrics.observe_grammar(request.grammar.kind, built)
             text = TextStream(model.decode, request.stop or [])
             start = time.perf_counter()
             first = last = None
             reason = "cancelled"
             generated = 0
 
-            def chunk(piece: str, finish: str | None = None) -> GenerationChunk:
-                return GenerationChunk(piece, len(prompt), generated, model.name, model.version, finish)
+            def chunk(piece: str, finish: str | None = None, logprobs: list | None = None) -> GenerationChunk:
+                scored = [_scored(grammars, p) for p in logprobs] if logprobs is not None else None
+                return GenerationChunk(piece, len(prompt), generated, model.name, model.version, finish, scored)
 
             self._open_streams[id(batcher)] = self._open_streams.get(id(batcher), 0) + 1
-            tokens = batcher.stream(prompt, params)
+            tokens = batcher.stream(prompt, params, matcher)
             try:
-                yield chunk("")
+                yield chunk("", logprobs=[] if request.logprobs is not None else None)
                 async for piece in tokens:
                     if piece.token_ids:
                         last = time.perf_counter() - start
@@ -215,16 +230,19 @@ class TextGenerator(ModelDeployment):
                         generated += len(piece.token_ids)
                         self._tokens += len(piece.token_ids)
                     new_text = text.add(piece.token_ids)
+                    scored = (
+                        None if piece.logprobs is None else list(zip(piece.token_ids, piece.logprobs, strict=False))
+                    )
                     if text.stopped:
                         reason = "stop"
-                        yield chunk(new_text, reason)
+                        yield chunk(new_text, reason, scored)
                         break
                     if piece.finish_reason is not None:
                         reason = piece.finish_reason
-                        yield chunk(new_text + text.finish(), reason)
+                        yield chunk(new_text + text.finish(), reason, scored)
                         break
-                    if new_text:
-                        yield chunk(new_text)
+                    if new_text or scored:
+                        yield chunk(new_text, logprobs=scored)
             except Exception:
                 reason = "error"
                 raise
@@ -233,3 +251,18 @@ class TextGenerator(ModelDeployment):
                     await tokens.aclose()
                 self._open_streams[id(batcher)] -= 1
                 self.llm_metrics.observe_finished(reason, len(prompt), generated, first, last)
+                if matcher is not None and matcher.masks:
+                    self.llm_metrics.observe_mask(matcher.mask_seconds / matcher.masks)
+
+
+def _scored(grammars: GrammarCompiler, scored: tuple[int, Logprob]) -> TokenLogprob:
+    """A generated token's log probability in the API's terms: the token as text and as bytes."""
+    token_id, logprob = scored
+
+    def spelled(token: int) -> tuple[str, list[int]]:
+        raw = grammars.token_bytes(token)
+        return raw.decode("utf-8", errors="backslashreplace"), list(raw)
+
+    text, raw = spelled(token_id)
+    top = [(*spelled(token), value) for token, value in logprob.top]
+    return TokenLogprob(text, raw, logprob.logprob, top)

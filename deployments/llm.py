@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from deployments import tools as tool_format
 from deployments.runtime import (
     CACHE_ENV,
     DEFAULT_CACHE,
@@ -146,11 +147,25 @@ class LanguageModel:
             ids.add(end_of_turn)
         return {i for i in ids if i is not None}
 
-    def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
-        """Token ids of a chat (``{"role", "content"}`` messages) followed by the assistant's turn."""
-        encoded = self.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=True, return_dict=True
-        )
+    @property
+    def template_has_tools(self) -> bool:
+        """Whether the model's chat template renders tools and tool calls itself."""
+        return "tools" in (self.tokenizer.chat_template or "")
+
+    def chat_prompt(self, messages: list[dict], functions: list[dict] | None = None) -> list[int]:
+        """Token ids of a chat followed by the assistant's turn. ``messages`` are OpenAI's (tool calls and
+        results included); ``functions`` are the tools the model is told of. A template without a tools
+        section gets them in ``deployments.tools``'s format."""
+        if self.template_has_tools:
+            tools = [{"type": "function", "function": f} for f in functions or ()] or None
+            encoded = self.tokenizer.apply_chat_template(
+                messages, tools=tools, add_generation_prompt=True, tokenize=True, return_dict=True
+            )
+        else:
+            encoded = self.tokenizer.apply_chat_template(
+                tool_format.render(messages, functions or []), add_generation_prompt=True, tokenize=True,
+                return_dict=True,
+            )  # fmt: skip
         return list(encoded["input_ids"])
 
     def text_prompt(self, prompt: str) -> list[int]:

@@ -39,6 +39,8 @@ IMAGE_PIXELS_BUCKETS = (1e4, 5e4, 1e5, 2.5e5, 5e5, 1e6, 2e6, 4e6, 1e7, 2e7, 4e7)
 TEXT_TOKENS_BUCKETS = (4, 8, 16, 32, 64, 128, 256, 512, 1024)
 FIRST_TOKEN_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 60.0)
 TOKEN_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0)
+GRAMMAR_BUILD_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
+MASK_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05)
 OCR_LINES_BUCKETS = (0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500)  # le="0.5": images without text
 REAL_TIME_FACTOR_BUCKETS = (0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 5.0)
 AUDIO_SECONDS_BUCKETS = (0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600)
@@ -66,7 +68,11 @@ LABELS = {
     "state": "a language-model sequence's state: running (being decoded) or waiting (for a slot)",
     "key_id": f"an API key's configured id, or {NO_KEY!r} (none presented, or an unknown one)",
     "reason": "why a request was refused: " + ", ".join(REFUSALS) + "; why audio was: " + ", ".join(AUDIO_REFUSALS),
-    "kind": "prompt or completion (language-model tokens)",
+    "kind": "prompt or completion (language-model tokens); a grammar's kind: json_object, json_schema, regex or "
+    "lark (tool calls)",
+    "cache": "whether a grammar's matcher came from the replica's cache (hit) or was built (miss)",
+    "response_format": "what an answer is held to: text, json_object, json_schema or regex",
+    "tool_choice": "a chat's tool choice: none, auto, required or named",
     "direction": "in (speech heard: transcribed) or out (speech spoken: synthesised)",
     "language": "the language a transcription was in (Whisper's ISO 639-1 codes, about 100)",
     "task": "transcribe or translate (speech to English text)",
@@ -292,9 +298,28 @@ class LanguageMetrics:
             description="Sequences of this replica being decoded (running) or waiting for a slot (waiting).",
             tag_keys=(*tags, "state"),
         )
+        self.grammars = metrics.Counter(
+            PREFIX + "llm_grammar_requests_total",
+            description="Constrained generations (structured outputs, tool calls), by grammar kind and whether its "
+            "matcher came from the replica's cache (hit) or was built (miss).",
+            tag_keys=(*tags, "kind", "cache"),
+        )
+        self.grammar_build_seconds = metrics.Histogram(
+            PREFIX + "llm_grammar_build_seconds",
+            description="Time to build a grammar's matcher (a cache miss): schema or grammar to a ready matcher.",
+            boundaries=list(GRAMMAR_BUILD_BUCKETS_S),
+            tag_keys=(*tags, "kind"),
+        )
+        self.mask_seconds = metrics.Histogram(
+            PREFIX + "llm_grammar_mask_seconds",
+            description="Mean time per generated token to compute a constrained request's token mask (one value "
+            "per request).",
+            boundaries=list(MASK_BUCKETS_S),
+            tag_keys=tags,
+        )
         self._all = [
             self.first_token_seconds, self.token_seconds, self.prompt_tokens, self.completion_tokens,
-            self.requests, self.sequences,
+            self.requests, self.sequences, self.grammars, self.grammar_build_seconds, self.mask_seconds,
         ]  # fmt: skip
         self.set_model(model, version)
 
@@ -313,6 +338,15 @@ class LanguageMetrics:
             self.first_token_seconds.observe(first_token_s)
             if completion_tokens > 1 and last_token_s is not None:
                 self.token_seconds.observe((last_token_s - first_token_s) / (completion_tokens - 1))
+
+    def observe_grammar(self, kind: str, build_s: float | None) -> None:
+        """A constrained request's matcher: built in ``build_s`` seconds, or from the cache (``None``)."""
+        self.grammars.inc(tags={"kind": kind, "cache": "miss" if build_s is not None else "hit"})
+        if build_s is not None:
+            self.grammar_build_seconds.observe(build_s, tags={"kind": kind})
+
+    def observe_mask(self, seconds_per_token: float) -> None:
+        self.mask_seconds.observe(seconds_per_token)
 
     def set_sequences(self, running: int, waiting: int) -> None:
         self.sequences.set(running, tags={"state": "running"})
@@ -491,6 +525,15 @@ class RequestMetrics:
             "not decodable, sample rate or channels out of bounds, silent, text too long to say).",
             tag_keys=("route", "reason"),
         )
+        self.generations = metrics.Counter(
+            PREFIX + "openai_generations_total",
+            description="Chat completions and completions accepted by the ingress, by the response format asked for "
+            "(text, json_object, json_schema, regex) and the tool choice (none, auto, required, named).",
+            tag_keys=("route", "response_format", "tool_choice"),
+        )
+
+    def observe_generation(self, route: str, response_format: str, tool_choice: str) -> None:
+        self.generations.inc(tags={"route": route, "response_format": response_format, "tool_choice": tool_choice})
 
     def observe_request(self, route: str, status: int, seconds: float, error_type: str | None) -> None:
         tags = {"route": route, "status": str(status)}
