@@ -16,7 +16,7 @@ from api.access import AccessMiddleware, Guard, document
 from api.audit import Audit, AuditMiddleware
 from api.context import ApiSettings
 from api.middleware import RequestMetricsMiddleware
-from api.openai import audio
+from api.openai import audio, rerank
 from api.openai import routes as openai
 from api.policy import OPEN, declare
 from api.problems import HANDLED, Problem, problem
@@ -45,8 +45,11 @@ Three protocols reach the same models:
   Errors are 4xx or 5xx responses whose `detail` lists what was wrong, in the
   same shape as validation errors.
 * OpenAI's API: `POST /v1/chat/completions` and `/v1/completions` (model
-  `llm`; `stream: true` gives Server-Sent Events), `POST /v1/embeddings` (model
-  `text`) and `GET /v1/models`, which lists every model. Errors are
+  `llm`; `stream: true` gives Server-Sent Events; structured outputs with
+  `response_format`, tool calls with `tools`, log probabilities, all held by
+  constrained decoding where they constrain), `POST /v1/embeddings`,
+  `/v1/rerank` and `/v1/score` (model `text`), the audio routes, and
+  `GET /v1/models`, which lists every model. Errors are
   `{"error": {"message", "type", "param", "code"}}`.
 * `/v2/...`, the Open Inference Protocol (KServe v2, Triton's HTTP API), with
   JSON tensors and the binary tensor data extension. Errors are `{"error": "..."}`.
@@ -73,6 +76,7 @@ PROTOCOLS = (
     Protocol(("/v2",), v2.router, v2.render_error),
     Protocol(openai.PATHS, openai.router, openai.render_error),
     Protocol(audio.PATHS, audio.router, openai.render_error),
+    Protocol(rerank.PATHS, rerank.router, openai.render_error),
     Protocol((), health.router, v1.render_error),
     Protocol((), v1.router, v1.render_error),
 )

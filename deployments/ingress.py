@@ -109,7 +109,7 @@ class IngressConfig(BaseModel):
         return self
 
 
-@serve.deployment(max_ongoing_requests=336, ray_actor_options={"num_cpus": 0.1}, user_config={})
+@serve.deployment(max_ongoing_requests=400, ray_actor_options={"num_cpus": 0.1}, user_config={})
 @serve.ingress()
 class Ingress:
     """HTTP ingress over the models the app builder names (``{"vision": handle, ...}``)."""

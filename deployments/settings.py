@@ -32,7 +32,8 @@ class Limits(BaseSettings):
     """Longest accepted text. The text model itself reads at most its own token
     window (256 tokens for MiniLM); longer inputs are truncated there."""
     max_texts: int = Field(64, gt=0)
-    """Most texts in one embedding request."""
+    """Most texts in one embedding request; most documents in one rerank request, and texts on each side of a
+    score request (``text_1``, ``text_2``): each is embedded, as an embedding request's texts are."""
     max_images: int = Field(16, gt=0)
     """Most images in one inference request (a batch of the Open Inference Protocol)."""
     max_labels: int = Field(32, gt=0)
@@ -51,6 +52,14 @@ class Limits(BaseSettings):
     """Most characters in one chat's messages together, or in one completion prompt. The language model's
     token limits (``max_prompt_tokens``, ``max_tokens``) are its deployment's settings; this bounds the
     tokenizing that checking them costs."""
+
+    max_schema_chars: int = Field(16_384, gt=0)
+    """Largest JSON schema (``response_format``, one tool's ``parameters``), as compact JSON. Checked before the
+    grammar engine sees it; the engine bounds its own work per token besides."""
+    max_schema_depth: int = Field(16, gt=0)
+    """Deepest nesting of objects and lists in one JSON schema."""
+    max_tools: int = Field(32, gt=0)
+    """Most tools (functions) in one chat completion request."""
 
     max_audio_bytes: int = Field(10 * 1024 * 1024, gt=0)
     """Largest accepted audio file, after base64 decoding (OpenAI's API takes 25 MB: raise this and

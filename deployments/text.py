@@ -1,4 +1,4 @@
-"""Sentence embeddings and zero-shot text classification, and their Serve deployment.
+"""Sentence embeddings, zero-shot text classification and relevance scores, and their Serve deployment.
 
 ``TextModel`` is plain transformers + torch: a sentence-transformers style
 encoder with attention-masked mean pooling and L2 normalisation.
@@ -18,7 +18,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
-from deployments.contracts import TextEmbeddings, TextRanking
+from deployments.contracts import TextEmbeddings, TextRanking, TextScores
+from deployments.errors import InvalidInput
+from deployments.relevance import PAIRING, cosine_pairs, paired
 from deployments.runtime import LiveModelDeployment, ModelSettings, package_dir, package_version, pick_device
 from deployments.scoring import DEFAULT_TEMPERATURE, similarity_scores, top_k
 
@@ -220,6 +222,25 @@ class TextEncoder(LiveModelDeployment):
                 # Zero-shot labels are free text, so the class index is the winner's position in the request.
                 self.metrics.observe_prediction(labels.index(best), score)
             return TextRanking(labels=ranked, model=model.name, version=model.version)
+
+    async def score(self, queries: list[str], documents: list[str]) -> TextScores:
+        """How relevant each document is to its query: ``queries`` is one text, for every document, or one per
+        document (``deployments.relevance.paired``).
+
+        The served model is a bi-encoder: it embeds each text apart, so a pair's score is the cosine similarity
+        of the two texts' embeddings, the very vectors ``embed`` returns (in [-1, 1]; related sentences score
+        a few tenths above unrelated ones). Every text joins the shared batches and the drift window, as
+        ``embed``'s do. This method is where a model that reads each pair together (a cross-encoder, whose
+        scores are its own) would answer instead: the routes know only scores.
+        """
+        if not paired(len(queries), len(documents)):
+            raise InvalidInput(PAIRING, field="text_2")
+        with self.counted():
+            texts = [*queries, *documents]
+            vectors, model, tokens = await self._same_model(lambda: [self._embed_batch(text) for text in texts])
+            self._watch(vectors, model)
+            scores = cosine_pairs(vectors[: len(queries)], vectors[len(queries) :])
+            return TextScores(scores=scores.tolist(), model=model.name, version=model.version, tokens=tokens)
 
     async def _embed_labels(
         self, labels: list[str], text: str | None, monitor: bool = True

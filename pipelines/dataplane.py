@@ -37,6 +37,7 @@ from deployments.contracts import (
     TextEmbeddings,
     TextExplanation,
     TextRanking,
+    TextScores,
     Transcript,
     TranscriptionRequest,
     VisionResult,
@@ -338,6 +339,14 @@ class Dataplane(SpeechGraph):
         texts = await private(texts)
         return await call_models(lambda: text.embed.remote(texts), deadline)
 
+    async def score(self, queries: list[str], documents: list[str], deadline: Deadline) -> TextScores:
+        """How relevant each document is to its query (one query for every document, or one each), as the
+        ``text`` model scores pairs (``TextEncoder.score``); the texts are masked first, as ``embed``'s are."""
+        model = self.models["text"]
+        texts = await private([*queries, *documents])
+        queries, documents = texts[: len(queries)], texts[len(queries) :]
+        return await call_models(lambda: model.score.remote(queries, documents), deadline)
+
     async def zero_shot(self, text: str, labels: list[str], deadline: Deadline) -> TextRanking:
         model = self.models["text"]
         (text,) = await private([text])
@@ -582,6 +591,11 @@ class Dataplane(SpeechGraph):
     def last_user_text(messages: list[dict]) -> str:
         return next((_text_of(m["content"]) for m in reversed(messages) if m["role"] == "user"), "")
 
+    def observe_generation(self, route: str, response_format: str, tool_choice: str) -> None:
+        """Count a generation by what it asked for (``RequestMetrics.observe_generation``)."""
+        if self.metrics is not None:
+            self.metrics.observe_generation(route, response_format, tool_choice)
+
     async def generate(self, request: GenerationRequest, deadline: Deadline) -> AsyncIterator[GenerationChunk]:
         """The language model's answer as it is generated (``llm``'s streaming ``generate``).
 
@@ -606,12 +620,30 @@ class Dataplane(SpeechGraph):
 
 
 async def _private_request(request: GenerationRequest) -> GenerationRequest:
+    """The request with personal data masked wherever its text reaches the prompt: the prompt or the messages
+    (tool results included), earlier tool calls' arguments, and the tools' descriptions."""
+    if request.logprobs is not None:  # a token's text would show what the masked answer hides
+        raise InvalidInput("logprobs are not given while personal data is masked", field="logprobs")
     if request.prompt is not None:
         (prompt,) = await private([request.prompt])
         return dataclasses.replace(request, prompt=prompt)
-    contents = await private([message["content"] for message in request.messages])
-    messages = [{**message, "content": content} for message, content in zip(request.messages, contents)]
-    return dataclasses.replace(request, messages=messages)
+    contents = await private([message.get("content") or "" for message in request.messages])
+    messages = []
+    for message, content in zip(request.messages, contents, strict=True):
+        message = {**message, "content": content if message.get("content") is not None else None}
+        if message.get("tool_calls"):
+            arguments = await private([call["function"]["arguments"] for call in message["tool_calls"]])
+            message["tool_calls"] = [
+                {**call, "function": {**call["function"], "arguments": text}}
+                for call, text in zip(message["tool_calls"], arguments, strict=True)
+            ]
+        messages.append(message)
+    tools = request.tools
+    if tools:
+        described = await private([tool.get("description") or "" for tool in tools])
+        tools = [{**tool, "description": text} if tool.get("description") else tool
+                 for tool, text in zip(tools, described, strict=True)]  # fmt: skip
+    return dataclasses.replace(request, messages=messages, tools=tools)
 
 
 SENTENCE_END = re.compile(r"[.!?\n]\s")
@@ -637,14 +669,19 @@ async def _masked_answer(chunks: AsyncIterator[GenerationChunk]) -> AsyncIterato
 
 
 async def collect(chunks: AsyncIterator[GenerationChunk]) -> tuple[str, GenerationChunk]:
-    """A whole answer from its chunks: the text, and the last chunk (finish reason, token counts, model)."""
-    parts, last = [], None
+    """A whole answer from its chunks: the text, and the last chunk (finish reason, token counts, model), with
+    every chunk's log probabilities where they were asked for."""
+    parts, logprobs, last = [], None, None
     try:
         async for chunk in chunks:
             parts.append(chunk.text)
+            if chunk.logprobs is not None:
+                logprobs = (logprobs or []) + chunk.logprobs
             last = chunk
     finally:
         await chunks.aclose()
+    if last is not None and logprobs is not None:
+        last = dataclasses.replace(last, logprobs=logprobs)
     return "".join(parts), last
 
 

@@ -143,12 +143,14 @@ def chat_messages(messages: list[dict], evidence: list[Evidence], facts: list[Fa
         system = f"{system}\n\n{knowledge_message(list(facts)[:MAX_FACTS])}".strip()
     grounded = []
     for message in messages:
-        parts = message["content"] if isinstance(message["content"], list) else [message["content"]]
+        if not isinstance(message.get("content"), list):
+            grounded.append(message)  # text, or an assistant's tool calls: kept as they are
+            continue
         pieces = [
             f"[Image {part.index + 1}]\n{evidence[part.index].render()}" if isinstance(part, ImagePart) else part
-            for part in parts
+            for part in message["content"]
         ]
-        grounded.append({"role": message["role"], "content": "\n\n".join(pieces)})
+        grounded.append({**message, "content": "\n\n".join(pieces)})
     if not system:
         return grounded
     if grounded and grounded[0]["role"] == "system":  # one system message: ours, then the caller's

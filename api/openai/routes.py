@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from api.access import require_models
 from api.context import AdmissionDep, DataplaneDep
 from api.knowledge import render_decision, render_sources
-from api.openai import schemas
+from api.openai import answers, schemas
 from api.openapi import inline
 from api.policy import RoutePolicy, declare
 from api.problems import Problem, problem
@@ -183,7 +183,12 @@ def _chat_messages(body: schemas.ChatCompletionRequest, heard: list[Transcript] 
                     content.append(part.text)
             if not message.images():
                 content = "\n".join(content)
-        messages.append({"role": message.chat_role(), "content": content})
+        entry = {"role": message.chat_role(), "content": None if message.content is None else content}
+        if message.tool_calls:
+            entry["tool_calls"] = [call.model_dump() for call in message.tool_calls]
+        if message.tool_call_id is not None:
+            entry["tool_call_id"] = message.tool_call_id
+        messages.append(entry)
     return messages
 
 
@@ -268,7 +273,14 @@ async def chat_completions(request: Request, dataplane: DataplaneDep, admission:
             grounded["transcripts"] = [
                 schemas.HeardAudio(text=t.text, language=t.language, duration=t.duration) for t in heard
             ]
-        generation = GenerationRequest(messages=_chat_messages(body, heard), **_sampling(body, body.token_cap()))
+        dataplane.observe_generation(CHAT, schemas.format_kind(body.response_format), body.choice())
+        generation = GenerationRequest(
+            messages=_chat_messages(body, heard),
+            **_sampling(body, body.token_cap()),
+            grammar=body.grammar(),
+            logprobs=body.top(),
+            tools=body.functions() or None,
+        )
         if not images and not body.knowledge and policy is None:
             return await dataplane.generate(generation, deadline)
         chat = await dataplane.chat(generation, list(prepared), deadline, body.knowledge, policy, CHAT)
@@ -286,31 +298,34 @@ async def chat_completions(request: Request, dataplane: DataplaneDep, admission:
 
     body, chunks, stack = await _generation(request, dataplane, admission, schemas.ChatCompletionRequest, start)
     ident, created = schemas.completion_id("chatcmpl"), schemas.now()
+    tools = body.choice() != "none"
     if body.stream:
         include_usage = body.include_usage()
+        stream = answers.ChatEvents(tools, body.logprobs)
 
         def render(chunk: GenerationChunk) -> list[dict]:
             envelope = _envelope("chat.completion.chunk", ident, created, chunk)
             events = []
-            if chunk.text or chunk.finish_reason is None:
-                delta = {"content": chunk.text} if chunk.completion_tokens else {"role": "assistant", "content": ""}
-                events.append({**envelope, "choices": [{"index": 0, "delta": delta, "logprobs": None,
-                                                         "finish_reason": None}]})  # fmt: skip
-            if chunk.finish_reason is not None:
-                ending = {"index": 0, "delta": {}, "logprobs": None, "finish_reason": chunk.finish_reason}
-                events.append({**envelope, "choices": [ending], **_extensions(grounded)})
-                if include_usage:
-                    events.append({**envelope, "choices": [], "usage": _usage(chunk).model_dump()})
+            for choice in stream.choices(chunk):
+                ending = _extensions(grounded) if choice["finish_reason"] is not None else {}
+                events.append({**envelope, "choices": [choice], **ending})
+            if chunk.finish_reason is not None and include_usage:
+                events.append({**envelope, "choices": [], "usage": _usage(chunk).model_dump()})
             return events
 
         return StreamingResponse(_sse(chunks, stack, render), media_type="text/event-stream")
     text, last = await _collect(chunks, stack)
+    message, finish_reason = answers.chat_message(text, last.finish_reason, tools)
     return schemas.ChatCompletion(
         id=ident,
         created=created,
         model=GENERATION_MODEL,
         system_fingerprint=last.version,
-        choices=[schemas.ChatChoice(message=schemas.AssistantMessage(content=text), finish_reason=last.finish_reason)],
+        choices=[
+            schemas.ChatChoice(
+                message=message, finish_reason=finish_reason, logprobs=answers.chat_logprobs(last.logprobs)
+            )
+        ],
         usage=_usage(last),
         knowledge=grounded.get("knowledge"),
         policy=grounded.get("policy"),
@@ -346,21 +361,29 @@ async def completions(request: Request, dataplane: DataplaneDep, admission: Admi
     """The continuation of a raw prompt (no chat template); with ``stream``, as ``text_completion`` events."""
 
     def to_request(body: schemas.CompletionRequest) -> GenerationRequest:
-        return GenerationRequest(prompt=body.text(), **_sampling(body, body.max_tokens))
+        return GenerationRequest(
+            prompt=body.text(), **_sampling(body, body.max_tokens), grammar=body.grammar(), logprobs=body.logprobs
+        )
 
     async def start(body: schemas.CompletionRequest) -> AsyncIterator[GenerationChunk]:
+        dataplane.observe_generation("/v1/completions", body.format_kind(), "none")
         return await dataplane.generate(to_request(body), request.state.deadline)
 
     body, chunks, stack = await _generation(request, dataplane, admission, schemas.CompletionRequest, start)
     ident, created = schemas.completion_id("cmpl"), schemas.now()
     if body.stream:
         include_usage = body.include_usage()
+        sent = 0  # characters of the completion so far, for the tokens' text_offset
 
         def render(chunk: GenerationChunk) -> list[dict]:
-            if not chunk.text and chunk.finish_reason is None:
+            nonlocal sent
+            if not chunk.text and not chunk.logprobs and chunk.finish_reason is None:
                 return []
             envelope = _envelope("text_completion", ident, created, chunk)
-            choice = {"index": 0, "text": chunk.text, "logprobs": None, "finish_reason": chunk.finish_reason}
+            logprobs = answers.completion_logprobs(chunk.logprobs, sent)
+            sent += len(chunk.text)
+            choice = {"index": 0, "text": chunk.text, "logprobs": logprobs and logprobs.model_dump(),
+                      "finish_reason": chunk.finish_reason}  # fmt: skip
             events = [{**envelope, "choices": [choice]}]
             if chunk.finish_reason is not None and include_usage:
                 events.append({**envelope, "choices": [], "usage": _usage(chunk).model_dump()})
@@ -373,7 +396,11 @@ async def completions(request: Request, dataplane: DataplaneDep, admission: Admi
         created=created,
         model=GENERATION_MODEL,
         system_fingerprint=last.version,
-        choices=[schemas.CompletionChoice(text=text, finish_reason=last.finish_reason)],
+        choices=[
+            schemas.CompletionChoice(
+                text=text, finish_reason=last.finish_reason, logprobs=answers.completion_logprobs(last.logprobs)
+            )
+        ],
         usage=_usage(last),
     )
 

@@ -1,18 +1,20 @@
 """Request and response bodies of the OpenAI-compatible routes, as OpenAI's API reference has them.
 
 What this service does not support is refused by name rather than ignored: ``n`` other than 1, penalties
-other than 0, log probabilities, tools, and any field OpenAI does not define (``"Unrecognized request
-argument supplied"``, as OpenAI answers). Text is bounded before it is tokenized: messages, characters per
-message and in all (``deployments.settings``, ``MAAS_MAX_MESSAGES`` and the like), stop strings, embedding
-inputs.
+other than 0, and any field OpenAI does not define (``"Unrecognized request argument supplied"``, as OpenAI
+answers). Text is bounded before it is tokenized: messages, characters per message and in all
+(``deployments.settings``, ``MAAS_MAX_MESSAGES`` and the like), stop strings, embedding inputs; so are JSON
+schemas (``response_format``, tools' parameters: size and nesting) before the grammar engine sees them.
 """
 
+import json
 import re
 import time
 import uuid
-from typing import Annotated, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -20,14 +22,18 @@ from pydantic import (
     Field,
     StringConstraints,
     Tag,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
 
 from api.knowledge import KnowledgeSource, PolicyDecision
 from api.openapi import Language, integral
+from deployments import json_schema
+from deployments import tools as tool_format
 from deployments.audio import OUTPUT_FORMATS
 from deployments.contracts import MAX_PROMPT_CHARS as MAX_TRANSCRIPTION_PROMPT_CHARS
+from deployments.contracts import Grammar
 from deployments.settings import limits
 from knowledge.rules import NAME_PATTERN
 
@@ -44,6 +50,12 @@ MAX_AUDIO_CLIPS = _L.max_audio_clips
 MAX_AUDIO_B64_CHARS = 4 * -(-_L.max_audio_bytes // 3)
 # Base64 of the largest accepted image, and its data URL prefix.
 MAX_IMAGE_URL_CHARS = 4 * -(-_L.max_image_bytes // 3) + 128
+MAX_SCHEMA_CHARS = _L.max_schema_chars
+MAX_SCHEMA_DEPTH = _L.max_schema_depth
+MAX_TOOLS = _L.max_tools
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit, chat
+MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit, completions
+MAX_REGEX_CHARS = 1024
 
 # JSON Schema's integers (5.0 is one); constraints before the validator keep them in the schema.
 Tokens = Annotated[int, Field(ge=1), BeforeValidator(integral)]
@@ -52,6 +64,114 @@ Seed = Annotated[int, BeforeValidator(integral)]
 
 class Request(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+JsonSchema = Annotated[
+    dict[str, Any], AfterValidator(lambda schema: json_schema.bounded(schema, MAX_SCHEMA_CHARS, MAX_SCHEMA_DEPTH))
+]
+Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+
+
+class JsonSchemaFormat(Request):
+    name: Name = Field(description="The schema's name (letters, digits, `_` and `-`, at most 64).")
+    description: Annotated[str, Field(max_length=1024)] | None = None
+    schema_: JsonSchema = Field(
+        default_factory=dict,
+        alias="schema",
+        description=f"A JSON Schema the answer must validate against, at most {MAX_SCHEMA_CHARS} characters and "
+        f"{MAX_SCHEMA_DEPTH} levels deep (`MAAS_MAX_SCHEMA_CHARS`, `MAAS_MAX_SCHEMA_DEPTH`).",
+    )
+    strict: bool | None = Field(
+        None, description="Accepted; the answer is held to the schema either way (constrained decoding)."
+    )
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class TextFormat(Request):
+    type: Literal["text"]
+
+
+class JsonObjectFormat(Request):
+    type: Literal["json_object"]
+
+
+class JsonSchemaResponseFormat(Request):
+    type: Literal["json_schema"]
+    json_schema: JsonSchemaFormat
+
+
+def _format_kind(value) -> str | None:
+    kind = value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
+    return kind if kind in ("text", "json_object", "json_schema") else None
+
+
+ResponseFormat = Annotated[
+    Union[
+        Annotated[TextFormat, Tag("text")],
+        Annotated[JsonObjectFormat, Tag("json_object")],
+        Annotated[JsonSchemaResponseFormat, Tag("json_schema")],
+    ],
+    Discriminator(
+        _format_kind,
+        custom_error_type="invalid_response_format",
+        custom_error_message="response_format's type must be 'text', 'json_object' or 'json_schema'",
+    ),
+]
+
+
+def format_kind(response_format) -> str:
+    return response_format.type if response_format is not None else "text"
+
+
+def response_grammar(response_format, guided_regex: str | None = None) -> Grammar | None:
+    """The grammar an answer is held to, from ``response_format`` (or the ``guided_regex`` extension)."""
+    if guided_regex is not None:
+        return Grammar("regex", guided_regex, ("guided_regex",))
+    if isinstance(response_format, JsonObjectFormat):
+        return Grammar("json_object", field=("response_format",))
+    if isinstance(response_format, JsonSchemaResponseFormat):
+        schema = json.dumps(response_format.json_schema.schema_, separators=(",", ":"), sort_keys=True)
+        return Grammar("json_schema", schema, ("response_format", "json_schema", "schema"))
+    return None
+
+
+class FunctionDefinition(Request):
+    name: Name
+    description: Annotated[str, Field(max_length=1024)] | None = None
+    parameters: JsonSchema = Field(
+        default_factory=lambda: {"type": "object", "properties": {}},
+        description="A JSON Schema of the arguments (an object), bounded as `response_format`'s.",
+    )
+    strict: bool | None = Field(None, description="Accepted; forced calls are held to the schema either way.")
+
+
+class Tool(Request):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(Request):
+    name: Name
+
+
+class NamedToolChoice(Request):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+
+
+class FunctionCall(Request):
+    name: Name
+    arguments: Annotated[str, Field(max_length=MAX_SCHEMA_CHARS)] = Field(description="The arguments, as JSON.")
+
+
+class ToolCall(Request):
+    id: Annotated[str, Field(min_length=1, max_length=64)]
+    type: Literal["function"]
+    function: FunctionCall
 
 
 class TextPart(Request):
@@ -142,38 +262,52 @@ Content = Annotated[
 
 
 class Message(Request):
-    role: Literal["system", "developer", "user", "assistant"] = Field(
-        description="`developer` is treated as `system`. Tool messages are not supported. Images (`image_url` "
-        f"parts) are taken in `user` messages only, at most {MAX_CHAT_IMAGES} in a chat (`MAAS_MAX_CHAT_IMAGES`); "
-        f"so is audio (`input_audio` parts, heard by the `asr` model), at most {MAX_AUDIO_CLIPS} clips in a chat "
-        "(`MAAS_MAX_AUDIO_CLIPS`)."
+    role: Literal["system", "developer", "user", "assistant", "tool"] = Field(
+        description="`developer` is treated as `system`. Images (`image_url` parts) are taken in `user` messages "
+        f"only, at most {MAX_CHAT_IMAGES} in a chat (`MAAS_MAX_CHAT_IMAGES`); so is audio (`input_audio` parts, "
+        f"heard by the `asr` model), at most {MAX_AUDIO_CLIPS} clips in a chat (`MAAS_MAX_AUDIO_CLIPS`). A `tool` "
+        "message is a tool's result, with the `tool_call_id` of the assistant's call it answers."
     )
-    content: Content
+    content: Content | None = Field(None, description="Required, except in an assistant message with tool_calls.")
     name: Annotated[str, Field(max_length=64)] | None = None
+    tool_calls: Annotated[list[ToolCall], Field(min_length=1, max_length=MAX_TOOLS)] | None = Field(
+        None, description="An assistant message's calls, as an earlier answer gave them."
+    )
+    tool_call_id: Annotated[str, Field(min_length=1, max_length=64)] | None = Field(
+        None, description="In a `tool` message: the call it answers."
+    )
 
     @model_validator(mode="after")
-    def _images_from_the_user(self) -> "Message":
+    def _consistent(self) -> "Message":
         if self.role != "user" and self.images():
             raise ValueError("images are accepted in user messages only")
         if self.role != "user" and self.audios():
             raise ValueError("audio is accepted in user messages only")
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError("content is required (it may be left out only in an assistant message with tool_calls)")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("tool_calls are for assistant messages")
+        if (self.role == "tool") != (self.tool_call_id is not None):
+            raise ValueError("a tool message needs tool_call_id, and only a tool message has one")
         return self
 
     def text(self) -> str:
         """The message's text parts (images aside)."""
+        if self.content is None:
+            return ""
         if isinstance(self.content, str):
             return self.content
         return "\n".join(part.text for part in self.content if isinstance(part, TextPart))
 
     def images(self) -> list[tuple[int, ImagePart]]:
         """The image parts, with their index in the content."""
-        if isinstance(self.content, str):
+        if not isinstance(self.content, list):
             return []
         return [(index, part) for index, part in enumerate(self.content) if isinstance(part, ImagePart)]
 
     def audios(self) -> list[tuple[int, AudioPart]]:
         """The audio parts, with their index in the content."""
-        if isinstance(self.content, str):
+        if not isinstance(self.content, list):
             return []
         return [(index, part) for index, part in enumerate(self.content) if isinstance(part, AudioPart)]
 
@@ -214,7 +348,30 @@ class Sampling(Request):
 class ChatCompletionRequest(Sampling):
     messages: Annotated[list[Message], Field(min_length=1, max_length=MAX_MESSAGES)]
     max_completion_tokens: Tokens | None = Field(None, description="The newer name of `max_tokens`.")
-    logprobs: Literal[False] = False
+    logprobs: bool = Field(
+        False,
+        description="Each answer token's log probability, in the distribution it was drawn from (after the "
+        "response format's or tools' constraint, temperature and top_p).",
+    )
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS), BeforeValidator(integral)] | None = Field(
+        None, description=f"With logprobs: the most likely tokens at each position too, 0 to {MAX_TOP_LOGPROBS}."
+    )
+    tools: Annotated[list[Tool], Field(min_length=1, max_length=MAX_TOOLS)] | None = Field(
+        None, description=f"Functions the model may call, at most {MAX_TOOLS} (`MAAS_MAX_TOOLS`)."
+    )
+    tool_choice: ToolChoice | None = Field(
+        None,
+        description="`none`: answer in text; `auto` (the default with tools): the model decides; `required`: at "
+        "least one call; `{type: function, function: {name}}`: one call of that function. Forced calls are held to the "
+        "functions' names and parameter schemas by the grammar; an `auto` call parses too.",
+    )
+    parallel_tool_calls: bool = Field(True, description="Whether an answer may hold more than one call.")
+    response_format: ResponseFormat | None = Field(
+        None,
+        description="`json_object`: the answer is a JSON object; `json_schema`: it validates against the schema. "
+        "Enforced token by token (constrained decoding): every complete answer parses, but one cut short by "
+        "max_tokens (`finish_reason: length`) is incomplete JSON.",
+    )
     # Extensions (the openai client sends them with extra_body):
     knowledge: bool = Field(
         False,
@@ -228,6 +385,33 @@ class ChatCompletionRequest(Sampling):
         "whole before it is sent, in one chunk.",
     )
 
+    @field_validator("top_logprobs")
+    @classmethod
+    def _with_logprobs(cls, top: int | None, info: ValidationInfo) -> int | None:
+        if top is not None and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs: true")
+        return top
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _a_tool(cls, choice, info: ValidationInfo):
+        tools = info.data.get("tools")
+        if choice is not None and not tools:
+            raise ValueError("tool_choice needs tools")
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in {t.function.name for t in tools}:
+            raise ValueError("tool_choice names a function that is not one of the tools")
+        return choice
+
+    @field_validator("response_format")
+    @classmethod
+    def _not_with_tools(cls, response_format, info: ValidationInfo):
+        calls = info.data.get("tools") and info.data.get("tool_choice") != "none"
+        if calls and response_format is not None and not isinstance(response_format, TextFormat):
+            raise ValueError(
+                "a response_format other than text cannot be combined with tools (unless tool_choice is none)"
+            )
+        return response_format
+
     @field_validator("messages")
     @classmethod
     def _bounded(cls, messages: list[Message]) -> list[Message]:
@@ -240,6 +424,11 @@ class ChatCompletionRequest(Sampling):
         clips = sum(len(message.audios()) for message in messages)
         if clips > MAX_AUDIO_CLIPS:
             raise ValueError(f"the messages have {clips} audio clips; at most {MAX_AUDIO_CLIPS} in one chat")
+        called: set[str] = set()
+        for message in messages:
+            called.update(call.id for call in message.tool_calls or ())
+            if message.tool_call_id is not None and message.tool_call_id not in called:
+                raise ValueError("a tool message's tool_call_id must be the id of an earlier assistant tool call")
         return messages
 
     def image_urls(self) -> list[tuple[tuple, str]]:
@@ -261,6 +450,35 @@ class ChatCompletionRequest(Sampling):
     def token_cap(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
+    def top(self) -> int | None:
+        """How many alternatives per token the model reports (``None``: no log probabilities)."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    def choice(self) -> str:
+        """The tool choice as a mode: none, auto, required or named (``auto`` with tools and no choice)."""
+        if not self.tools:
+            return "none"
+        if self.tool_choice is None:
+            return "auto"
+        return "named" if isinstance(self.tool_choice, NamedToolChoice) else self.tool_choice
+
+    def functions(self) -> list[dict]:
+        """The tools the model is told of, as ``{"name", "description", "parameters"}``; none with ``none``."""
+        if self.choice() == "none":
+            return []
+        return [tool.function.model_dump(exclude_none=True, exclude={"strict"}) for tool in self.tools]
+
+    def grammar(self) -> Grammar | None:
+        """What the answer is held to: the tools' call format, or the response format."""
+        mode = self.choice()
+        if mode == "none":
+            return response_grammar(self.response_format)
+        allowed = self.functions()
+        if mode == "named":
+            allowed = [f for f in allowed if f["name"] == self.tool_choice.function.name]
+        parallel = self.parallel_tool_calls and mode != "named"  # a named function is called once
+        return Grammar("lark", tool_format.grammar(allowed, mode, parallel), ("tools",))
+
 
 class CompletionRequest(Sampling):
     prompt: (
@@ -271,10 +489,34 @@ class CompletionRequest(Sampling):
     ) = Field(description="One prompt (a string, or a list of one string).")
     echo: Literal[False] = False
     best_of: Literal[1] = 1
-    logprobs: None = None
+    logprobs: Annotated[int, Field(ge=0, le=MAX_COMPLETION_LOGPROBS), BeforeValidator(integral)] | None = Field(
+        None,
+        description=f"Each token's log probability and the {MAX_COMPLETION_LOGPROBS} at most most likely tokens, "
+        "in the distribution it was drawn from.",
+    )
+    response_format: ResponseFormat | None = Field(
+        None, description="Extension (as vLLM's): `json_object` or `json_schema`, held to as on chat completions."
+    )
+    guided_regex: Annotated[str, Field(min_length=1, max_length=MAX_REGEX_CHARS)] | None = Field(
+        None, description="Extension (as vLLM's): a regular expression the whole completion matches."
+    )
+
+    @field_validator("guided_regex")
+    @classmethod
+    def _one_constraint(cls, regex: str | None, info: ValidationInfo) -> str | None:
+        if regex is not None and info.data.get("response_format") is not None:
+            raise ValueError("response_format and guided_regex cannot be combined")
+        return regex
 
     def text(self) -> str:
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+    def grammar(self) -> Grammar | None:
+        return response_grammar(self.response_format, self.guided_regex)
+
+    def format_kind(self) -> str:
+        """What the answer is held to, for the metrics: text, json_object, json_schema or regex."""
+        return "regex" if self.guided_regex is not None else format_kind(self.response_format)
 
 
 EmbeddingText = Annotated[str, Field(min_length=1, max_length=_L.max_text_chars)]
@@ -307,16 +549,39 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprob] | None
+    refusal: None = None
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]] | None
+    text_offset: list[int]
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
-    finish_reason: Literal["stop", "length"]
-    logprobs: None = None
+    finish_reason: Literal["stop", "length", "tool_calls"]
+    logprobs: ChoiceLogprobs | None = None
 
 
 class HeardAudio(BaseModel):
@@ -345,13 +610,14 @@ class ChatCompletion(BaseModel):
 class Delta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[dict] | None = Field(None, description="`{index, id, type, function: {name, arguments}}`.")
 
 
 class ChunkChoice(BaseModel):
     index: int = 0
     delta: Delta
-    finish_reason: Literal["stop", "length"] | None = None
-    logprobs: None = None
+    finish_reason: Literal["stop", "length", "tool_calls"] | None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -368,7 +634,7 @@ class CompletionChoice(BaseModel):
     index: int = 0
     text: str
     finish_reason: Literal["stop", "length"] | None = None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class Completion(BaseModel):

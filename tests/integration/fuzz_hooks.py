@@ -33,7 +33,15 @@ more:
   first image of a chat is kept, and only in a user message (the limits on
   images in a chat are in the schema's descriptions, not its rules), the
   others become text parts. A description, likewise, is kept to
-  ``FUZZ_TOKENS`` tokens.
+  ``FUZZ_TOKENS`` tokens. A score's ``text_1`` pairs with its ``text_2``: a
+  list of several that is not as long as ``text_2`` keeps its first (one for
+  every ``text_2``; which lengths pair is the route's rule, not the schema's).
+- a valid chat's fields agree with one another as the route requires beyond the schema: ``top_logprobs``
+  comes with ``logprobs``, a ``tool_choice`` with ``tools`` (and a named one names one of them), a
+  ``response_format`` other than text not with tools, ``tool_calls`` only in assistant messages and a
+  ``tool`` message only after the call it answers. A generated JSON schema, tool or ``guided_regex`` the
+  grammar engine cannot enforce is rightly a 400 that names it ("cannot be enforced"); any other answer to
+  it (a 500, a hang) stands.
 - a valid request's ``concepts`` are concepts the knowledge graph holds, and its ``policy`` one the service
   is configured with: which words are WordNet nouns and which policies exist is data and configuration, not
   schema, so a generated name is rightly a 422.
@@ -167,6 +175,18 @@ def _explainable(path: str, body: dict) -> dict:
     return body
 
 
+SCORE = "/v1/score"
+
+
+def _paired(body: dict) -> dict:
+    """A score request whose ``text_1`` pairs with its ``text_2``: see the module's docstring."""
+    text_1, text_2 = body.get("text_1"), body.get("text_2")
+    seconds = len(text_2) if isinstance(text_2, list) else 1
+    if isinstance(text_1, list) and len(text_1) not in (1, seconds):
+        body["text_1"] = text_1[:1]
+    return body
+
+
 def _short(text):
     return text[:FUZZ_CHARS] if isinstance(text, str) else text
 
@@ -201,6 +221,41 @@ def _short_generation(body: dict) -> dict:
                 content = parts
             messages.append({**message, "content": _short(content)})
         body["messages"] = messages
+    return _consistent_chat(body)
+
+
+def _consistent_chat(body: dict) -> dict:
+    """A chat whose fields agree with one another, as the route's rules (not the schema) require: see the
+    module's docstring."""
+    if body.get("top_logprobs") is not None:
+        body["logprobs"] = True
+    tools = body.get("tools") if isinstance(body.get("tools"), list) else None
+    names = [t["function"]["name"] for t in tools or () if isinstance(t, dict) and isinstance(t.get("function"), dict)]
+    choice = body.get("tool_choice")
+    if choice is not None and not names:
+        body.pop("tool_choice")
+    elif isinstance(choice, dict) and isinstance(choice.get("function"), dict):
+        body["tool_choice"] = {**choice, "function": {**choice["function"], "name": names[0]}}
+    if names and body.get("tool_choice") != "none" and isinstance(body.get("response_format"), dict):
+        body.pop("response_format")
+    if isinstance(body.get("messages"), list):
+        called, messages = set(), []
+        for message in body["messages"]:
+            if not isinstance(message, dict):
+                messages.append(message)
+                continue
+            message = dict(message)
+            if message.get("role") != "assistant":
+                message.pop("tool_calls", None)
+            called.update(c.get("id") for c in message.get("tool_calls") or () if isinstance(c, dict))
+            if message.get("role") == "tool" and message.get("tool_call_id") not in called:
+                message["role"] = "user"
+            if message.get("role") != "tool":
+                message.pop("tool_call_id", None)
+            if message.get("content") is None and not message.get("tool_calls"):
+                message["content"] = ""
+            messages.append(message)
+        body["messages"] = messages
     return body
 
 
@@ -221,6 +276,8 @@ def before_call(ctx, case, **kwargs):
             case.body = _short_generation(case.body)
         else:
             case.body = {**case.body, "model": OPENAI_MODELS[path]}
+            if path == SCORE:
+                case.body = _paired(case.body)
         return
     if case.path_parameters and "model_name" in case.path_parameters:
         served = {"model_name": OIP_MODEL}
@@ -242,9 +299,18 @@ def before_call(ctx, case, **kwargs):
         case.body["max_tokens"] = FUZZ_TOKENS  # a description of FUZZ_TOKENS tokens: seconds less per case
 
 
+UNENFORCEABLE = re.compile(r"^(response_format\.json_schema\.schema|tools|guided_regex)$")
+
+
 @schemathesis.hook
 def filter_failure(ctx, failure, case, response) -> bool:
-    """False to drop a failure on a multipart form that is only one because of how it was judged (see above)."""
+    """False to drop a failure on a multipart form that is only one because of how it was judged (see above),
+    and the refusal of a generated JSON schema, tool or regex that the grammar engine cannot enforce: a 400
+    naming it is the documented answer, and which schemas an engine enforces is not in any schema."""
+    if isinstance(failure, RejectedPositiveData) and response is not None and response.status_code == 400:
+        error = _json(response.content.decode(errors="replace")) or {}
+        if isinstance(error, dict) and UNENFORCEABLE.match(str((error.get("error") or {}).get("param"))):
+            return "cannot be enforced" not in error["error"].get("message", "")
     if case.media_type != MULTIPART or not isinstance(case.body, dict):
         return True
     if isinstance(failure, RejectedPositiveData):

@@ -479,6 +479,32 @@ def test_language_model_metrics_match_the_generations_sent(prometheus, drift_app
     assert prometheus.wait_for(f"sum({running})", lambda v: v == 0) == 0
 
 
+def test_structured_output_metrics_count_each_format_tool_choice_and_grammar(prometheus, drift_app):
+    llm = 'deployment="TextGenerator"'
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}}, "required": ["city"]}
+    exprs = {
+        "schema": 'sum(ray_maas_openai_generations_total{response_format="json_schema", tool_choice="none"})',
+        "required": 'sum(ray_maas_openai_generations_total{response_format="text", tool_choice="required"})',
+        "grammars": f'sum(ray_maas_llm_grammar_requests_total{{{llm}, kind=~"json_schema|lark"}})',
+        "masks": f"sum(ray_maas_llm_grammar_mask_seconds_count{{{llm}}})",
+    }
+    before = prometheus.stable(exprs)
+    question = {"model": "llm", "messages": [{"role": "user", "content": "Where is the Eiffel Tower?"}]}
+    tool = {"type": "function", "function": {"name": "locate", "parameters": schema}}
+    with httpx.Client(base_url=drift_app, timeout=120) as client:
+        bodies = [
+            question | {"response_format": {"type": "json_schema", "json_schema": {"name": "place", "schema": schema}}},
+            question | {"tools": [tool], "tool_choice": "required", "parallel_tool_calls": False},
+        ]
+        for body in bodies:
+            response = client.post("/v1/chat/completions", json=body | {"temperature": 0, "max_tokens": 32})
+            assert response.status_code == 200, response.text
+    for name, delta in {"schema": 1, "required": 1, "grammars": 2, "masks": 2}.items():
+        seen = prometheus.wait_for(exprs[name], lambda v, d=delta, n=name: v >= before[n] + d) - before[name]
+        assert seen == delta, f"{name}: Prometheus saw {seen}, sent {delta} ({exprs[name]})"
+    assert prometheus.wait_for(f"sum(ray_maas_llm_grammar_build_seconds_count{{{llm}}})", lambda v: v >= 1) >= 1
+
+
 def test_ocr_metrics_count_each_image_and_its_lines(prometheus, drift_app, chelsea_jpeg):
     ocr = 'deployment="TextReader"'
     exprs = {

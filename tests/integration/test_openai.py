@@ -173,7 +173,12 @@ def refusal(call) -> openai.APIStatusError:
         ({"model": "vision"}, 400, "model", "does not generate text"),
         ({"messages": []}, 400, "messages", "at least 1 item"),
         ({"messages": [{"role": "robot", "content": "hi"}]}, 400, "messages.0.role", "'system'"),
-        ({"messages": [{"role": "tool", "content": "hi", "tool_call_id": "x"}]}, 400, "messages.0", ""),
+        (
+            {"messages": [{"role": "tool", "content": "hi", "tool_call_id": "x"}]},
+            400,
+            "messages",
+            "tool_call_id must be the id of an earlier assistant tool call",
+        ),
         ({"max_tokens": 100_000}, 400, "max_tokens", "over the limit of 512"),
         ({"messages": [{"role": "user", "content": "dragon " * 3000}]}, 400, "messages", "over the limit of 1024"),
         ({"n": 2}, 400, "n", "1"),

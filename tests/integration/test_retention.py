@@ -48,6 +48,8 @@ def sends(image: str) -> list[tuple[str, dict]]:
             {"type": "text", "text": words}, {"type": "image_url", "image_url": {"url": data_uri}}]}]}),
         ("/v1/completions", {"model": "llm", "prompt": words, "max_tokens": 4}),
         ("/v1/embeddings", {"model": "text", "input": words}),
+        ("/v1/rerank", {"model": "text", "query": words, "documents": [words, "sports"], "return_documents": True}),
+        ("/v1/score", {"model": "text", "text_1": words, "text_2": [words, "sports"]}),
         ("/v2/models/text/infer", {"inputs": [tensor]}),
         ("/v2/models/vision/infer", {"inputs": [{**tensor, "name": "image", "data": [image]}]}),
         ("/v2/models/text/explain", {"inputs": [tensor, {**tensor, "name": "labels", "shape": [2],

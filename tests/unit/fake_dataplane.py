@@ -28,6 +28,8 @@ from deployments.contracts import (
     TextEmbeddings,
     TextExplanation,
     TextRanking,
+    TextScores,
+    TokenLogprob,
     TranscriptionRequest,
     TranscriptPiece,
     TranscriptSegment,
@@ -37,6 +39,7 @@ from deployments.contracts import (
 )
 from deployments.errors import InvalidInput, ModelUnavailable
 from deployments.imaging import ImageSpec, Interpolation, crop_region
+from deployments.relevance import PAIRING, cosine_pairs, paired
 from deployments.words import check_words, words
 from knowledge.graph import knowledge_graph
 from pipelines import grounding, usage
@@ -120,6 +123,9 @@ class FakeDataplane:
         self.knowledge = knowledge_graph()
         self.policies, self.policy_update_error = {}, None
 
+    def observe_generation(self, route: str, response_format: str, tool_choice: str) -> None:
+        self.calls.append(("observe_generation", route, response_format, tool_choice))
+
     def _check(self, model: str) -> None:
         if model in self.unavailable:
             raise ModelUnavailable("no model replica answered within the request's deadline; retry")
@@ -179,6 +185,15 @@ class FakeDataplane:
         tokens = sum(len(t.split()) for t in texts)
         return TextEmbeddings(np.stack([text_vector(t) for t in texts]), "text-model", VERSIONS["text"], tokens)
 
+    async def score(self, queries, documents, deadline) -> TextScores:
+        """The cosine of the fake embeddings (``embed``'s vectors), as the bi-encoder scores pairs."""
+        self.calls.append(("score", list(queries), list(documents)))
+        if not paired(len(queries), len(documents)):
+            raise InvalidInput(PAIRING, field="text_2")
+        embedded = await self.embed([*queries, *documents], deadline)
+        scores = cosine_pairs(embedded.vectors[: len(queries)], embedded.vectors[len(queries) :])
+        return TextScores(scores.tolist(), "text-model", VERSIONS["text"], embedded.tokens)
+
     async def generate(self, request: GenerationRequest, deadline):
         """Answers "you said <the last message or prompt>", a word per token, as the deployment streams."""
         self._check("llm")
@@ -187,8 +202,19 @@ class FakeDataplane:
             raise InvalidInput(f"max_tokens is {request.max_tokens}; at most {MAX_TOKENS_CAP}", field="max_tokens")
         said = request.messages[-1]["content"] if request.messages else request.prompt
         words = ["you", " said", *(" " + w for w in said.split())]
+        if said.startswith("say:"):  # answers exactly what follows, five characters a token
+            words = [said[4 + i : 9 + i] for i in range(0, len(said) - 4, 5)]
         limit = request.max_tokens or 16
-        prompt = sum(len(m["content"].split()) for m in request.messages) if request.messages else len(said.split())
+        prompt = (
+            sum(len((m["content"] or "").split()) for m in request.messages) if request.messages else len(said.split())
+        )
+
+        def scored(word: str) -> list[TokenLogprob] | None:
+            """Log probabilities, as the deployment gives them when asked: the word, and ``x`` after it."""
+            if request.logprobs is None:
+                return None
+            top = [(word, list(word.encode()), -0.25), ("x", [120], -2.0)][: request.logprobs]
+            return [TokenLogprob(word, list(word.encode()), -0.25, top)]
 
         async def chunks():
             n = 0
@@ -200,7 +226,7 @@ class FakeDataplane:
                         return
                     last = n == min(limit, len(words))
                     reason = None if not last else ("length" if limit < len(words) else "stop")
-                    yield GenerationChunk(word, prompt, n, "llm-model", VERSIONS["llm"], reason)
+                    yield GenerationChunk(word, prompt, n, "llm-model", VERSIONS["llm"], reason, scored(word))
             finally:
                 usage.record_tokens(prompt, n)  # as the real dataplane's relay does
 
