@@ -131,11 +131,13 @@ def _batched_in_process(model, prompts: list[list[int]], clients: int) -> dict:
     return result
 
 
-async def _client(http: httpx.AsyncClient, index: int, until: float, ttfts: list, counts: list, errors: list):
+async def _client(
+    http: httpx.AsyncClient, index: int, until: float, ttfts: list, counts: list, errors: list, extra: dict
+):
     i = index
     while time.monotonic() < until:
         body = {"model": "llm", "messages": messages(i), "max_tokens": MAX_TOKENS, "temperature": 0,
-                "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+                "stream": True, "stream_options": {"include_usage": True}, **extra}  # fmt: skip
         i += len(PROMPTS) // 2 + 1
         began = time.perf_counter()
         first = None
@@ -160,14 +162,17 @@ async def _client(http: httpx.AsyncClient, index: int, until: float, ttfts: list
             ttfts.append(first)
 
 
-async def _load(base: str, clients: int, duration_s: float) -> dict:
+async def _load(base: str, clients: int, duration_s: float, extra: dict | None = None) -> dict:
+    """``clients`` closed-loop streaming clients for ``duration_s``; ``extra``: fields added to every body."""
     ttfts: list[float] = []
     counts: list[int] = []
     errors: list = []
     limits = httpx.Limits(max_connections=clients + 4)
     async with httpx.AsyncClient(base_url=base, timeout=300, limits=limits) as http:
         start = time.monotonic()
-        await asyncio.gather(*(_client(http, c, start + duration_s, ttfts, counts, errors) for c in range(clients)))
+        await asyncio.gather(
+            *(_client(http, c, start + duration_s, ttfts, counts, errors, extra or {}) for c in range(clients))
+        )
         seconds = time.monotonic() - start  # until the last answer begun in time is done
     result = summary(ttfts, sum(counts), seconds, len(counts), len(errors))
     result["clients"] = clients

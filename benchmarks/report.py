@@ -343,6 +343,10 @@ def markdown(results: dict, plot_name: str) -> str:
         from benchmarks.speech import report as speech_report
 
         lines += ["", *speech_report(results["speech"])]
+    if results.get("structured"):
+        from benchmarks.structured import report as structured_report
+
+        lines += ["", *structured_report(results["structured"])]
     gpu = Path(__file__).resolve().parents[1] / "docs" / "benchmarks" / "gpu.json"
     if gpu.exists():
         from benchmarks.gpu import report as gpu_report

@@ -25,7 +25,8 @@ cluster on the vision and multimodal routes, the other sections kept from the la
 ``BENCH_SETUPS=llm``: measure the language model alone and update its section of the last report;
 ``BENCH_SETUPS=describe`` likewise for descriptions (and the ``BENCH_DESCRIBE_*`` knobs of
 ``benchmarks/describe.py``); ``BENCH_SETUPS=faithfulness`` likewise for the explainers' deletion curves
-(``benchmarks/faithfulness.py``, in-process); ``BENCH_SETUPS=speech`` likewise for speech (and the
+(``benchmarks/faithfulness.py``, in-process); ``BENCH_SETUPS=structured`` likewise for structured outputs
+and rerank (``benchmarks/structured.py``); ``BENCH_SETUPS=speech`` likewise for speech (and the
 ``BENCH_SPEECH_*`` knobs of ``benchmarks/speech.py``).
 """
 
@@ -48,7 +49,7 @@ import torch
 import yaml
 from PIL import Image
 
-from benchmarks import describe, faithfulness, llm, speech
+from benchmarks import describe, faithfulness, llm, speech, structured
 from benchmarks.loadgen import run_load, run_overload
 from benchmarks.report import write_report
 
@@ -225,10 +226,11 @@ def measure_overload(base: str, requests: dict[str, dict], rows: list[dict]) -> 
 
 def run_cluster(
     requests: dict[str, dict], only: str | None = None
-) -> tuple[list[dict], float, dict, list[dict], list[dict], dict | None]:
+) -> tuple[list[dict], float, dict, list[dict], list[dict], dict | None, dict | None]:
     """The cluster's rows (batching on and off), cold start, overload points, language-model rows,
-    description rows and speech measures; ``only`` measures part of it: "http" (the rows, cold start and
-    overload), "models" (the language model, descriptions and speech), "llm", "describe" or "speech"."""
+    description rows, speech measures and structured-output measures; ``only`` measures part of it: "http"
+    (the rows, cold start and overload), "models" (the language model, descriptions, speech and structured
+    outputs), "llm", "describe", "speech" or "structured"."""
     config = yaml.safe_load(CONFIG.read_text())
     config["http_options"]["port"] = CLUSTER_PORT
     folder = Path(tempfile.mkdtemp(prefix="bench-"))
@@ -249,8 +251,9 @@ def run_cluster(
         llm_rows = llm.measure_cluster(base, log) if only in (None, "llm", "models") else []
         describe_rows = describe.measure_cluster(base, log) if only in (None, "describe", "models") else []
         speech_cluster = speech.measure_cluster(base, log) if only in (None, "speech", "models") else None
+        structured_cluster = structured.measure_cluster(base, log) if only in (None, "structured", "models") else None
         if only not in (None, "http"):
-            return [], cold_start_s, [], llm_rows, describe_rows, speech_cluster
+            return [], cold_start_s, [], llm_rows, describe_rows, speech_cluster, structured_cluster
         rows = load_all("cluster-batching", base, requests)
         overload = measure_overload(base, requests, rows)
         # Batching off, applied live through user_config (reconfigure), no restart.
@@ -268,7 +271,7 @@ def run_cluster(
                 break
             time.sleep(1)
         rows += load_all("cluster-no-batching", base, requests)
-        return rows, cold_start_s, overload, llm_rows, describe_rows, speech_cluster
+        return rows, cold_start_s, overload, llm_rows, describe_rows, speech_cluster, structured_cluster
     finally:
         stop(process)
         log(f"cluster stopped ({time.monotonic() - started:.0f} s in all)")
@@ -350,6 +353,11 @@ def main() -> None:
         results["speech"] = measure_speech(requests)
         write_results(results)
         return
+    if os.environ.get("BENCH_SETUPS") == "structured":  # structured outputs and rerank alone, into the last report
+        results = json.loads((OUT / "results.json").read_text())
+        results["structured"] = measure_structured(requests)
+        write_results(results)
+        return
     if os.environ.get("BENCH_SETUPS") == "faithfulness":  # the explainers alone, into the last report
         results = json.loads((OUT / "results.json").read_text())
         results["faithfulness"] = faithfulness.measure(log)
@@ -364,13 +372,17 @@ def main() -> None:
     log(f"llm in-process: {in_process['tokens_per_s']:.1f} tokens/s, first token p50 {in_process['ttft_p50_s']:.2f} s")
     explained = faithfulness.measure(log)
     speech_in_process = speech.measure_in_process(log)
-    cluster_rows, _, _, llm_rows, describe_rows, speech_cluster = run_cluster(requests, only="models")
+    structured_in_process = structured.measure_in_process(log)
+    cluster_rows, _, _, llm_rows, describe_rows, speech_cluster, structured_cluster = run_cluster(
+        requests, only="models"
+    )
     results = {
         **measure_http(requests, niceness),
         "llm": llm_results(in_process, llm_rows),
         "describe": describe_results(describe_rows),
         "faithfulness": explained,
         "speech": speech.combine(speech_in_process, speech_cluster),
+        "structured": structured.combine(structured_in_process, structured_cluster),
     }
     write_results(results)
 
@@ -396,6 +408,12 @@ def measure_speech(requests: dict[str, dict]) -> dict:
     through the cluster."""
     in_process = speech.measure_in_process(log)
     return speech.combine(in_process, run_cluster(requests, only="speech")[5])
+
+
+def measure_structured(requests: dict[str, dict]) -> dict:
+    """The grammar's costs and rerank in this process (before the cluster starts), then through the cluster."""
+    in_process = structured.measure_in_process(log)
+    return structured.combine(in_process, run_cluster(requests, only="structured")[6])
 
 
 def write_results(results: dict) -> None:

@@ -1,7 +1,9 @@
 """The benchmark report's headline and CPU tables: each cluster setup rated against the same baseline and raw
 limit of one run, and the HAProxy ingress's process counted as serving."""
 
-from benchmarks import cpu, report, speech, wer
+import pytest
+
+from benchmarks import cpu, report, speech, structured, wer
 
 
 def _row(setup: str, route: str, concurrency: int, rps: float, p50: float, p99: float, cpu_ms: dict) -> dict:
@@ -186,3 +188,36 @@ def test_cores_are_cpu_seconds_over_wall_seconds_by_role():
 
 def test_a_run_without_speech_has_no_speech_section():
     assert "## Speech" not in report.markdown(_results(), "plot.png")
+
+
+def _structured(constrained_tokens_per_s: float) -> dict:
+    def row(clients: int, kind: str, tokens_per_s: float) -> dict:
+        return {"clients": clients, "format": kind, "requests": 12, "errors": 0, "tokens": 800, "seconds": 30.0,
+                "tokens_per_s": tokens_per_s, "ttft_p50_s": 0.2, "ttft_p99_s": 0.5}  # fmt: skip
+
+    return {
+        "max_tokens": 64,
+        "duration_s": 30.0,
+        "grammar": {"build_ms": 1.2, "cached_ms": 0.004, "mask_ms_median": 0.45, "mask_ms_p99": 0.9, "tokens": 500},
+        "rerank": {"requests": 300, "rps": 20.0},
+        "cluster": {
+            "rows": [
+                row(1, "free", 15.0),
+                row(1, "json_schema", 14.0),
+                row(8, "free", 40.0),
+                row(8, "json_schema", constrained_tokens_per_s),
+            ],  # fmt: skip
+            "rerank": {"clients": 32, "requests": 900, "errors": 0, "rps": 30.0, "p50_ms": 900.0, "p99_ms": 1500.0},
+        },
+    }
+
+
+def test_the_structured_section_compares_a_schema_with_free_answers_at_the_same_load():
+    ratios = structured.headline(_structured(36.0))
+    assert ratios["cost_at_8"] == pytest.approx(0.10) and ratios["cost_at_1"] == pytest.approx(1 / 15)
+    assert ratios["rerank_over_in_process"] == pytest.approx(1.5)
+    text = "\n".join(structured.report(_structured(36.0)))
+    assert "| a JSON schema costs at most 15% of tokens/s at 8 clients | 10.0% | met |" in text
+    assert "| 8 | json_schema | 12 | 67 | 36.0 | 200 ms | 500 ms | 0 |" in text
+    assert "30.0 requests/s through the cluster at 32 clients" in text and "1.50×" in text
+    assert "| 20.0% | missed |" in "\n".join(structured.report(_structured(32.0)))
