@@ -8,6 +8,7 @@ import threading
 import time
 from pathlib import Path
 
+import openai
 import pytest
 import yaml
 from ray import serve
@@ -172,3 +173,12 @@ def metrics_exposition() -> str:
         for target in group["targets"]:
             pages.append(httpx.get(f"http://{target}/metrics", timeout=30).text)
     return "\n".join(pages)
+
+
+def openai_refusal(call) -> openai.APIStatusError:
+    """The error OpenAI's client raises for ``call()``, checked to be in OpenAI's shape."""
+    with pytest.raises(openai.APIStatusError) as raised:
+        call()
+    error = raised.value
+    assert set(error.body) == {"message", "type", "param", "code"}, error.body  # the client unwraps "error"
+    return error

@@ -11,7 +11,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from deployments.llm import LanguageConfig, resolve
-from tests.serving import replica_infos
+from tests.serving import openai_refusal, replica_infos
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 STORY = [{"role": "user", "content": "Write a long story about a dragon who learns to cook."}]
@@ -158,14 +158,6 @@ def test_a_client_that_hangs_up_mid_stream_frees_its_slot(app_url):
 # --- refusals: each a 4xx in OpenAI's error shape, naming the parameter --------------------------
 
 
-def refusal(call) -> openai.APIStatusError:
-    with pytest.raises(openai.APIStatusError) as raised:
-        call()
-    error = raised.value
-    assert set(error.body) == {"message", "type", "param", "code"}, error.body  # the client unwraps "error"
-    return error
-
-
 @pytest.mark.parametrize(
     ("kwargs", "status", "param", "words"),
     [
@@ -189,7 +181,7 @@ def refusal(call) -> openai.APIStatusError:
 )
 def test_bad_chat_requests_are_refused_naming_the_parameter(llm, kwargs, status, param, words):
     request = {"model": "llm", "messages": QUESTION, "max_tokens": 4} | kwargs
-    error = refusal(lambda: llm.chat.completions.create(**request))
+    error = openai_refusal(lambda: llm.chat.completions.create(**request))
     assert error.status_code == status
     assert error.body["param"] == param or error.body["param"].startswith(param), error.body
     assert words in error.body["message"]
@@ -197,7 +189,7 @@ def test_bad_chat_requests_are_refused_naming_the_parameter(llm, kwargs, status,
 
 
 def test_a_prompt_over_the_context_says_so_in_its_code(llm):
-    error = refusal(
+    error = openai_refusal(
         lambda: llm.chat.completions.create(
             model="llm", messages=[{"role": "user", "content": "dragon " * 3000}], max_tokens=4
         )

@@ -10,6 +10,7 @@ import openai
 import pytest
 
 from deployments.settings import limits
+from tests.serving import openai_refusal
 
 QUERY = "how do cats behave?"
 DOCUMENTS = [
@@ -93,16 +94,8 @@ def test_score_gives_each_pair_its_cosine_in_the_order_sent(text, cosines):
     assert pairs[1]["score"] == pytest.approx(1.0, abs=1e-5)  # a text with itself
 
 
-def refusal(call) -> openai.APIStatusError:
-    with pytest.raises(openai.APIStatusError) as raised:
-        call()
-    error = raised.value
-    assert set(error.body) == {"message", "type", "param", "code"}, error.body  # the client unwraps "error"
-    return error
-
-
 def test_too_many_documents_are_refused_naming_documents(text):
-    error = refusal(lambda: rerank(text, documents=["a document"] * (limits().max_texts + 1)))
+    error = openai_refusal(lambda: rerank(text, documents=["a document"] * (limits().max_texts + 1)))
     assert error.status_code == 400 and error.body["param"] == "documents", error.body
     assert error.body["type"] == "invalid_request_error"
 
@@ -119,5 +112,5 @@ def test_too_many_documents_are_refused_naming_documents(text):
     ],
 )  # fmt: skip
 def test_bad_requests_are_refused_naming_the_parameter(text, path, fields, status, param):
-    error = refusal(lambda: text.post(path, cast_to=dict, body=BODIES[path] | fields))
+    error = openai_refusal(lambda: text.post(path, cast_to=dict, body=BODIES[path] | fields))
     assert (error.status_code, error.body["param"]) == (status, param), error.body
