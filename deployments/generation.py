@@ -13,7 +13,7 @@ forward passes. This module adds what a server needs around it:
   each row's token itself, by the exponential race (Gumbel-max) with noise
   drawn from a generator seeded by the request's seed and the token's position,
   and leaves only that token for the manager's argmax. Temperature and top-p
-  are the library's own per-request processors. Temperature 0 is greedy.
+  are the library's own per-request processors. Temperature 0 (below 1e-5) is greedy.
 * constrained decoding: a request with a grammar (``deployments.grammar``) has
   every token outside it masked out of its row, first, before temperature and
   top-p, inside the running batch; other rows are not touched.
@@ -45,6 +45,9 @@ from transformers.generation.logits_process import LogitsProcessorList, Temperat
 
 GREEDY = -1
 """The ``seed`` processor argument of a greedy request."""
+GREEDY_BELOW = 1e-5
+"""Temperatures under this are greedy (vLLM's threshold): the logits divided by a temperature of 1e-233 are
+infinite, and a sample from them is garbage."""
 
 
 @dataclass(frozen=True)
@@ -58,7 +61,7 @@ class SamplingParams:
     logprobs: int | None = None  # None: none; k: each token's and the k most likely
 
     def processor_kwargs(self) -> dict:
-        if self.temperature == 0:
+        if self.temperature < GREEDY_BELOW:
             return {"temperature": 1.0, "top_p": 1.0, "seed": GREEDY}
         seed = self.seed if self.seed is not None else secrets.randbits(63)
         return {"temperature": float(self.temperature), "top_p": float(self.top_p), "seed": seed % (1 << 63)}

@@ -39,9 +39,11 @@ more:
 - a valid chat's fields agree with one another as the route requires beyond the schema: ``top_logprobs``
   comes with ``logprobs``, a ``tool_choice`` with ``tools`` (and a named one names one of them), a
   ``response_format`` other than text not with tools, ``tool_calls`` only in assistant messages and a
-  ``tool`` message only after the call it answers. A generated JSON schema, tool or ``guided_regex`` the
-  grammar engine cannot enforce is rightly a 400 that names it ("cannot be enforced"); any other answer to
-  it (a 500, a hang) stands.
+  ``tool`` message only after the call it answers, ``guided_regex`` not with a ``response_format``; its
+  first ``FUZZ_MESSAGES`` tools are kept, their descriptions to ``FUZZ_CHARS``. A generated JSON schema,
+  tool or ``guided_regex`` the grammar engine cannot enforce is rightly a 400 that names it ("cannot be
+  enforced"); so is a prompt that the tools' listed schemas take over the deployment's token limit
+  (``context_length_exceeded``, as for ``max_tokens``). Any other answer to them (a 500, a hang) stands.
 - a valid request's ``concepts`` are concepts the knowledge graph holds, and its ``policy`` one the service
   is configured with: which words are WordNet nouns and which policies exist is data and configuration, not
   schema, so a generated name is rightly a 422.
@@ -224,11 +226,24 @@ def _short_generation(body: dict) -> dict:
     return _consistent_chat(body)
 
 
+def _short_tool(tool):
+    """A tool whose description is kept to ``FUZZ_CHARS``, as a message's text is: the tools are listed in the
+    prompt, whose length in tokens the deployment bounds."""
+    function = tool.get("function") if isinstance(tool, dict) else None
+    if isinstance(function, dict) and isinstance(function.get("description"), str):
+        return {**tool, "function": {**function, "description": _short(function["description"])}}
+    return tool
+
+
 def _consistent_chat(body: dict) -> dict:
     """A chat whose fields agree with one another, as the route's rules (not the schema) require: see the
     module's docstring."""
     if body.get("top_logprobs") is not None:
         body["logprobs"] = True
+    if body.get("guided_regex") is not None:
+        body.pop("response_format", None)
+    if isinstance(body.get("tools"), list):
+        body["tools"] = [_short_tool(tool) for tool in body["tools"][:FUZZ_MESSAGES]]
     tools = body.get("tools") if isinstance(body.get("tools"), list) else None
     names = [t["function"]["name"] for t in tools or () if isinstance(t, dict) and isinstance(t.get("function"), dict)]
     choice = body.get("tool_choice")
@@ -309,8 +324,11 @@ def filter_failure(ctx, failure, case, response) -> bool:
     naming it is the documented answer, and which schemas an engine enforces is not in any schema."""
     if isinstance(failure, RejectedPositiveData) and response is not None and response.status_code == 400:
         error = _json(response.content.decode(errors="replace")) or {}
-        if isinstance(error, dict) and UNENFORCEABLE.match(str((error.get("error") or {}).get("param"))):
-            return "cannot be enforced" not in error["error"].get("message", "")
+        error = (error.get("error") or {}) if isinstance(error, dict) else {}
+        if UNENFORCEABLE.match(str(error.get("param"))):
+            return "cannot be enforced" not in error.get("message", "")
+        if error.get("code") == "context_length_exceeded" and isinstance(case.body, dict) and case.body.get("tools"):
+            return False  # the tools' schemas, listed in the prompt, took it over the deployment's token limit
     if case.media_type != MULTIPART or not isinstance(case.body, dict):
         return True
     if isinstance(failure, RejectedPositiveData):

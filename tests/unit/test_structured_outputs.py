@@ -187,3 +187,15 @@ def test_a_tool_result_is_used_in_the_next_answer(loop, generator):
                                                    "temperature": 0})  # fmt: skip
     content, calls = tools.parse(text)
     assert reason == "stop" and not calls and "sunny" in content.lower()
+
+
+def test_a_vanishing_temperature_is_greedy_with_finite_log_probabilities(loop, generator):
+    """Found by fuzzing: logits divided by a temperature of 1e-233 are infinite, and the sample was garbage."""
+    greedy, tiny = answers(
+        loop,
+        generator,
+        {"messages": QUESTION, "temperature": 0, "logprobs": 1},
+        {"messages": QUESTION, "temperature": 1e-233, "top_p": 0.1, "logprobs": 1, "seed": 3},
+    )
+    assert tiny[0] == greedy[0] and "Paris" in tiny[0]
+    assert all(math.isfinite(item.logprob) for item in tiny[2])
