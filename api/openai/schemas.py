@@ -327,7 +327,7 @@ class Sampling(Request):
 
     model: str = Field(description="`llm`, as `GET /v1/models` lists it.")
     max_tokens: Tokens | None = Field(None, description="Default and cap: the deployment's settings.")
-    temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 is greedy decoding.")
+    temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 (anything under 1e-5) is greedy decoding.")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     seed: Seed | None = Field(None, description="The same seed gives the same answer (any integer).")
     stop: Stop | Annotated[list[Stop], Field(max_length=MAX_STOP)] | None = None
