@@ -4,27 +4,15 @@ The deployment is built from its class (``TextGenerator.func_or_class``) and con
 through ``reconfigure``; its batcher runs the real model on this process's CPU.
 """
 
-import asyncio
-
 import pytest
 from pydantic import ValidationError
 
 from deployments.contracts import GenerationRequest
 from deployments.errors import InvalidInput
-from deployments.language import GenerationSettings, PromptTooLong, TextGenerator
+from deployments.language import GenerationSettings, PromptTooLong
 
 SETTINGS = {"max_prompt_tokens": 64, "max_tokens": 32, "default_max_tokens": 8, "max_sequences": 4}
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
-
-
-@pytest.fixture(scope="module")
-def generator(loop):
-    deployment = TextGenerator.func_or_class()
-    loop.run_until_complete(deployment.reconfigure(SETTINGS))
-    yield deployment
-    deployment._sampler.cancel()
-    loop.run_until_complete(asyncio.gather(deployment._sampler, return_exceptions=True))
-    deployment.batcher.close()
 
 
 def chunks(loop, generator, **request) -> list:

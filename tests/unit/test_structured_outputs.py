@@ -14,7 +14,6 @@ import pytest
 from deployments import tools
 from deployments.contracts import GenerationRequest, Grammar
 from deployments.errors import InvalidInput
-from deployments.language import TextGenerator
 
 SETTINGS = {"max_prompt_tokens": 1024, "max_tokens": 192, "default_max_tokens": 64, "max_sequences": 8}
 PERSON = {
@@ -39,16 +38,6 @@ TIME = {
     "description": "Get the local time in a city",
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
 }
-
-
-@pytest.fixture(scope="module")
-def generator(loop):
-    deployment = TextGenerator.func_or_class()
-    loop.run_until_complete(deployment.reconfigure(SETTINGS))
-    yield deployment
-    deployment._sampler.cancel()
-    loop.run_until_complete(asyncio.gather(deployment._sampler, return_exceptions=True))
-    deployment.batcher.close()
 
 
 async def _answer(generator, **request):
