@@ -1,9 +1,9 @@
 """Constrained decoding: a request's grammar as the set of tokens it allows next, step by step.
 
 The engine is llguidance (``llguidance==1.9.1``), chosen over xgrammar by measurement on one thread
-(``benchmarks/grammar_engines.py``, docs/BENCHMARKS.md "Structured outputs"): the mask costs the same per
-token (about 0.4-0.5 ms with SmolLM2's 49,152 tokens), but llguidance builds a matcher in about 1 ms where
-xgrammar compiles for about 5 ms, and a hostile schema (long patterns, many times over) took xgrammar 252 s
+(``benchmarks/grammar_engines.py``, benchmarks/NOTES.md "Constrained decoding"): masking costs about the same
+per token with SmolLM2's 49,152 tokens, but llguidance builds a matcher in about 1 ms where xgrammar
+compiles for about 5 ms, and a hostile schema (long patterns, many times over) took xgrammar 252 s
 to compile and llguidance 5 ms. llguidance computes masks lazily, with a fuel limit on each step's work, so
 no schema a client can send holds a replica.
 
@@ -18,7 +18,6 @@ the engine's text, which quotes the schema (no payload is echoed into an error).
 """
 
 import json
-import logging
 import re
 import threading
 import time
@@ -33,8 +32,6 @@ import torch
 from deployments import json_schema
 from deployments.contracts import Grammar
 from deployments.errors import InvalidInput
-
-logger = logging.getLogger("ray.serve")
 
 CACHE_SIZE = 128
 """Built matchers kept per replica, most recently used first."""
