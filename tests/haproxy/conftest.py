@@ -37,13 +37,16 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def haproxy_processes(sid: int) -> list[psutil.Process]:
-    """The HAProxy processes this test's server started (on the launcher's hardened configuration)."""
+def haproxy_processes(sid: int, launchers: bool = False) -> list[psutil.Process]:
+    """The HAProxy processes this test's server started (on the launcher's hardened configuration), and with
+    ``launchers`` the launchers that have not yet replaced themselves with HAProxy (a reload under way)."""
     found = []
     for process in psutil.process_iter(["cmdline"]):
         cmdline = process.info["cmdline"] or []
         try:
-            if any(part.endswith(HARDENED_SUFFIX) for part in cmdline) and os.getsid(process.pid) == sid:
+            suffixes = (HARDENED_SUFFIX, "maas-haproxy") if launchers else (HARDENED_SUFFIX,)
+            ours = any(part.endswith(suffixes) for part in cmdline)
+            if ours and os.getsid(process.pid) == sid:
                 if process.status() != psutil.STATUS_ZOMBIE:
                     found.append(process)
         except (OSError, psutil.Error):
@@ -113,7 +116,7 @@ def server(tmp_path_factory):
         yield started
     finally:
         started.stop()
-        for process in haproxy_processes(started.sid):  # only if the test that checks this failed
+        for process in haproxy_processes(started.sid, launchers=True):  # only if the test that checks this failed
             process.kill()
 
 

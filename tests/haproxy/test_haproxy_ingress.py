@@ -68,15 +68,29 @@ def test_haproxys_own_listeners_are_on_loopback_only(server):
     assert {c.laddr.ip for c in listeners} == {"127.0.0.1"}
 
 
+def _holders(port: int) -> list[str]:
+    """The processes listening on ``port``, by pid and command line."""
+    holders = []
+    for process in psutil.process_iter(["cmdline"]):
+        try:
+            if any(c.laddr.port == port for c in _listeners(process.pid)):
+                holders.append(f"{process.pid}: {' '.join(process.info['cmdline'] or [])[:200]}")
+        except psutil.Error:
+            continue
+    return holders
+
+
 def test_stopping_the_server_leaves_no_haproxy_running(server):
-    running = haproxy_processes(server.sid)
-    assert running
+    assert haproxy_processes(server.sid)
     server.stop()
+    # Every HAProxy of the server's session goes, those a reload started after this test began included (a
+    # snapshot taken before the stop would miss them), and the launchers still starting one.
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in running):
+    while time.monotonic() < deadline and haproxy_processes(server.sid, launchers=True):
         time.sleep(0.2)
-    left = [p.pid for p in running if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-    assert not left, f"HAProxy {left} outlived the server"
+    left = [f"{p.pid}: {' '.join(p.cmdline())[:200]}" for p in haproxy_processes(server.sid, launchers=True)]
+    assert not left, f"HAProxy outlived the server: {left}"
+    assert not _holders(HTTP_PORT), f"port {HTTP_PORT} still held: {_holders(HTTP_PORT)}"
     with socket.socket() as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", HTTP_PORT))  # the port is free again
