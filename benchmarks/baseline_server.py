@@ -4,7 +4,14 @@ Same models, same preprocessing and the same fusion math as the cluster, so
 the benchmark compares the serving architecture, not the model code. Handlers
 are plain ``def``s (FastAPI runs them in its thread pool), the way a Flask app
 would be ported. Run: ``uvicorn benchmarks.baseline_server:app --port 8100``.
+
+The models run on eager PyTorch, as a user's hand-written server would
+(``BASELINE_RUNTIME=torch``); ``BASELINE_RUNTIME=auto`` gives it the runtimes the
+cluster ships (ONNX Runtime on a CPU), so the report can separate what the runtime
+gains from what serving costs.
 """
+
+import os
 
 import numpy as np
 from fastapi import FastAPI
@@ -18,8 +25,9 @@ from deployments.text import TextConfig, TextModel
 from deployments.vision import VisionConfig, VisionModel
 
 app = FastAPI(title="single-process baseline")
-vision = VisionModel(VisionConfig())
-text = TextModel(TextConfig())
+RUNTIME = os.environ.get("BASELINE_RUNTIME", "torch")
+vision = VisionModel(VisionConfig(runtime=RUNTIME))
+text = TextModel(TextConfig(runtime=RUNTIME))
 fusion_config = FusionConfig()
 class_embeddings = text.embed([fusion_config.class_prompt.format(name) for name in vision.categories])
 

@@ -181,7 +181,7 @@ def measure(log=print) -> dict:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        explainer = ImageExplainer(VisionModel(VisionConfig()))
+        explainer = ImageExplainer.load(VisionConfig())
         images = []
         for name in IMAGES:
             for method in IMAGE_METHODS:

@@ -10,6 +10,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 SETUPS = {
     "baseline": "single-process FastAPI",
+    # The same server on the runtimes the cluster ships (ONNX Runtime on a CPU): what the runtime gains alone.
+    "baseline-shipped": "single-process FastAPI, shipped runtimes",
     "cluster-no-batching": "cluster, batching off",
     "cluster-batching": "cluster, batching on",
     # The same config served with `make serve INGRESS=haproxy`: HAProxy in place of Serve's Python proxy.
@@ -76,7 +78,7 @@ def _ratios(results: dict, setup: str, limit: dict) -> dict:
     return out
 
 
-CPU_SETUPS = ("baseline", "cluster-batching", "cluster-no-batching", "cluster-haproxy")
+CPU_SETUPS = ("baseline", "baseline-shipped", "cluster-batching", "cluster-no-batching", "cluster-haproxy")
 
 
 def cpu_point(results: dict, route: str) -> int | None:
@@ -216,6 +218,27 @@ def _headline_rows(h: dict, name: str) -> list[str]:
     return lines
 
 
+def _runtime_rows(results: dict) -> list[str]:
+    """What the shipped runtimes gain on their own (the single-process server on them against eager PyTorch),
+    and each cluster against that faster single process: what serving adds once the runtime is the same."""
+    lines = []
+    for route in ("vision", "multimodal"):
+        eager, shipped = _at(results, "baseline", route, 32), _at(results, "baseline-shipped", route, 32)
+        if not (eager and shipped):
+            continue
+        lines.append(
+            f"| {route}: single-process server on the shipped runtimes / on eager PyTorch, 32 clients | "
+            f"{shipped['throughput_rps'] / eager['throughput_rps']:.2f} | | |"
+        )
+        for setup, name in CLUSTERS.items():
+            if cluster := _at(results, setup, route, 32):
+                lines.append(
+                    f"| {route}: {name} / single-process server on the same runtimes, 32 clients | "
+                    f"{cluster['throughput_rps'] / shipped['throughput_rps']:.2f} | | |"
+                )
+    return lines
+
+
 def markdown(results: dict, plot_name: str) -> str:
     h = headline(results)
     lines = [
@@ -239,6 +262,7 @@ def markdown(results: dict, plot_name: str) -> str:
     ]
     for setup, name in CLUSTERS.items():
         lines += _headline_rows(h["by_setup"].get(setup, {}), name)
+    lines += _runtime_rows(results)
     for route in ("vision", "multimodal"):
         concurrency = cpu_point(results, route)
         baseline = cpu_total(_at(results, "baseline", route, concurrency)) if concurrency else None

@@ -193,13 +193,15 @@ def load_all(setup: str, base: str, requests: dict[str, dict]) -> list[dict]:
     return rows
 
 
-def run_baseline(requests: dict[str, dict]) -> list[dict]:
+def run_baseline(requests: dict[str, dict], setup: str = "baseline", runtime: str = "torch") -> list[dict]:
+    """The single-process server on eager PyTorch (the user's hand-written baseline) or, with ``runtime="auto"``,
+    on the runtimes the cluster ships."""
     command = [str(BIN / "uvicorn"), "benchmarks.baseline_server:app", "--port", str(BASELINE_PORT)]
-    process = start([*command, "--log-level", "warning"], log_name="baseline")
+    process = start([*command, "--log-level", "warning"], env={"BASELINE_RUNTIME": runtime}, log_name=setup)
     try:
         base = f"http://127.0.0.1:{BASELINE_PORT}"
         wait_for_answer(base, ROUTES["multimodal"], requests["multimodal"], process)
-        return load_all("baseline", base, requests)
+        return load_all(setup, base, requests)
     finally:
         stop(process)
 
@@ -309,7 +311,7 @@ def measure_http(requests: dict[str, dict], niceness: dict) -> dict:
     """The raw models, the baseline and the cluster on the vision and multimodal routes (every process at
     ``niceness``, from ``same_priority``)."""
     raw, raw_cpu_ms = measure_raw(requests)  # its models are freed on return, before the servers start
-    rows = run_baseline(requests)
+    rows = run_baseline(requests) + run_baseline(requests, "baseline-shipped", runtime="auto")
     cluster_rows, cold_start_s, overload, *_ = run_cluster(requests, only="http")
     cluster_rows += run_haproxy(requests)
     return {

@@ -166,6 +166,11 @@ class ImageExplainer:
         self._ig = IntegratedGradients(self.net)
         self._lock = threading.Lock()  # one explanation at a time per replica: the model's hooks are shared
 
+    @classmethod
+    def load(cls, config: VisionConfig) -> "ImageExplainer":
+        """The explainer of the model ``config`` describes, on PyTorch whatever its ``runtime`` (gradients)."""
+        return cls(VisionModel(config, runtime="torch"))
+
     def warm_up(self) -> None:
         """Run each method once on a blank crop, so that no request pays for the first passes with gradients
         (the kernels' one-time set-up: 1.8 s on top of a 0.4 s explanation in a replica on two cores, and no
@@ -305,7 +310,7 @@ class Explainer(ModelDeployment):
 
     def _load(self, config: VisionConfig) -> ImageExplainer:
         self.torch_threads = configure_threads(config.torch_threads)
-        images = ImageExplainer(VisionModel(config))
+        images = ImageExplainer.load(config)
         images.warm_up()  # before the replica takes requests
         crop = images.vision.spec.crop_size
         heatmap_png(np.zeros((crop, crop, 3), np.uint8), np.zeros((crop, crop), np.float32))  # matplotlib's import

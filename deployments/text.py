@@ -1,7 +1,8 @@
 """Sentence embeddings, zero-shot text classification and relevance scores, and their Serve deployment.
 
-``TextModel`` is plain transformers + torch: a sentence-transformers style
-encoder with attention-masked mean pooling and L2 normalisation.
+``TextModel`` is plain transformers + torch (and ONNX Runtime, ``deployments.ort``):
+a sentence-transformers style encoder with attention-masked mean pooling and L2
+normalisation.
 ``TextEncoder`` is the Serve deployment; it batches texts (not requests)
 across callers, so one request with many texts and many requests with one
 text each share the same batches.
@@ -18,6 +19,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
+from deployments import ort
 from deployments.contracts import TextEmbeddings, TextRanking, TextScores
 from deployments.errors import InvalidInput
 from deployments.relevance import PAIRING, cosine_pairs, paired
@@ -49,6 +51,7 @@ class TextConfig(BaseModel):
     )
     version: str | None = None
     torch_threads: int | None = Field(None, ge=1)
+    runtime: ort.Runtime = Field("auto", description=ort.RUNTIME_DESCRIPTION)
 
 
 class TextModel:
@@ -71,6 +74,31 @@ class TextModel:
         )
         self.dim = int(self.model.config.hidden_size)
         self.max_tokens = min(config.max_tokens, self.tokenizer.model_max_length)
+        self.runtime = ort.chosen(config.runtime, self.device.type)
+        self._session = self._onnx_session()
+
+    def _onnx_session(self):
+        """The encoder with its pooling on ONNX Runtime (inputs as the tokenizer names them); None on PyTorch."""
+        if self.runtime != "onnxruntime":
+            return None
+        example = self.tokenize(["an example", "a longer example sentence"])
+        names = list(example)
+        axes = {name: {0: "batch", 1: "tokens"} for name in names} | {"embeddings": {0: "batch"}}
+        try:
+            encoder = _PooledEncoder(self.model, names)
+            exported = ort.export(encoder, tuple(example.values()), names, ["embeddings"], axes)
+        except Exception as exc:
+            if self.config.runtime == "onnxruntime":
+                raise
+            logger.warning("%s cannot be exported to ONNX (%s): serving it on PyTorch", self.name, type(exc).__name__)
+            self.runtime = "torch"
+            return None
+        self._inputs = names
+        return ort.session(exported, torch.get_num_threads())
+
+    @property
+    def runtime_version(self) -> str:
+        return ort.version() if self._session is not None else f"torch {torch.__version__}"
 
     def embed(self, texts: list[str]) -> np.ndarray:
         """Unit-length embeddings, ``(len(texts), dim)`` float32."""
@@ -83,14 +111,34 @@ class TextModel:
 
     @torch.inference_mode()
     def encode(self, tokens: dict[str, torch.Tensor]) -> np.ndarray:
-        hidden = self.model(**tokens).last_hidden_state
-        mask = tokens["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
-        return torch.nn.functional.normalize(pooled.float(), dim=1).cpu().numpy()
+        if self._session is not None:
+            (embeddings,) = self._session.run(None, {name: tokens[name].numpy() for name in self._inputs})
+            return embeddings
+        return mean_pooled(self.model(**tokens).last_hidden_state, tokens["attention_mask"]).cpu().numpy()
 
     def classify(self, text: str, labels: list[str]) -> list[tuple[str, float]]:
         embeddings = self.embed([*labels, text])
         return zero_shot(embeddings, labels, self.config.temperature)
+
+
+def mean_pooled(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean of the token states the mask covers, L2-normalised: the sentence embedding."""
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+    return torch.nn.functional.normalize(pooled.float(), dim=1)
+
+
+class _PooledEncoder(torch.nn.Module):
+    """The encoder and its pooling as one graph, taking the tokenizer's tensors positionally, for export."""
+
+    def __init__(self, encoder: torch.nn.Module, names: list[str]):
+        super().__init__()
+        self.encoder = encoder
+        self.names = names
+
+    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
+        tokens = dict(zip(self.names, tensors))
+        return mean_pooled(self.encoder(**tokens).last_hidden_state, tokens["attention_mask"])
 
 
 def zero_shot(embeddings: np.ndarray, labels: list[str], temperature: float) -> list[tuple[str, float]]:
@@ -191,7 +239,13 @@ class TextEncoder(LiveModelDeployment):
         self.label_cache = LabelCache(model.config.label_cache_size)  # vectors of the previous model are stale
 
     def model_details(self) -> dict:
-        return {"dim": self.model.dim, "max_tokens": self.model.max_tokens, "label_cache": self.label_cache.stats()}
+        model = self.model
+        return {
+            "dim": model.dim,
+            "max_tokens": model.max_tokens,
+            "label_cache": self.label_cache.stats(),
+            "runtime": model.runtime_version,
+        }
 
     async def embed(self, texts: list[str], monitor: bool = True) -> TextEmbeddings:
         """Embeddings ``(len(texts), dim)``; every text joins the replica's shared batches.

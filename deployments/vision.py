@@ -1,8 +1,9 @@
 """Image classification: an ImageNet classifier and its Serve deployment.
 
-``VisionModel`` is plain torch and is used by the deployment and by offline
-jobs alike. ``VisionClassifier`` is the Serve deployment: it batches requests
-with ``@serve.batch`` and runs the model off the event loop.
+``VisionModel`` is plain torch (and ONNX Runtime, ``deployments.ort``) and is
+used by the deployment and by offline jobs alike. ``VisionClassifier`` is the
+Serve deployment: it batches requests with ``@serve.batch`` and runs the model
+off the event loop.
 """
 
 import asyncio
@@ -17,6 +18,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
+from deployments import ort
 from deployments.contracts import VisionResult
 from deployments.imaging import ImageSpec, Interpolation, prepare
 from deployments.runtime import (
@@ -57,6 +59,7 @@ class VisionConfig(BaseModel):
     name: str | None = Field(None, description="Name reported by the API; derived from the source if unset.")
     version: str | None = Field(None, description="Overrides the derived version string.")
     torch_threads: int | None = Field(None, ge=1, description="Default: one per reserved CPU.")
+    runtime: ort.Runtime = Field("auto", description=ort.RUNTIME_DESCRIPTION)
 
 
 class VisionModel:
@@ -67,7 +70,8 @@ class VisionModel:
     works without architecture-specific code.
     """
 
-    def __init__(self, config: VisionConfig, device: torch.device | None = None):
+    def __init__(self, config: VisionConfig, device: torch.device | None = None, runtime: ort.Runtime | None = None):
+        """``runtime`` overrides ``config.runtime`` (the explainer needs PyTorch's gradients)."""
         self.config = config
         self.device = device or pick_device()
         self.model, self.categories, self.spec, self.version = _load(config)
@@ -81,6 +85,33 @@ class VisionModel:
         self._std = torch.tensor(self.spec.std, device=self.device).view(1, 3, 1, 1)
         self.embedding_dim = last_linear.in_features
         self.name = config.name or _model_name(config)
+        self.runtime = ort.chosen(runtime or config.runtime, self.device.type)
+        self._session = self._onnx_session(explicit=(runtime or config.runtime) == "onnxruntime")
+
+    def _onnx_session(self, explicit: bool):
+        """The model on ONNX Runtime, outputs ``logits`` and ``features``; None on PyTorch."""
+        if self.runtime != "onnxruntime":
+            return None
+        crop = self.spec.crop_size
+        try:
+            exported = ort.export(
+                _LogitsAndFeatures(self),
+                (torch.zeros(1, 3, crop, crop),),
+                ["pixels"],
+                ["logits", "features"],
+                {"pixels": {0: "batch"}, "logits": {0: "batch"}, "features": {0: "batch"}},
+            )
+        except Exception as exc:
+            if explicit:
+                raise
+            logger.warning("%s cannot be exported to ONNX (%s): serving it on PyTorch", self.name, type(exc).__name__)
+            self.runtime = "torch"
+            return None
+        return ort.session(exported, torch.get_num_threads())
+
+    @property
+    def runtime_version(self) -> str:
+        return ort.version() if self._session is not None else f"torch {torch.__version__}"
 
     def _capture_features(self, _module, inputs, _output) -> None:
         self._features = inputs[0]
@@ -101,6 +132,9 @@ class VisionModel:
 
     @torch.inference_mode()
     def forward(self, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        if self._session is not None:
+            logits, features = self._session.run(None, {"pixels": batch.numpy()})
+            return torch.softmax(torch.from_numpy(logits), dim=1).numpy(), features
         logits = self.model(batch)
         logits = getattr(logits, "logits", logits)  # Hugging Face returns an output object
         probs = torch.softmax(logits.float(), dim=1)
@@ -119,6 +153,19 @@ class VisionModel:
     def classify(self, pixels: list[np.ndarray], top_k: int = 5, embed: bool = False) -> list[VisionResult]:
         probs, features = self.predict(pixels)
         return [self.result(p, f, top_k, embed) for p, f in zip(probs, features)]
+
+
+class _LogitsAndFeatures(torch.nn.Module):
+    """The classifier with its pooled features as a second output (what the forward hook captures), for export."""
+
+    def __init__(self, vision: VisionModel):
+        super().__init__()
+        self.net = vision.model
+        self._vision = [vision]  # not a submodule
+
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.net(pixels)
+        return getattr(logits, "logits", logits), self._vision[0]._features
 
 
 def _model_name(config: VisionConfig) -> str:
@@ -253,7 +300,12 @@ class VisionClassifier(LiveModelDeployment):
 
     def model_details(self) -> dict:
         model = self.model
-        return {"classes": len(model.categories), "embedding_dim": model.embedding_dim, "weights": model.config.weights}
+        return {
+            "classes": len(model.categories),
+            "embedding_dim": model.embedding_dim,
+            "weights": model.config.weights,
+            "runtime": model.runtime_version,
+        }
 
     async def classify(self, pixels: np.ndarray, top_k: int = 5, embed: bool = False) -> VisionResult:
         with self.counted():

@@ -67,6 +67,18 @@ def test_the_headline_has_a_row_per_setup_with_its_verdict():
     assert "| vision: CPU per answered request at 32 clients, cluster (HAProxy ingress) vs baseline" in text
 
 
+def test_the_runtime_gain_and_the_serving_cost_are_reported_apart():
+    results = _results()
+    for route in ("vision", "multimodal"):
+        results["results"].append(_row("baseline-shipped", route, 32, 80.0, 400.0, 500.0, {"baseline server": 9.0}))
+    text = report.markdown(results, "plot.png").split("## Raw model limit")[0]
+    assert "| vision: single-process server on the shipped runtimes / on eager PyTorch, 32 clients | 2.00 |" in text
+    same = "| vision: cluster (HAProxy ingress) / single-process server on the same runtimes, 32 clients | 0.75 |"
+    assert same in text
+    # Without that setup (earlier runs), no such rows.
+    assert "shipped runtimes" not in report.markdown(_results(), "plot.png")
+
+
 def test_a_run_without_the_haproxy_setup_reports_the_default_alone():
     results = _results()
     results["results"] = [r for r in results["results"] if r["setup"] != "cluster-haproxy"]

@@ -16,7 +16,7 @@ from deployments.explainer import ExplanationTimeout, ImageExplainer, grid, heat
 from deployments.fusion import FusionConfig, explain_fusion, fuse
 from deployments.imaging import crop_region, prepare
 from deployments.scoring import conse_decomposition, conse_embedding, l2_normalize, similarity_scores, softmax
-from deployments.vision import VisionConfig, VisionModel
+from deployments.vision import VisionConfig
 from deployments.words import check_words, without, words
 
 EGYPTIAN_CAT = 285
@@ -25,7 +25,7 @@ EGYPTIAN_CAT = 285
 @pytest.fixture(scope="module")
 def explainer() -> ImageExplainer:
     torch.set_num_threads(1)
-    return ImageExplainer(VisionModel(VisionConfig()))
+    return ImageExplainer.load(VisionConfig())
 
 
 @pytest.fixture(scope="module")

@@ -7,13 +7,13 @@ import torch
 from benchmarks import faithfulness
 from deployments.explainer import ImageExplainer
 from deployments.text import TextConfig, TextModel
-from deployments.vision import VisionConfig, VisionModel
+from deployments.vision import VisionConfig
 
 
 @pytest.fixture(scope="module")
 def explainer() -> ImageExplainer:
     torch.set_num_threads(1)
-    return ImageExplainer(VisionModel(VisionConfig()))
+    return ImageExplainer.load(VisionConfig())
 
 
 @pytest.mark.parametrize("name", ["camera", "coffee", "rocket"])

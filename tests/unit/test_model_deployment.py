@@ -128,8 +128,8 @@ def test_counted_counts_an_error_by_its_type_and_lets_it_go_on():
 @pytest.mark.parametrize(
     ("deployment", "details"),
     [
-        (VisionClassifier, {"classes", "embedding_dim", "weights", "batching", "update_error"}),
-        (TextEncoder, {"dim", "max_tokens", "label_cache", "batching", "update_error"}),
+        (VisionClassifier, {"classes", "embedding_dim", "weights", "runtime", "batching", "update_error"}),
+        (TextEncoder, {"dim", "max_tokens", "label_cache", "runtime", "batching", "update_error"}),
     ],
 )
 def test_a_model_deployment_serves_its_packaged_model_and_keeps_it_when_an_update_fails(deployment, details):
@@ -140,6 +140,7 @@ def test_a_model_deployment_serves_its_packaged_model_and_keeps_it_when_an_updat
     assert set(info) == INFO_KEYS and set(info["details"]) == details
     assert (info["name"], info["version"]) == (ready["model"], ready["version"])
     assert info["details"]["batching"] == replica.settings_type.batch_defaults()
+    assert info["details"]["runtime"].startswith("onnxruntime ")  # the shipped runtime on a CPU
     run(replica.reconfigure({"model": {"source": "package:no_such_model_package"}}))
     assert run(replica.ready()) == ready
     assert "package 'no_such_model_package' is not installed" in run(replica.info())["details"]["update_error"]
