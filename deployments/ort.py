@@ -13,7 +13,11 @@ ONNX graph is as trusted as they are.
 """
 
 import io
+import logging
+from collections.abc import Callable
 from typing import Literal
+
+logger = logging.getLogger("ray.serve")
 
 Runtime = Literal["auto", "torch", "onnxruntime"]
 RUNTIME_DESCRIPTION = (
@@ -28,6 +32,34 @@ def chosen(runtime: Runtime, device_type: str) -> Literal["torch", "onnxruntime"
     if runtime == "auto":
         return "onnxruntime" if device_type == "cpu" else "torch"
     return runtime
+
+
+def load(name: str, runtime: Runtime, device_type: str, exported: Callable[[], bytes]):
+    """The ONNX Runtime session a model runs on, or None where it runs on PyTorch: ``runtime`` chooses
+    (``chosen``), ``exported`` gives the model's ONNX graph. A model that cannot be exported is served on
+    PyTorch, with a warning, unless ``runtime`` is ``onnxruntime``: then the error is raised."""
+    if chosen(runtime, device_type) != "onnxruntime":
+        return None
+    try:
+        graph = exported()
+    except Exception as exc:
+        if runtime == "onnxruntime":
+            raise
+        logger.warning("%s cannot be exported to ONNX (%s): serving it on PyTorch", name, type(exc).__name__)
+        return None
+    import torch
+
+    return session(graph, torch.get_num_threads())
+
+
+def described(session) -> str:
+    """The runtime a model with ``session`` (None: PyTorch) runs on, with its version, as ``GET /v1/models``
+    shows it."""
+    if session is not None:
+        return version()
+    import torch
+
+    return f"torch {torch.__version__}"
 
 
 def export(module, example: tuple, inputs: list[str], outputs: list[str], dynamic: dict[str, dict[int, str]]) -> bytes:

@@ -74,31 +74,24 @@ class TextModel:
         )
         self.dim = int(self.model.config.hidden_size)
         self.max_tokens = min(config.max_tokens, self.tokenizer.model_max_length)
-        self.runtime = ort.chosen(config.runtime, self.device.type)
-        self._session = self._onnx_session()
+        self._inputs: list[str] = []  # the tokenizer's tensors, in the exported graph's order
+        self._session = ort.load(self.name, config.runtime, self.device.type, self._exported)
 
-    def _onnx_session(self):
-        """The encoder with its pooling on ONNX Runtime (inputs as the tokenizer names them); None on PyTorch."""
-        if self.runtime != "onnxruntime":
-            return None
+    def _exported(self) -> bytes:
+        """The encoder with its pooling as an ONNX graph, taking the tensors the tokenizer gives."""
         example = self.tokenize(["an example", "a longer example sentence"])
-        names = list(example)
-        axes = {name: {0: "batch", 1: "tokens"} for name in names} | {"embeddings": {0: "batch"}}
-        try:
-            encoder = _PooledEncoder(self.model, names)
-            exported = ort.export(encoder, tuple(example.values()), names, ["embeddings"], axes)
-        except Exception as exc:
-            if self.config.runtime == "onnxruntime":
-                raise
-            logger.warning("%s cannot be exported to ONNX (%s): serving it on PyTorch", self.name, type(exc).__name__)
-            self.runtime = "torch"
-            return None
-        self._inputs = names
-        return ort.session(exported, torch.get_num_threads())
+        self._inputs = list(example)
+        axes = {name: {0: "batch", 1: "tokens"} for name in self._inputs} | {"embeddings": {0: "batch"}}
+        encoder = _PooledEncoder(self.model, self._inputs)
+        return ort.export(encoder, tuple(example.values()), self._inputs, ["embeddings"], axes)
+
+    @property
+    def runtime(self) -> str:
+        return "onnxruntime" if self._session is not None else "torch"
 
     @property
     def runtime_version(self) -> str:
-        return ort.version() if self._session is not None else f"torch {torch.__version__}"
+        return ort.described(self._session)
 
     def embed(self, texts: list[str]) -> np.ndarray:
         """Unit-length embeddings, ``(len(texts), dim)`` float32."""

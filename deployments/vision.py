@@ -85,33 +85,26 @@ class VisionModel:
         self._std = torch.tensor(self.spec.std, device=self.device).view(1, 3, 1, 1)
         self.embedding_dim = last_linear.in_features
         self.name = config.name or _model_name(config)
-        self.runtime = ort.chosen(runtime or config.runtime, self.device.type)
-        self._session = self._onnx_session(explicit=(runtime or config.runtime) == "onnxruntime")
+        self._session = ort.load(self.name, runtime or config.runtime, self.device.type, self._exported)
 
-    def _onnx_session(self, explicit: bool):
-        """The model on ONNX Runtime, outputs ``logits`` and ``features``; None on PyTorch."""
-        if self.runtime != "onnxruntime":
-            return None
+    def _exported(self) -> bytes:
+        """The model as an ONNX graph with outputs ``logits`` and ``features``."""
         crop = self.spec.crop_size
-        try:
-            exported = ort.export(
-                _LogitsAndFeatures(self),
-                (torch.zeros(1, 3, crop, crop),),
-                ["pixels"],
-                ["logits", "features"],
-                {"pixels": {0: "batch"}, "logits": {0: "batch"}, "features": {0: "batch"}},
-            )
-        except Exception as exc:
-            if explicit:
-                raise
-            logger.warning("%s cannot be exported to ONNX (%s): serving it on PyTorch", self.name, type(exc).__name__)
-            self.runtime = "torch"
-            return None
-        return ort.session(exported, torch.get_num_threads())
+        return ort.export(
+            _LogitsAndFeatures(self),
+            (torch.zeros(1, 3, crop, crop),),
+            ["pixels"],
+            ["logits", "features"],
+            {"pixels": {0: "batch"}, "logits": {0: "batch"}, "features": {0: "batch"}},
+        )
+
+    @property
+    def runtime(self) -> str:
+        return "onnxruntime" if self._session is not None else "torch"
 
     @property
     def runtime_version(self) -> str:
-        return ort.version() if self._session is not None else f"torch {torch.__version__}"
+        return ort.described(self._session)
 
     def _capture_features(self, _module, inputs, _output) -> None:
         self._features = inputs[0]
