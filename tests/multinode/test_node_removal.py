@@ -7,9 +7,12 @@ send requests.
 
 import threading
 import time
+from pathlib import Path
+
+from ray.util.state import get_node
 
 from tests.conftest import b64
-from tests.multinode.conftest import VISION_REPLICAS, https_client
+from tests.multinode.conftest import DASHBOARD_PORT, VISION_REPLICAS, https_client
 from tests.multinode.test_gpu_placement import replica_nodes
 from tests.serving import APP, serve_status
 
@@ -19,6 +22,30 @@ VISION = "/v1/vision/classify"
 
 def running(deployment: str) -> int:
     return serve_status().applications[APP].deployments[deployment].replica_states.get("RUNNING", 0)
+
+
+def node_death(node) -> str | None:
+    """Why Ray's GCS holds ``node`` dead, with the last lines of its raylet's log; None while it is alive.
+
+    The recovery can only be judged while the node the replicas move to lives: if it dies too, the
+    failure must say so (and why), not read as replicas that never came back.
+    """
+    address = f"http://127.0.0.1:{DASHBOARD_PORT}"
+    state = get_node(node.node_id, address=address)
+    if state.state == "ALIVE":
+        return None
+    logs = Path(node.get_logs_dir_path())
+    tails = []
+    for log in sorted(logs.glob("raylet*.out")):
+        lines = log.read_text(errors="replace").splitlines()
+        if any(node.node_id in line for line in lines[:200]):
+            tails = [line for line in lines if " W " in line or " E " in line or " C " in line][-20:]
+    gcs = [
+        line
+        for line in (logs / "gcs_server.out").read_text(errors="replace").splitlines()
+        if node.node_id in line and ("health" in line.lower() or "dead" in line.lower())
+    ]
+    return "\n".join([f"{state.state}: {state.state_message}", "gcs:", *gcs[:8], "raylet:", *tails])
 
 
 def test_replicas_of_a_removed_node_restart_elsewhere_and_the_api_keeps_answering(
@@ -55,6 +82,8 @@ def test_replicas_of_a_removed_node_restart_elsewhere_and_the_api_keeps_answerin
                 spare.node_id
             }:
                 break
+            if node_death(spare):
+                break  # nothing left to recover onto: said below
             time.sleep(1)
         recovered_at = time.monotonic()
         time.sleep(5)  # serve for a while on the new node
@@ -63,6 +92,8 @@ def test_replicas_of_a_removed_node_restart_elsewhere_and_the_api_keeps_answerin
         for thread in threads:
             thread.join()
 
+    death = node_death(spare)
+    assert death is None, f"the spare node the replicas were to move to died during the test:\n{death}"
     assert set(replica_nodes("VisionClassifier")) == {spare.node_id}
     assert running("VisionClassifier") == VISION_REPLICAS
     health = [status for _, route, status, _ in results if route == "/healthz"]
