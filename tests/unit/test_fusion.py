@@ -2,6 +2,7 @@
 (no Ray)."""
 
 import asyncio
+import hashlib
 from dataclasses import dataclass
 from unittest.mock import Mock
 
@@ -40,7 +41,11 @@ class FakeText:
 
     def remote(self, texts, monitor=True):
         self.calls += 1
-        vectors = np.array([[hash((self.version, t)) % 97, len(t)] for t in texts], np.float32)
+        # The same vector for the same (version, text) in every run: hash() of a str differs between processes,
+        # and two versions whose vectors happened to collide made a test fail about once in 10,000 runs.
+        vectors = np.array(
+            [list(hashlib.sha256(f"{self.version}|{t}".encode()).digest()[:8]) for t in texts], np.float32
+        )
         return Call(TextEmbeddings(vectors=vectors, model="text", version=self.version))
 
 
