@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api.policy import Matcher, RouteTable
-from deployments.errors import Overloaded
+from deployments.errors import MaasError, Overloaded
 
 
 class Admission:
@@ -73,15 +73,17 @@ class Admission:
             self.release(route)
 
 
-def refusal_body(family: str, refusal: Overloaded) -> bytes:
-    """The ingress's own refusal body in a route family's error shape: OpenAI's for ``openai``, the Open
+def error_body(family: str, error: MaasError) -> bytes:
+    """The body of an error that is answered before the app sees the request (a refusal here, HAProxy's own
+    errors in ``deployments.haproxy``) in a route family's error shape: OpenAI's for ``openai``, the Open
     Inference Protocol's for ``v2``, ``{"detail": [...]}`` for the rest."""
     if family == "openai":
-        error = {"message": refusal.message, "type": "server_error", "param": None, "code": refusal.error_type}
-        return json.dumps({"error": error}).encode()
+        kind = "server_error" if error.status_code >= 500 else "invalid_request_error"
+        body = {"message": error.message, "type": kind, "param": None, "code": error.error_type}
+        return json.dumps({"error": body}).encode()
     if family == "v2":
-        return json.dumps({"error": refusal.message}).encode()
-    return json.dumps({"detail": refusal.detail()}).encode()
+        return json.dumps({"error": error.message}).encode()
+    return json.dumps({"detail": error.detail()}).encode()
 
 
 class AdmissionMiddleware:
@@ -117,7 +119,7 @@ class AdmissionMiddleware:
                 self.counts[template] = policy.shares
         self.matcher = Matcher(list(self.counts))
         self.refusal_bodies = {
-            key: refusal_body(routes.family_of(key) if routes else _family(key), self.admission.refusal(key))
+            key: error_body(routes.family_of(key) if routes else _family(key), self.admission.refusal(key))
             for key in limits
         }
 

@@ -128,6 +128,24 @@ class ModelTimeout(MaasError):
     error_type = "timeout"
 
 
+class IngressFailed(MaasError):
+    """The HTTP ingress (HAProxy) got no valid answer from the ingress replica it sent the request to: the
+    replica went away or broke the connection mid-answer (502)."""
+
+    status_code = HTTPStatus.BAD_GATEWAY
+    error_type = "bad_gateway"
+
+    def detail(self) -> list[dict]:
+        return [{"loc": [], "msg": self.message, "type": self.error_type}]
+
+
+class IngressTimeout(ModelTimeout):
+    """The HTTP ingress (HAProxy) waited longer than its server timeout for the ingress replica's answer (504)."""
+
+    def detail(self) -> list[dict]:
+        return [{"loc": [], "msg": self.message, "type": self.error_type}]
+
+
 # Errors that model replicas raise are defined here, beside the rest, and not in the model's module: the
 # ingress unpickles them by their module, and a model's module imports torch (3 s and hundreds of MB in an
 # ingress replica that otherwise runs without it).

