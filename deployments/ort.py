@@ -1,4 +1,4 @@
-"""ONNX Runtime for the vision and text models: the same weights, exported from PyTorch when a replica loads them.
+"""ONNX Runtime for the vision and text models: the same weights, exported from PyTorch, compiled once.
 
 On one CPU thread ONNX Runtime runs MobileNetV2 in about half the time eager PyTorch takes, and
 all-MiniLM-L6-v2 on a short text in a third (benchmarks/NOTES.md, "Model runtimes"), with the same answers:
@@ -6,15 +6,26 @@ probabilities within 1e-6, embeddings at cosine 0.99999. So a model's ``runtime`
 ONNX Runtime on a CPU, PyTorch on a GPU (where the GPU profile's own choices are fastest). ``torch`` keeps
 eager PyTorch everywhere; ``onnxruntime`` insists and fails to load when the model cannot be exported.
 
-The export runs in the replica when it loads the model (about 0.4 s for MobileNetV2, 0.9 s for MiniLM on
-one core) and stays in memory: there is no file to cache, trust or clean up, and a model swapped in by
-``user_config`` is exported the same way. Only the weights the replica already loaded are exported, so the
-ONNX graph is as trusted as they are.
+``compiled`` keeps an exported model in the model cache (``$MAAS_MODEL_CACHE/onnx``, beside the converted
+language model): the ONNX graph and what serving it needs (classes, preprocessing, version), named by a
+digest of the weights file, the model's configuration and the exporting versions. The first replica to
+load a model exports it (``make install`` does it for the shipped ones); every later one reads it, without
+importing PyTorch: a vision replica then starts in a fraction of the CPU time and memory. The graph is
+data (a protobuf of tensors and operators, never code), is checked against its recorded digest, and is
+written to a temporary name and renamed, so replicas exporting at once, or one killed halfway, leave no
+partial file. A model the cache cannot key (weights downloaded by torchvision, a Hugging Face folder) is
+exported in the replica, in memory, as ``load`` does.
 """
 
+import hashlib
+import importlib.metadata
 import io
+import json
 import logging
+import os
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import Literal
 
 logger = logging.getLogger("ray.serve")
@@ -25,6 +36,7 @@ RUNTIME_DESCRIPTION = (
     "or fail to load if the model cannot be exported."
 )
 OPSET = 17
+FORMAT = 1  # of what ``compiled`` keeps; raise it when the export or the kept fields change
 
 
 def chosen(runtime: Runtime, device_type: str) -> Literal["torch", "onnxruntime"]:
@@ -101,3 +113,58 @@ def version() -> str:
     import onnxruntime
 
     return f"onnxruntime {onnxruntime.__version__}"
+
+
+def distribution(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def compiled(kind: str, key: dict, build: Callable[[], tuple[bytes, dict]], root: Path) -> tuple[bytes, dict]:
+    """The ONNX graph and serving facts (JSON-able) of the model ``key`` identifies, from ``root`` (the model
+    cache) or from ``build`` (which imports PyTorch and exports it), then kept there. ``key`` must name
+    everything the export depends on besides the exporting versions: the weights' digest and the model's
+    configuration. A cache that cannot be written is warned about and the export served anyway."""
+    full = {
+        "kind": kind,
+        "format": FORMAT,
+        "opset": OPSET,
+        "exporter": {name: distribution(name) for name in ("torch", "onnx")},
+        **key,
+    }
+    name = f"{kind}-{hashlib.sha256(json.dumps(full, sort_keys=True).encode()).hexdigest()[:24]}"
+    graph_path, facts_path = root / f"{name}.onnx", root / f"{name}.json"
+    try:
+        facts = json.loads(facts_path.read_text())
+        graph = graph_path.read_bytes()
+        if hashlib.sha256(graph).hexdigest() == facts["graph_sha256"]:
+            return graph, facts["model"]
+        logger.warning("%s in the model cache does not match its recorded digest: exporting it again", graph_path)
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        logger.warning("%s in the model cache is unreadable (%s): exporting it again", facts_path, type(exc).__name__)
+    logger.info("Exporting %s to ONNX into %s (once)", kind, root)
+    graph, model = build()
+    facts = {"key": full, "graph_sha256": hashlib.sha256(graph).hexdigest(), "model": model}
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        _write(graph_path, graph)
+        _write(facts_path, json.dumps(facts, indent=1).encode())  # last: it marks the pair complete
+    except OSError as exc:
+        logger.warning("Cannot keep the exported %s in %s (%s): each start exports it again", kind, root, exc)
+    return graph, model
+
+
+def _write(path: Path, data: bytes) -> None:
+    """``data`` at ``path``, written under a temporary name and renamed into place."""
+    descriptor, staging = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    try:
+        with os.fdopen(descriptor, "wb") as f:
+            f.write(data)
+        os.replace(staging, path)
+    except BaseException:
+        Path(staging).unlink(missing_ok=True)
+        raise

@@ -9,6 +9,7 @@ import importlib.util
 import logging
 import math
 import os
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,21 +41,26 @@ def assigned_cpus() -> float | None:
 
 
 def configure_threads(torch_threads: int | None) -> int:
-    """Set torch's intra-op threads so replicas on one node don't oversubscribe it.
+    """Set the model's intra-op threads (torch's, and what ONNX Runtime sessions are given) so replicas on one
+    node don't oversubscribe it.
 
     ``None`` means one thread per CPU Ray reserved for this process (at least
     one, so a fractional reservation gets a single thread); outside Ray,
-    torch's own default. torch is imported here, not with this module: the deployments that run no torch
-    (fusion, OCR) then start without it.
+    torch's own default. torch is not imported for this: where it is not loaded yet, ``OMP_NUM_THREADS`` is
+    set, which torch takes as its thread count when the model's load imports it, so a replica whose model
+    runs without torch (fusion, OCR, a vision model from its compiled ONNX graph) starts without it.
     """
-    import torch
-
     if torch_threads is None:
         cpus = assigned_cpus()
         if not cpus:
+            import torch
+
             return torch.get_num_threads()
         torch_threads = max(1, math.floor(cpus))
-    torch.set_num_threads(torch_threads)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(torch_threads)
+    else:
+        os.environ["OMP_NUM_THREADS"] = str(torch_threads)
     return torch_threads
 
 
@@ -68,6 +74,19 @@ def replica_gpu_ids() -> list:
     except Exception:  # noqa: BLE001 - outside Ray
         pass
     return []
+
+
+def device_type() -> str:
+    """``cuda`` or ``cpu``, as ``pick_device`` decides; torch is imported only where Ray assigned a GPU (or
+    outside a Ray actor), so a CPU replica can choose its runtime before anything loads torch."""
+    try:
+        import ray
+
+        if ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None and not ray.get_gpu_ids():
+            return "cpu"
+    except Exception:  # noqa: BLE001 - outside Ray: decide from torch
+        pass
+    return pick_device().type
 
 
 def pick_device() -> "torch.device":

@@ -1,19 +1,19 @@
 """Image classification: an ImageNet classifier and its Serve deployment.
 
 ``VisionModel`` is plain torch (and ONNX Runtime, ``deployments.ort``) and is
-used by the deployment and by offline jobs alike. ``VisionClassifier`` is the
-Serve deployment: it batches requests with ``@serve.batch`` and runs the model
-off the event loop.
+used by the deployment and by offline jobs alike. ``OnnxVisionModel`` is the same model from its compiled
+ONNX graph (``ort.compiled``), served without importing torch; ``load_vision`` picks one of the two.
+``VisionClassifier`` is the Serve deployment: it batches requests with ``@serve.batch`` and runs the model
+off the event loop. torch and torchvision are imported only where a model is built with them.
 """
 
 import asyncio
 import logging
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-import torchvision
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
@@ -24,11 +24,16 @@ from deployments.imaging import ImageSpec, Interpolation, prepare
 from deployments.runtime import (
     LiveModelDeployment,
     ModelSettings,
+    device_type,
     file_digest,
+    model_cache,
     package_dir,
     package_version,
     pick_device,
 )
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger("ray.serve")
 
@@ -62,7 +67,36 @@ class VisionConfig(BaseModel):
     runtime: ort.Runtime = Field("auto", description=ort.RUNTIME_DESCRIPTION)
 
 
-class VisionModel:
+class _Classifier:
+    """What both runtimes' models share: ``predict`` from ``preprocess`` and ``forward``, and the results."""
+
+    categories: list[str]
+    name: str
+    version: str
+
+    def predict(self, pixels: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """Class probabilities ``(B, C)`` and pooled features ``(B, D)`` for prepared images.
+
+        Each image is a ``(crop, crop, 3)`` uint8 array from ``imaging.prepare``.
+        """
+        return self.forward(self.preprocess(pixels))
+
+    def result(self, probs: np.ndarray, features: np.ndarray, top_k: int, embed: bool) -> VisionResult:
+        order = np.argsort(-probs)[:top_k]
+        return VisionResult(
+            labels=[(self.categories[i], float(probs[i])) for i in order],
+            probs=probs.astype(np.float32),
+            embedding=features if embed else None,
+            model=self.name,
+            version=self.version,
+        )
+
+    def classify(self, pixels: list[np.ndarray], top_k: int = 5, embed: bool = False) -> list[VisionResult]:
+        probs, features = self.predict(pixels)
+        return [self.result(p, f, top_k, embed) for p, f in zip(probs, features)]
+
+
+class VisionModel(_Classifier):
     """An image classifier that also exposes its pooled features.
 
     The pooled features are the input of the network's last linear layer,
@@ -70,8 +104,10 @@ class VisionModel:
     works without architecture-specific code.
     """
 
-    def __init__(self, config: VisionConfig, device: torch.device | None = None, runtime: ort.Runtime | None = None):
+    def __init__(self, config: VisionConfig, device: "torch.device | None" = None, runtime: ort.Runtime | None = None):
         """``runtime`` overrides ``config.runtime`` (the explainer needs PyTorch's gradients)."""
+        import torch
+
         self.config = config
         self.device = device or pick_device()
         self.model, self.categories, self.spec, self.version = _load(config)
@@ -89,9 +125,11 @@ class VisionModel:
 
     def _exported(self) -> bytes:
         """The model as an ONNX graph with outputs ``logits`` and ``features``."""
+        import torch
+
         crop = self.spec.crop_size
         return ort.export(
-            _LogitsAndFeatures(self),
+            _logits_and_features(self),
             (torch.zeros(1, 3, crop, crop),),
             ["pixels"],
             ["logits", "features"],
@@ -109,56 +147,150 @@ class VisionModel:
     def _capture_features(self, _module, inputs, _output) -> None:
         self._features = inputs[0]
 
-    def predict(self, pixels: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        """Class probabilities ``(B, C)`` and pooled features ``(B, D)`` for prepared images.
-
-        Each image is a ``(crop, crop, 3)`` uint8 array from ``imaging.prepare``.
-        """
-        return self.forward(self.preprocess(pixels))
-
-    @torch.inference_mode()
-    def preprocess(self, pixels: list[np.ndarray]) -> torch.Tensor:
+    def preprocess(self, pixels: list[np.ndarray]) -> "torch.Tensor":
         """A normalised ``(B, 3, crop, crop)`` float batch on the model's device."""
-        batch = torch.from_numpy(np.stack(pixels)).to(self.device)
-        batch = batch.permute(0, 3, 1, 2).float().div_(255.0)
+        import torch
+
+        with torch.inference_mode():
+            batch = torch.from_numpy(np.stack(pixels)).to(self.device)
+            batch = batch.permute(0, 3, 1, 2).float().div_(255.0)
+            return (batch - self._mean) / self._std
+
+    def forward(self, batch: "torch.Tensor") -> tuple[np.ndarray, np.ndarray]:
+        import torch
+
+        with torch.inference_mode():
+            if self._session is not None:
+                logits, features = self._session.run(None, {"pixels": batch.numpy()})
+                return torch.softmax(torch.from_numpy(logits), dim=1).numpy(), features
+            logits = self.model(batch)
+            logits = getattr(logits, "logits", logits)  # Hugging Face returns an output object
+            probs = torch.softmax(logits.float(), dim=1)
+            return probs.cpu().numpy(), self._features.float().cpu().numpy()
+
+
+def _logits_and_features(vision: VisionModel) -> "torch.nn.Module":
+    """The classifier with its pooled features as a second output (what the forward hook captures), for export."""
+    import torch
+
+    class LogitsAndFeatures(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = vision.model
+
+        def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            logits = self.net(pixels)
+            return getattr(logits, "logits", logits), vision._features
+
+    return LogitsAndFeatures()
+
+
+class OnnxVisionModel(_Classifier):
+    """The classifier from its compiled ONNX graph (``ort.compiled``): ONNX Runtime and numpy, no torch.
+
+    ``facts`` are what the export kept beside the graph: the class names, the preprocessing, the model's name,
+    version and feature width. Preprocessing and softmax are torch's, in numpy, in float32.
+    """
+
+    device = "cpu"
+    runtime = "onnxruntime"
+
+    def __init__(self, config: VisionConfig, graph: bytes, facts: dict, threads: int):
+        self.config = config
+        self.categories = list(facts["categories"])
+        spec = facts["spec"]
+        self.spec = ImageSpec(
+            resize_size=int(spec["resize_size"]),
+            crop_size=int(spec["crop_size"]),
+            mean=tuple(spec["mean"]),
+            std=tuple(spec["std"]),
+            interpolation=Interpolation(spec["interpolation"]),
+        )
+        self.name, self.version, self.embedding_dim = facts["name"], facts["version"], facts["embedding_dim"]
+        if config.version:
+            self.version = config.version
+        self._mean = np.asarray(self.spec.mean, np.float32).reshape(1, 3, 1, 1)
+        self._std = np.asarray(self.spec.std, np.float32).reshape(1, 3, 1, 1)
+        self._session = ort.session(graph, threads)
+
+    @property
+    def runtime_version(self) -> str:
+        return ort.version()
+
+    def preprocess(self, pixels: list[np.ndarray]) -> np.ndarray:
+        batch = np.stack(pixels).transpose(0, 3, 1, 2).astype(np.float32) / np.float32(255.0)
         return (batch - self._mean) / self._std
 
-    @torch.inference_mode()
-    def forward(self, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        if self._session is not None:
-            logits, features = self._session.run(None, {"pixels": batch.numpy()})
-            return torch.softmax(torch.from_numpy(logits), dim=1).numpy(), features
-        logits = self.model(batch)
-        logits = getattr(logits, "logits", logits)  # Hugging Face returns an output object
-        probs = torch.softmax(logits.float(), dim=1)
-        return probs.cpu().numpy(), self._features.float().cpu().numpy()
-
-    def result(self, probs: np.ndarray, features: np.ndarray, top_k: int, embed: bool) -> VisionResult:
-        order = np.argsort(-probs)[:top_k]
-        return VisionResult(
-            labels=[(self.categories[i], float(probs[i])) for i in order],
-            probs=probs.astype(np.float32),
-            embedding=features if embed else None,
-            model=self.name,
-            version=self.version,
-        )
-
-    def classify(self, pixels: list[np.ndarray], top_k: int = 5, embed: bool = False) -> list[VisionResult]:
-        probs, features = self.predict(pixels)
-        return [self.result(p, f, top_k, embed) for p, f in zip(probs, features)]
+    def forward(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        logits, features = self._session.run(None, {"pixels": np.ascontiguousarray(batch)})
+        shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+        return shifted / shifted.sum(axis=1, keepdims=True), features
 
 
-class _LogitsAndFeatures(torch.nn.Module):
-    """The classifier with its pooled features as a second output (what the forward hook captures), for export."""
+def load_vision(config: VisionConfig, threads: int = 1) -> VisionModel | OnnxVisionModel:
+    """The model a replica serves: from its compiled ONNX graph where the runtime is ONNX Runtime and the
+    weights are a local file (``ort.compiled``: exported by the first replica, or ``make install``, then read),
+    else ``VisionModel`` (torch, or ONNX Runtime exported in memory)."""
+    key = _cache_key(config)
+    if key is None or ort.chosen(config.runtime, device_type()) != "onnxruntime":
+        return VisionModel(config)
+    try:
+        graph, facts = ort.compiled("vision", key, lambda: _compile(config), model_cache("onnx"))
+    except Exception as exc:
+        if config.runtime == "onnxruntime":
+            raise
+        logger.warning("The vision model cannot be exported to ONNX (%s): serving it on PyTorch", type(exc).__name__)
+        return VisionModel(config, runtime="torch")
+    return OnnxVisionModel(config, graph, facts, threads)
 
-    def __init__(self, vision: VisionModel):
-        super().__init__()
-        self.net = vision.model
-        self._vision = [vision]  # not a submodule
 
-    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.net(pixels)
-        return getattr(logits, "logits", logits), self._vision[0]._features
+def _weights_file(config: VisionConfig) -> Path | None:
+    """The local weights file of a ``package:`` or file source; None for other sources."""
+    if config.source.startswith("package:"):
+        module = config.source.removeprefix("package:")
+        files = sorted(f for f in package_dir(module).rglob("*") if f.suffix in (".pth", ".pt", ".safetensors"))
+        if len(files) != 1:
+            raise FileNotFoundError(f"expected one weights file in package {module!r}, found {files}")
+        return files[0]
+    path = Path(config.source).expanduser()
+    return path if path.is_file() else None
+
+
+def _cache_key(config: VisionConfig) -> dict | None:
+    """What the compiled model depends on: the weights file's digest and package, the configuration that
+    shapes the export and its facts, and torchvision (the architecture); None where there is no local file."""
+    weights = _weights_file(config)
+    if weights is None:
+        return None
+    package = package_version(config.source.removeprefix("package:")) if config.source.startswith("package:") else None
+    return {
+        "config": config.model_dump(mode="json", exclude={"torch_threads", "runtime", "version"}),
+        "weights": file_digest(weights, 64),
+        "package": package,
+        "torchvision": ort.distribution("torchvision"),
+    }
+
+
+def _compile(config: VisionConfig) -> tuple[bytes, dict]:
+    """Build the model on PyTorch and export it: the graph and the facts ``OnnxVisionModel`` serves it with."""
+    import torch
+
+    model = VisionModel(config.model_copy(update={"version": None}), device=torch.device("cpu"), runtime="torch")
+    spec = model.spec
+    facts = {
+        "categories": model.categories,
+        "spec": {
+            "resize_size": spec.resize_size,
+            "crop_size": spec.crop_size,
+            "mean": list(spec.mean),
+            "std": list(spec.std),
+            "interpolation": spec.interpolation.value,
+        },
+        "name": model.name,
+        "version": model.version,
+        "embedding_dim": model.embedding_dim,
+    }
+    return model._exported(), facts
 
 
 def _model_name(config: VisionConfig) -> str:
@@ -167,7 +299,9 @@ def _model_name(config: VisionConfig) -> str:
     return config.source.rstrip("/").split("/")[-1]
 
 
-def _load(config: VisionConfig) -> tuple[torch.nn.Module, list[str], ImageSpec, str]:
+def _load(config: VisionConfig) -> tuple["torch.nn.Module", list[str], ImageSpec, str]:
+    import torchvision
+
     source = config.source
     path = Path(source).expanduser()
     if source.startswith("package:"):
@@ -186,7 +320,11 @@ def _load(config: VisionConfig) -> tuple[torch.nn.Module, list[str], ImageSpec, 
     return _huggingface_model(source)
 
 
-def _torchvision_model(weights_name: str, state_dict_path: Path | None) -> tuple[torch.nn.Module, list[str], ImageSpec]:
+def _torchvision_model(
+    weights_name: str, state_dict_path: Path | None
+) -> tuple["torch.nn.Module", list[str], ImageSpec]:
+    import torchvision
+
     weights = torchvision.models.get_weight(weights_name)
     builder = next(
         name for name in torchvision.models.list_models() if torchvision.models.get_model_weights(name) is type(weights)
@@ -207,7 +345,9 @@ def _torchvision_model(weights_name: str, state_dict_path: Path | None) -> tuple
     return model, categories, spec
 
 
-def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+def _load_state_dict(path: Path) -> dict[str, "torch.Tensor"]:
+    import torch
+
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -215,7 +355,7 @@ def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _huggingface_model(source: str) -> tuple[torch.nn.Module, list[str], ImageSpec, str]:
+def _huggingface_model(source: str) -> tuple["torch.nn.Module", list[str], ImageSpec, str]:
     from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification
 
     model = AutoModelForImageClassification.from_pretrained(source)
@@ -238,7 +378,9 @@ def _huggingface_model(source: str) -> tuple[torch.nn.Module, list[str], ImageSp
     return model, categories, spec, f"{source}@{version}"
 
 
-def _timed_predict(model: VisionModel, pixels: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, float, float]:
+def _timed_predict(
+    model: VisionModel | OnnxVisionModel, pixels: list[np.ndarray]
+) -> tuple[np.ndarray, np.ndarray, float, float]:
     """Probabilities and features of a batch, with its preprocessing and inference times in seconds.
 
     An image prepared for another model's geometry (a caller's cache while a
@@ -275,8 +417,8 @@ class VisionClassifier(LiveModelDeployment):
     task = "image-classification"
     group_methods = frozenset({"classify"})
 
-    def load_model(self, config: VisionConfig) -> VisionModel:
-        return VisionModel(config)
+    def load_model(self, config: VisionConfig) -> VisionModel | OnnxVisionModel:
+        return load_vision(config, self.torch_threads)
 
     def batch_methods(self) -> list:
         return [self._classify_batch]
@@ -308,7 +450,9 @@ class VisionClassifier(LiveModelDeployment):
             return result
 
     @serve.batch(**VisionSettings.batch_defaults())
-    async def _classify_batch(self, pixels: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray, int, VisionModel]]:
+    async def _classify_batch(
+        self, pixels: list[np.ndarray]
+    ) -> list[tuple[np.ndarray, np.ndarray, int, VisionModel | OnnxVisionModel]]:
         model = self.model  # the whole batch runs on one model, even if another is swapped in meanwhile
         probs, features, preprocess_s, inference_s = await asyncio.to_thread(_timed_predict, model, pixels)
         top = probs.argmax(axis=1)
@@ -320,3 +464,18 @@ class VisionClassifier(LiveModelDeployment):
             self.drift.observe_predictions(confidence, top)
             self.metrics.set_drift(self.drift)
         return [(p, f, len(pixels), model) for p, f in zip(probs, features)]
+
+
+def compile_default() -> Path:
+    """Compile the default (shipped) model into the model cache now, as its first CPU replica would: ``make
+    install`` and the image do it, so no replica pays for the export. Returns the cache folder."""
+    config = VisionConfig()
+    folder = model_cache("onnx")
+    _, facts = ort.compiled("vision", _cache_key(config), lambda: _compile(config), folder)
+    logger.info("%s %s compiled for ONNX Runtime in %s", facts["name"], facts["version"], folder)
+    return folder
+
+
+if __name__ == "__main__":  # `python -m deployments.vision`: compile the default model now (make install does)
+    logging.basicConfig(level=logging.INFO)
+    print(compile_default())

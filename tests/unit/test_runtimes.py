@@ -15,7 +15,7 @@ from deployments.explainer import ImageExplainer
 from deployments.imaging import decode_image, prepare
 from deployments.settings import limits
 from deployments.text import TextConfig, TextModel
-from deployments.vision import VisionConfig, VisionModel
+from deployments.vision import OnnxVisionModel, VisionConfig, VisionModel, load_vision
 from tests import serving
 
 CPU = torch.device("cpu")
@@ -41,6 +41,17 @@ def runtimes() -> tuple[VisionModel, VisionModel]:
 
 
 @pytest.fixture(scope="module")
+def compiled(tmp_path_factory) -> OnnxVisionModel:
+    """What a CPU replica serves: the shipped model from its compiled graph in the model cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MAAS_MODEL_CACHE", str(tmp_path_factory.mktemp("cache")))
+        patch.setattr("deployments.vision.device_type", lambda: "cpu")
+        model = load_vision(VisionConfig.model_validate(shipped("VisionClassifier")))
+    assert isinstance(model, OnnxVisionModel)
+    return model
+
+
+@pytest.fixture(scope="module")
 def photographs(runtimes) -> dict[str, np.ndarray]:
     spec = runtimes[0].spec
     images = {name: Image.fromarray(getattr(skimage.data, name)()).convert("RGB") for name in SKIMAGE}
@@ -61,8 +72,13 @@ def test_the_shipped_vision_runtime_on_a_cpu_is_onnx_runtime(runtimes):
     assert not any(module.training for module in fast.model.modules())
 
 
-def test_the_shipped_vision_runtime_agrees_with_eager_pytorch_on_every_reference_photograph(runtimes, photographs):
+@pytest.mark.parametrize("served", ["exported in memory", "compiled"])
+def test_the_shipped_vision_runtime_agrees_with_eager_pytorch_on_every_reference_photograph(
+    runtimes, compiled, photographs, served
+):
     fast, eager = runtimes
+    if served == "compiled":
+        fast = compiled
     names = list(photographs)
     pixels = [photographs[name] for name in names]
     probs, features = fast.predict(pixels)
