@@ -40,6 +40,16 @@ def test_a_bad_image_gets_the_ingress_422_with_what_was_wrong(client):
     assert "not base64!" not in response.text  # the payload is not echoed
 
 
+def test_a_40_kib_request_head_reaches_the_app_and_one_over_64_kib_is_refused(client, chelsea_jpeg):
+    """Heads as large as Serve's proxy takes (a long bearer token, many cookies): HAProxy's buffers and the
+    ingress replica's own server both let them through."""
+    payload = {"image": b64(chelsea_jpeg), "top_k": 1}
+    response = client.post("/v1/vision/classify", json=payload, headers={"X-Padding": "x" * 40 * 1024})
+    assert response.status_code == 200, response.text
+    assert response.json()["labels"][0]["label"] in CAT_CLASSES
+    assert client.get("/healthz", headers={"X-Padding": "x" * 70 * 1024}).status_code == 400
+
+
 def test_an_answer_streams_through_haproxy(server):
     llm = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", timeout=120, max_retries=0)
     chunks = list(
