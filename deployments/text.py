@@ -35,10 +35,10 @@ from deployments.runtime import (
     package_version,
     pick_device,
 )
+from deployments.scoring import DEFAULT_TEMPERATURE, similarity_scores, top_k
 
 if TYPE_CHECKING:
     import torch
-from deployments.scoring import DEFAULT_TEMPERATURE, similarity_scores, top_k
 
 logger = logging.getLogger("ray.serve")
 
