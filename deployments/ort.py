@@ -168,3 +168,41 @@ def _write(path: Path, data: bytes) -> None:
     except BaseException:
         Path(staging).unlink(missing_ok=True)
         raise
+
+
+def load_compiled(
+    kind: str,
+    runtime: Runtime,
+    device_type: str,
+    key: dict | None,
+    build: Callable[[], tuple[bytes, dict]],
+    from_graph: Callable[[bytes, dict], object],
+    otherwise: Callable[[Runtime | None], object],
+):
+    """The model a replica serves: ``from_graph(graph, facts)`` of the compiled model where ``runtime`` means
+    ONNX Runtime on ``device_type`` and ``key`` (``compiled``'s) exists, else ``otherwise(None)``. A model that
+    cannot be exported is ``otherwise("torch")``, with a warning, unless ``runtime`` is ``onnxruntime``: then
+    the error is raised."""
+    if key is None or chosen(runtime, device_type) != "onnxruntime":
+        return otherwise(None)
+    from deployments.runtime import model_cache
+
+    try:
+        graph, facts = compiled(kind, key, build, model_cache("onnx"))
+    except Exception as exc:
+        if runtime == "onnxruntime":
+            raise
+        logger.warning("The %s model cannot be exported to ONNX (%s): serving it on PyTorch", kind, type(exc).__name__)
+        return otherwise("torch")
+    return from_graph(graph, facts)
+
+
+def compile_now(kind: str, key: dict, build: Callable[[], tuple[bytes, dict]]) -> Path:
+    """Compile a model into the model cache now, as its first CPU replica would (``make install`` and the image
+    do it for the shipped ones, so no replica pays for the export). Returns the cache folder."""
+    from deployments.runtime import model_cache
+
+    folder = model_cache("onnx")
+    _, facts = compiled(kind, key, build, folder)
+    logger.info("%s %s compiled for ONNX Runtime in %s", facts["name"], facts["version"], folder)
+    return folder

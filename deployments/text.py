@@ -30,7 +30,6 @@ from deployments.runtime import (
     ModelSettings,
     device_type,
     file_digest,
-    model_cache,
     package_dir,
     package_version,
     pick_device,
@@ -186,18 +185,15 @@ def load_text(config: TextConfig, threads: int = 1) -> "TextModel | OnnxTextMode
     """The encoder a replica serves: from its compiled ONNX graph where the runtime is ONNX Runtime and the
     model is a local folder with a fast tokenizer (exported by the first replica, or ``make install``, then
     read), else ``TextModel``."""
-    key = _cache_key(config)
-    if key is None or ort.chosen(config.runtime, device_type()) != "onnxruntime":
-        return TextModel(config)
-    folder = Path(_resolve(config.source)[0])
-    try:
-        graph, facts = ort.compiled("text", key, lambda: _compile(config), model_cache("onnx"))
-    except Exception as exc:
-        if config.runtime == "onnxruntime":
-            raise
-        logger.warning("The text model cannot be exported to ONNX (%s): serving it on PyTorch", type(exc).__name__)
-        return TextModel(config.model_copy(update={"runtime": "torch"}))
-    return OnnxTextModel(config, graph, facts, folder, threads)
+    return ort.load_compiled(
+        "text",
+        config.runtime,
+        device_type(),
+        _cache_key(config),
+        lambda: _compile(config),
+        lambda graph, facts: OnnxTextModel(config, graph, facts, Path(_resolve(config.source)[0]), threads),
+        lambda runtime: TextModel(config.model_copy(update={"runtime": runtime}) if runtime else config),
+    )
 
 
 def _cache_key(config: TextConfig) -> dict | None:
@@ -238,12 +234,9 @@ def _compile(config: TextConfig) -> tuple[bytes, dict]:
 
 
 def compile_default() -> Path:
-    """Compile the default (shipped) encoder into the model cache now, as its first CPU replica would."""
+    """Compile the default (shipped) encoder into the model cache now (``ort.compile_now``)."""
     config = TextConfig()
-    folder = model_cache("onnx")
-    _, facts = ort.compiled("text", _cache_key(config), lambda: _compile(config), folder)
-    logger.info("%s %s compiled for ONNX Runtime in %s", facts["name"], facts["version"], folder)
-    return folder
+    return ort.compile_now("text", _cache_key(config), lambda: _compile(config))
 
 
 def mean_pooled(hidden: "torch.Tensor", attention_mask: "torch.Tensor") -> "torch.Tensor":

@@ -26,7 +26,6 @@ from deployments.runtime import (
     ModelSettings,
     device_type,
     file_digest,
-    model_cache,
     package_dir,
     package_version,
     pick_device,
@@ -231,17 +230,15 @@ def load_vision(config: VisionConfig, threads: int = 1) -> VisionModel | OnnxVis
     """The model a replica serves: from its compiled ONNX graph where the runtime is ONNX Runtime and the
     weights are a local file (``ort.compiled``: exported by the first replica, or ``make install``, then read),
     else ``VisionModel`` (torch, or ONNX Runtime exported in memory)."""
-    key = _cache_key(config)
-    if key is None or ort.chosen(config.runtime, device_type()) != "onnxruntime":
-        return VisionModel(config)
-    try:
-        graph, facts = ort.compiled("vision", key, lambda: _compile(config), model_cache("onnx"))
-    except Exception as exc:
-        if config.runtime == "onnxruntime":
-            raise
-        logger.warning("The vision model cannot be exported to ONNX (%s): serving it on PyTorch", type(exc).__name__)
-        return VisionModel(config, runtime="torch")
-    return OnnxVisionModel(config, graph, facts, threads)
+    return ort.load_compiled(
+        "vision",
+        config.runtime,
+        device_type(),
+        _cache_key(config),
+        lambda: _compile(config),
+        lambda graph, facts: OnnxVisionModel(config, graph, facts, threads),
+        lambda runtime: VisionModel(config, runtime=runtime),
+    )
 
 
 def _weights_file(config: VisionConfig) -> Path | None:
@@ -467,13 +464,9 @@ class VisionClassifier(LiveModelDeployment):
 
 
 def compile_default() -> Path:
-    """Compile the default (shipped) model into the model cache now, as its first CPU replica would: ``make
-    install`` and the image do it, so no replica pays for the export. Returns the cache folder."""
+    """Compile the default (shipped) model into the model cache now (``ort.compile_now``)."""
     config = VisionConfig()
-    folder = model_cache("onnx")
-    _, facts = ort.compiled("vision", _cache_key(config), lambda: _compile(config), folder)
-    logger.info("%s %s compiled for ONNX Runtime in %s", facts["name"], facts["version"], folder)
-    return folder
+    return ort.compile_now("vision", _cache_key(config), lambda: _compile(config))
 
 
 if __name__ == "__main__":  # `python -m deployments.vision`: compile the default model now (make install does)

@@ -2,6 +2,7 @@
 photograph, probabilities within 0.01, text embeddings at cosine 0.999 or more (real weights, no Ray)."""
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -40,13 +41,19 @@ def runtimes() -> tuple[VisionModel, VisionModel]:
     return VisionModel(config, device=CPU), VisionModel(config, device=CPU, runtime="torch")
 
 
+def as_a_cpu_replica(module: str, load, config, cache: Path):
+    """``load(config)`` as a replica Ray gave no GPU would run it, with ``cache`` as the model cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MAAS_MODEL_CACHE", str(cache))
+        patch.setattr(f"deployments.{module}.device_type", lambda: "cpu")
+        return load(config)
+
+
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory) -> OnnxVisionModel:
     """What a CPU replica serves: the shipped model from its compiled graph in the model cache."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MAAS_MODEL_CACHE", str(tmp_path_factory.mktemp("cache")))
-        patch.setattr("deployments.vision.device_type", lambda: "cpu")
-        model = load_vision(VisionConfig.model_validate(shipped("VisionClassifier")))
+    config = VisionConfig.model_validate(shipped("VisionClassifier"))
+    model = as_a_cpu_replica("vision", load_vision, config, tmp_path_factory.mktemp("cache"))
     assert isinstance(model, OnnxVisionModel)
     return model
 
@@ -110,10 +117,8 @@ def test_one_image_and_a_batch_give_the_same_answer_on_onnx_runtime(runtimes, ph
 @pytest.fixture(scope="module")
 def compiled_text(tmp_path_factory) -> OnnxTextModel:
     """What a CPU replica serves: the shipped encoder from its compiled graph, with its own fast tokenizer."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MAAS_MODEL_CACHE", str(tmp_path_factory.mktemp("cache")))
-        patch.setattr("deployments.text.device_type", lambda: "cpu")
-        model = load_text(TextConfig.model_validate(shipped("TextEncoder")))
+    config = TextConfig.model_validate(shipped("TextEncoder"))
+    model = as_a_cpu_replica("text", load_text, config, tmp_path_factory.mktemp("cache"))
     assert isinstance(model, OnnxTextModel)
     return model
 
