@@ -25,6 +25,7 @@ import time
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
+from ray.serve.handle import DeploymentHandle
 
 from deployments.contracts import OcrLine, OcrResult
 from deployments.errors import InvalidImage
@@ -159,8 +160,8 @@ class TextReader(LiveModelDeployment):
     settings_type = OcrSettings
     task = "ocr"
 
-    def __init__(self):
-        super().__init__()
+    def __init__(self, start_after: DeploymentHandle | None = None):
+        super().__init__(start_after)
         self.ocr_metrics = OcrMetrics(model="", version="")
 
     def model_swapped(self, model: OcrModel) -> None:

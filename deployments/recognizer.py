@@ -26,6 +26,7 @@ from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ray import serve
+from ray.serve.handle import DeploymentHandle
 
 from deployments.contracts import (
     LANGUAGES,
@@ -337,8 +338,8 @@ class SpeechRecognizer(ModelDeployment):
     settings_type: ClassVar = RecognizerSettings
     task = "automatic-speech-recognition"
 
-    def __init__(self):
-        super().__init__()
+    def __init__(self, start_after: DeploymentHandle | None = None):
+        super().__init__(start_after)
         self.model: WhisperRecognizer | None = None
         self.speech_metrics = SpeechMetrics("in")
 

@@ -24,6 +24,7 @@ from monitoring.metrics import ModelMetrics
 
 if TYPE_CHECKING:
     import torch
+    from ray.serve.handle import DeploymentHandle
 
 logger = logging.getLogger("ray.serve")
 
@@ -211,14 +212,20 @@ class ModelDeployment:
 
     Calls that raise are counted in ``maas_model_errors_total`` by exception
     type: each public inference method runs its body in ``with self.counted():``.
+
+    ``start_after``, a handle to another deployment, orders a start: a replica
+    with nothing to serve yet prepares its first settings only once that
+    deployment serves (``start_after_ready``). The application passes the models
+    its main route needs, so on a small node they get the CPU first.
     """
 
     settings_type: ClassVar[type[BatchingConfig]]
     task: ClassVar[str]
     group_methods: ClassVar[frozenset[str]] = frozenset()  # the methods ``call_group`` may call
 
-    def __init__(self):
+    def __init__(self, start_after: "DeploymentHandle | None" = None):
         self.settings: BatchingConfig | None = None
+        self.start_after = start_after
         self.started_at = int(time.time())
         self.update_error: str | None = None
         # Labelled with the model and version served by each ``commit``, before anything is recorded.
@@ -256,6 +263,8 @@ class ModelDeployment:
         raise NotImplementedError
 
     async def reconfigure(self, user_config: dict) -> None:
+        if self.settings is None and self.start_after is not None:
+            await start_after_ready(self.start_after)
         try:
             settings = self.settings_type.model_validate(user_config or {})
             prepared = await self.prepare(settings)
@@ -308,8 +317,8 @@ class LiveModelDeployment(ModelDeployment):
 
     settings_type: ClassVar[type[ModelSettings]]
 
-    def __init__(self):
-        super().__init__()
+    def __init__(self, start_after: "DeploymentHandle | None" = None):
+        super().__init__(start_after)
         self.model: Any = None
         self.torch_threads = 0
         self.drift: DriftMonitor | None = None
@@ -366,6 +375,35 @@ class LiveModelDeployment(ModelDeployment):
             "details": {**self.model_details(), "batching": self.settings.batching()},
             "drift": self.drift.status().model_dump(),
         }
+
+
+async def start_after_ready(handle: "DeploymentHandle", timeout_s: float | None = None) -> None:
+    """Wait until ``handle``'s deployment has a replica that serves (its ``ready`` answers), at most ``timeout_s``
+    (``START_AFTER_TIMEOUT_S``): a deployment that never starts delays the start, it does not stop it.
+
+    At a cluster's start every replica starts at once; on two cores the models the main route needs would
+    share them with models it does not need. When the replica of a running deployment is replaced or added,
+    the deployment already serves and this returns at once.
+    """
+    timeout_s = START_AFTER_TIMEOUT_S if timeout_s is None else timeout_s
+    began = time.monotonic()
+    try:
+        await asyncio.wait_for(handle.ready.remote(), timeout_s)
+    except TimeoutError:
+        logger.warning(
+            "%s did not serve within %g s; starting without waiting longer", handle.deployment_name, timeout_s
+        )
+        return
+    except Exception as exc:  # a failed replica of it: this one starts anyway
+        logger.warning("starting without waiting for %s: %s: %s", handle.deployment_name, type(exc).__name__, exc)
+        return
+    waited = time.monotonic() - began
+    if waited >= 1:
+        logger.info("Started after %s began serving (waited %.1f s)", handle.deployment_name, waited)
+
+
+# The longest a replica waits for its ``start_after`` deployment before it starts anyway.
+START_AFTER_TIMEOUT_S = 90.0
 
 
 def assigned_resources() -> dict[str, float]:

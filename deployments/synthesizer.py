@@ -36,6 +36,7 @@ from typing import ClassVar
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
+from ray.serve.handle import DeploymentHandle
 
 from deployments.audio import AudioEncoder, Tempo
 from deployments.children import die_with_parent
@@ -280,8 +281,8 @@ class SpeechSynthesizer(ModelDeployment):
     settings_type: ClassVar = SynthesizerSettings
     task = "text-to-speech"
 
-    def __init__(self):
-        super().__init__()
+    def __init__(self, start_after: DeploymentHandle | None = None):
+        super().__init__(start_after)
         self.voice: Voice | None = None
         self.program: PiperProgram | None = None
         self.speech_metrics = SpeechMetrics("out")

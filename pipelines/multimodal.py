@@ -82,11 +82,13 @@ def build_app(args: MultimodalArgs | dict | None = None) -> Application:
     vision = VisionClassifier.bind()
     text = TextEncoder.bind()
     fusion = FusionScorer.bind(vision, text)
-    ocr = TextReader.bind()
-    llm = TextGenerator.bind()
-    explainer = Explainer.bind(text)
-    asr = SpeechRecognizer.bind()
-    tts = SpeechSynthesizer.bind()
+    # The other models load once fusion serves (so vision and text do): on a small node the multimodal
+    # route's models get the CPU first at a cold start (benchmarks/NOTES.md, "The cold start").
+    ocr = TextReader.bind(start_after=fusion)
+    llm = TextGenerator.bind(start_after=fusion)
+    explainer = Explainer.bind(text, start_after=fusion)
+    asr = SpeechRecognizer.bind(start_after=fusion)
+    tts = SpeechSynthesizer.bind(start_after=fusion)
     # The models by the names every protocol knows them by (GET /v1/models, /v2/models/{name}, OpenAI's model).
     models = {"vision": vision, "text": text, "fusion": fusion, "ocr": ocr, "llm": llm, "explainer": explainer,
               "asr": asr, "tts": tts}  # fmt: skip

@@ -7,6 +7,7 @@ import pytest
 from pydantic import ValidationError
 from ray import serve
 
+from deployments import runtime
 from deployments.fusion import FusionConfig, FusionScorer
 from deployments.runtime import BatchingConfig, ModelDeployment
 from deployments.text import TextEncoder, TextSettings
@@ -47,8 +48,8 @@ class FakeDeployment(ModelDeployment):
     settings_type = FakeSettings
     task = "fake-task"
 
-    def __init__(self):
-        super().__init__()
+    def __init__(self, start_after=None):
+        super().__init__(start_after)
         self.model: str | None = None
         self.metrics = Mock()
 
@@ -112,6 +113,54 @@ def test_a_bad_update_keeps_the_current_settings_and_says_why(update, error):
     assert type(failure).__name__ == error
     run(deployment.reconfigure({"model": "b"}))  # a good update clears the error
     assert deployment.model == "b" and deployment.update_error is None
+
+
+class FirstModels:
+    """A handle to the deployment a replica starts after: ``ready`` answers once ``serving`` is set, or raises."""
+
+    deployment_name = "FusionScorer"
+
+    def __init__(self, error: Exception | None = None):
+        self.serving = asyncio.Event()
+        self.error, self.asked = error, 0
+        self.ready = self  # handle.ready.remote()
+
+    async def remote(self):
+        self.asked += 1
+        if self.error is not None:
+            raise self.error
+        await self.serving.wait()
+        return {"model": "conse-late-fusion", "version": "conse-top10"}
+
+
+def test_a_replica_loads_its_first_model_only_once_the_deployment_it_starts_after_serves():
+    async def scenario():
+        first = FirstModels()
+        deployment = FakeDeployment(start_after=first)
+        starting = asyncio.ensure_future(deployment.reconfigure({"model": "a"}))
+        await asyncio.sleep(0.2)
+        loaded_before = deployment.model
+        first.serving.set()
+        await asyncio.wait_for(starting, 5)
+        await deployment.reconfigure({"model": "b"})  # a live update never waits
+        return loaded_before, deployment.model, first.asked
+
+    assert run(scenario()) == (None, "b", 1)
+
+
+def test_a_deployment_that_never_serves_delays_a_start_but_does_not_stop_it(monkeypatch, caplog):
+    monkeypatch.setattr(runtime, "START_AFTER_TIMEOUT_S", 0.3)
+    deployment = FakeDeployment(start_after=FirstModels())
+    run(asyncio.wait_for(deployment.reconfigure({"model": "a"}), 5))
+    assert deployment.model == "a"
+    assert "FusionScorer did not serve within 0.3 s; starting without waiting longer" in caplog.text
+
+
+def test_a_failing_deployment_to_start_after_does_not_stop_a_start(caplog):
+    deployment = FakeDeployment(start_after=FirstModels(error=RuntimeError("replica died")))
+    run(deployment.reconfigure({"model": "a"}))
+    assert deployment.model == "a"
+    assert "starting without waiting for FusionScorer: RuntimeError: replica died" in caplog.text
 
 
 def test_counted_counts_an_error_by_its_type_and_lets_it_go_on():
