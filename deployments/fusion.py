@@ -1,14 +1,19 @@
 """Cross-modal scoring: ConSE for the image, similarity for the text, weighted late fusion.
 
 The fusion deployment holds the text embeddings of the vision model's class
-names, computed once per replica at start-up through the text deployment, and
-scores any free-text labels against an image (ConSE), a text, or both.
+names, computed at start-up through the text deployment (or read from the model
+cache, where an earlier start or ``make install`` kept them), and scores any
+free-text labels against an image (ConSE), a text, or both.
 """
 
 import asyncio
+import hashlib
+import io
+import json
 import logging
 import time
 from collections import OrderedDict
+from pathlib import Path
 
 import numpy as np
 from pydantic import Field, field_validator, model_validator
@@ -18,7 +23,8 @@ from ray.serve.handle import DeploymentHandle
 from deployments.contracts import FusionExplanation, FusionInput, FusionResult, TextEmbeddings, VisionResult
 from deployments.downstream import SAME_VERSION_ATTEMPTS, SAME_VERSION_RETRY_S
 from deployments.errors import InvalidInput, ModelUnavailable
-from deployments.runtime import BatchingConfig, ModelDeployment
+from deployments.ort import write_file
+from deployments.runtime import BatchingConfig, ModelDeployment, model_cache
 from deployments.scoring import (
     DEFAULT_CONSE_TOP_T,
     DEFAULT_TEMPERATURE,
@@ -111,6 +117,57 @@ def explain_fusion(item: FusionInput, class_names: list[str], config: FusionConf
     return FusionExplanation(config.temperature, classes, contributions, vision_similarity, text_similarity)
 
 
+class KeptMatrices:
+    """Class-name matrices kept in the model cache (``$MAAS_MODEL_CACHE/conse``), so a replica that starts
+    reads the matrix instead of sending 1,000 class names through the text deployment (about 11 s of a
+    2-core node's start).
+
+    A matrix is filed under a digest of the class names, the prompt and the text model's ``identity``
+    (its compiled graph and runtime: ``TextEncoder.identity``), so it is only ever read for the exact model
+    that would make it again. Kept as ``.npy`` (numbers only, read without pickle), written under a
+    temporary name and renamed; one that does not read back as a finite matrix of the right shape is made
+    again. A cache that cannot be written costs only the time to make the matrix.
+    """
+
+    def __init__(self, root: Path | None = None):
+        self.root = root or model_cache("conse")
+
+    def path(self, names: list[str], identity: str, prompt: str) -> Path:
+        key = json.dumps({"format": KEPT_FORMAT, "names": names, "text": identity, "prompt": prompt})
+        return self.root / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.npy"
+
+    def read(self, names: list[str], identity: str | None, prompt: str) -> np.ndarray | None:
+        if identity is None:
+            return None
+        path = self.path(names, identity, prompt)
+        try:
+            matrix = np.load(path, allow_pickle=False)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            logger.warning("%s in the model cache is unreadable (%s): making it again", path, type(exc).__name__)
+            return None
+        if matrix.ndim != 2 or matrix.shape[0] != len(names) or matrix.dtype != np.float32:
+            logger.warning("%s in the model cache has shape %s: making it again", path, matrix.shape)
+            return None
+        if not np.isfinite(matrix).all():
+            logger.warning("%s in the model cache holds non-finite values: making it again", path)
+            return None
+        return matrix
+
+    def keep(self, names: list[str], identity: str | None, prompt: str, matrix: np.ndarray) -> None:
+        if identity is None:
+            return
+        path = self.path(names, identity, prompt)
+        buffer = io.BytesIO()
+        np.save(buffer, np.ascontiguousarray(matrix, dtype=np.float32), allow_pickle=False)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_file(path, buffer.getvalue())
+        except OSError as exc:
+            logger.warning("Cannot keep the class-name matrix in %s (%s): each start makes it", self.root, exc)
+
+
 class ClassEmbeddings:
     """The ConSE class-name embeddings, one matrix per (vision classes, text version, class prompt).
 
@@ -122,8 +179,9 @@ class ClassEmbeddings:
     requests wait for the same one): the class names embedded by that text version.
     """
 
-    def __init__(self, vision: DeploymentHandle, text: DeploymentHandle):
+    def __init__(self, vision: DeploymentHandle, text: DeploymentHandle, kept: KeptMatrices | None = None):
         self._vision, self._text = vision, text
+        self._kept = kept or KeptMatrices()
         self._matrices: OrderedDict[tuple[int, str, str], asyncio.Future] = OrderedDict()
         self._classes: dict[str, tuple[int, list[str]]] = {}  # vision version -> (key of its names, names)
         self._latest: tuple[str, str] | None = None  # the (vision, text) versions last asked for
@@ -149,7 +207,13 @@ class ClassEmbeddings:
             return
         names, vision_version = await self._vision.class_names.remote()
         names_key = self._remember(vision_version, names)
-        vectors, text_version = await self._embed([prompt.format(name) for name in names], None)
+        text_version, identity = await self._text.identity.remote()
+        vectors = self._kept.read(names, identity, prompt)
+        if vectors is None:
+            vectors, answered = await self._embed([prompt.format(name) for name in names], None)
+            if answered == text_version:
+                self._kept.keep(names, identity, prompt, vectors)
+            text_version = answered
         done = asyncio.get_running_loop().create_future()
         done.set_result(vectors)
         self._store((names_key, text_version, prompt), done)
@@ -170,7 +234,13 @@ class ClassEmbeddings:
 
     async def _make(self, names: list[str], text_version: str, prompt: str) -> np.ndarray:
         start = time.perf_counter()
+        answered, identity = await self._text.identity.remote()
+        identity = identity if answered == text_version else None  # a replica of another version answered
+        kept = self._kept.read(names, identity, prompt)
+        if kept is not None:
+            return kept
         vectors, _ = await self._embed([prompt.format(name) for name in names], text_version)
+        self._kept.keep(names, identity, prompt, vectors)
         logger.info(
             "ConSE class embeddings of %d classes for text %s made in %.1f s",
             len(names),
@@ -211,6 +281,8 @@ class ClassEmbeddings:
         raise ModelUnavailable(f"vision model version {version} is no longer served; retry", retryable=True)
 
 
+# Of what ``KeptMatrices`` files: raise it when the matrix's making changes.
+KEPT_FORMAT = 1
 # Matrices kept (each 1000 classes x 384 floats, 1.5 MB): enough for the old
 # and the new classes and text model during an update.
 CLASS_EMBEDDING_VERSIONS = 4
@@ -312,3 +384,34 @@ class FusionScorer(ModelDeployment):
             best = int(np.argmax(result.fused))
             self.metrics.observe_prediction(best, float(result.fused[best]))
         return results
+
+
+def keep_default() -> Path:
+    """Make and keep the class-name matrix of the default (shipped) vision and text models and prompt now, as
+    the first fusion replica would (``make install`` and the image do it, after compiling both models): the
+    text model run in this process, a chunk at a time as the text deployment is sent them."""
+    from deployments.text import TextConfig, load_text
+    from deployments.vision import VisionConfig, load_vision
+
+    names = list(load_vision(VisionConfig()).categories)
+    text = load_text(TextConfig())
+    prompt = FusionConfig().class_prompt
+    kept = KeptMatrices()
+    identity = getattr(text, "identity", None)
+    if identity is None:
+        raise RuntimeError("the default text model is not compiled for ONNX Runtime: run python -m deployments.text")
+    if kept.read(names, identity, prompt) is None:
+        prompts = [prompt.format(name) for name in names]
+        step = CLASS_EMBEDDING_CHUNK
+        kept.keep(
+            names,
+            identity,
+            prompt,
+            np.concatenate([text.embed(prompts[i : i + step]) for i in range(0, len(prompts), step)]),
+        )
+    return kept.path(names, identity, prompt)
+
+
+if __name__ == "__main__":  # `python -m deployments.fusion`: keep the default class-name matrix now (make install does)
+    logging.basicConfig(level=logging.INFO)
+    print(keep_default())

@@ -126,7 +126,8 @@ def compiled(kind: str, key: dict, build: Callable[[], tuple[bytes, dict]], root
     """The ONNX graph and serving facts (JSON-able) of the model ``key`` identifies, from ``root`` (the model
     cache) or from ``build`` (which imports PyTorch and exports it), then kept there. ``key`` must name
     everything the export depends on besides the exporting versions: the weights' digest and the model's
-    configuration. A cache that cannot be written is warned about and the export served anyway."""
+    configuration. A cache that cannot be written is warned about and the export served anyway. The facts
+    carry ``compiled``, the name it is kept under: a digest of everything the graph depends on."""
     full = {
         "kind": kind,
         "format": FORMAT,
@@ -140,7 +141,7 @@ def compiled(kind: str, key: dict, build: Callable[[], tuple[bytes, dict]], root
         facts = json.loads(facts_path.read_text())
         graph = graph_path.read_bytes()
         if hashlib.sha256(graph).hexdigest() == facts["graph_sha256"]:
-            return graph, facts["model"]
+            return graph, {**facts["model"], "compiled": name}
         logger.warning("%s in the model cache does not match its recorded digest: exporting it again", graph_path)
     except FileNotFoundError:
         pass
@@ -151,14 +152,14 @@ def compiled(kind: str, key: dict, build: Callable[[], tuple[bytes, dict]], root
     facts = {"key": full, "graph_sha256": hashlib.sha256(graph).hexdigest(), "model": model}
     try:
         root.mkdir(parents=True, exist_ok=True)
-        _write(graph_path, graph)
-        _write(facts_path, json.dumps(facts, indent=1).encode())  # last: it marks the pair complete
+        write_file(graph_path, graph)
+        write_file(facts_path, json.dumps(facts, indent=1).encode())  # last: it marks the pair complete
     except OSError as exc:
         logger.warning("Cannot keep the exported %s in %s (%s): each start exports it again", kind, root, exc)
-    return graph, model
+    return graph, {**model, "compiled": name}
 
 
-def _write(path: Path, data: bytes) -> None:
+def write_file(path: Path, data: bytes) -> None:
     """``data`` at ``path``, written under a temporary name and renamed into place."""
     descriptor, staging = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
     try:

@@ -152,6 +152,9 @@ class OnnxTextModel:
         pad = facts["padding"]
         self.tokenizer.enable_padding(pad_id=pad["id"], pad_type_id=pad["type_id"], pad_token=pad["token"])
         self._session = ort.session(graph, threads)
+        # Everything its embeddings depend on: the compiled graph (weights, tokenizer, configuration, exporter)
+        # and the runtime that runs it.
+        self.identity = f"{facts['compiled']}/{ort.version()}"
 
     @property
     def runtime_version(self) -> str:
@@ -381,6 +384,12 @@ class TextEncoder(LiveModelDeployment):
             if monitor:
                 self._watch(vectors, model)
             return TextEmbeddings(vectors=vectors, model=model.name, version=model.version, tokens=tokens)
+
+    async def identity(self) -> tuple[str, str | None]:
+        """The version served and, for a compiled model, a digest of everything its embeddings depend on: what a
+        kept copy of its embeddings is filed under (``fusion.KeptMatrices``); None for a model on PyTorch."""
+        model = self.model
+        return model.version, getattr(model, "identity", None)
 
     async def embed_labels(self, labels: list[str], text: str | None = None) -> TextEmbeddings:
         """Embeddings of candidate labels (from the label cache when seen before), then of ``text`` if given."""

@@ -11,7 +11,15 @@ import pytest
 
 from deployments.contracts import TextEmbeddings
 from deployments.errors import InvalidInput, ModelUnavailable
-from deployments.fusion import CLASS_EMBEDDING_CHUNK, METHOD, NAME, ClassEmbeddings, FusionConfig, FusionScorer
+from deployments.fusion import (
+    CLASS_EMBEDDING_CHUNK,
+    METHOD,
+    NAME,
+    ClassEmbeddings,
+    FusionConfig,
+    FusionScorer,
+    KeptMatrices,
+)
 
 
 @dataclass
@@ -35,9 +43,11 @@ class FakeVision:
 
 
 class FakeText:
-    def __init__(self, version: str):
+    def __init__(self, version: str, identity: str | None = None):
         self.version, self.calls = version, 0
         self.embed = self  # handle.embed.remote(texts, monitor=False)
+        # handle.identity.remote(): None is a model on PyTorch, whose matrices are not kept
+        self.identity = Mock(remote=lambda: Call((self.version, identity)))
 
     def remote(self, texts, monitor=True):
         self.calls += 1
@@ -108,6 +118,79 @@ def test_a_version_no_longer_served_is_a_retryable_unavailability():
     with pytest.raises(ModelUnavailable) as info:
         run(cache.get("v1", "t1", "{}"))  # every vision replica already runs v2
     assert info.value.retryable
+
+
+def test_a_starting_replica_reads_the_matrix_an_earlier_one_kept_for_the_same_model(tmp_path):
+    names = ["cat", "dog", "sofa"]
+    first_text = FakeText("t1", identity="graph-a/onnxruntime 1")
+    run(ClassEmbeddings(FakeVision(names, "v1"), first_text, KeptMatrices(tmp_path)).warm("{}"))
+    assert first_text.calls == 1 and len(list(tmp_path.glob("*.npy"))) == 1
+
+    restarted = FakeText("t1", identity="graph-a/onnxruntime 1")
+    cache = ClassEmbeddings(FakeVision(names, "v1"), restarted, KeptMatrices(tmp_path))
+    run(cache.warm("{}"))
+    matrix = run(cache.get("v1", "t1", "{}"))
+    assert restarted.calls == 0  # not one class name sent to the text model
+    np.testing.assert_array_equal(matrix, FakeText("t1").remote(names).value.vectors)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"identity": "graph-b/onnxruntime 1"},  # another text model under the same version string
+        {"identity": "graph-a/onnxruntime 2"},  # the same graph on another runtime
+        {"prompt": "a photo of a {}"},
+        {"names": ["cat", "dog", "chair"]},
+        {"identity": None},  # a model on PyTorch: nothing kept, nothing read
+    ],
+)
+def test_a_matrix_is_read_only_for_the_same_names_prompt_and_text_model(tmp_path, change):
+    names = ["cat", "dog", "sofa"]
+    run(ClassEmbeddings(FakeVision(names, "v1"), FakeText("t1", "graph-a/onnxruntime 1"), KeptMatrices(tmp_path))
+        .warm("{}"))  # fmt: skip
+    text = FakeText("t1", change.get("identity", "graph-a/onnxruntime 1"))
+    vision = FakeVision(change.get("names", names), "v1")
+    run(ClassEmbeddings(vision, text, KeptMatrices(tmp_path)).warm(change.get("prompt", "{}")))
+    assert text.calls == 1
+
+
+@pytest.mark.parametrize("damage", ["truncated", "wrong shape", "not finite", "a pickle"])
+def test_a_damaged_kept_matrix_is_made_again_and_replaced(tmp_path, damage):
+    names = ["cat", "dog", "sofa"]
+    kept = KeptMatrices(tmp_path)
+    path = kept.path(names, "graph-a/onnxruntime 1", "{}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    good = FakeText("t1").remote([n for n in names]).value.vectors
+    if damage == "truncated":
+        kept.keep(names, "graph-a/onnxruntime 1", "{}", good)
+        path.write_bytes(path.read_bytes()[:-7])
+    elif damage == "wrong shape":
+        np.save(path, good[:2])
+    elif damage == "not finite":
+        np.save(path, np.where(good > 100, np.nan, good).astype(np.float32))
+    else:
+        np.save(path, np.array([{"x": 1}], dtype=object), allow_pickle=True)
+    text = FakeText("t1", "graph-a/onnxruntime 1")
+    cache = ClassEmbeddings(FakeVision(names, "v1"), text, kept)
+    run(cache.warm("{}"))
+    assert text.calls == 1
+    np.testing.assert_array_equal(run(cache.get("v1", "t1", "{}")), good)
+    np.testing.assert_array_equal(np.load(path, allow_pickle=False), good)  # replaced by the one just made
+
+
+def test_an_unwritable_model_cache_costs_only_the_time_to_make_the_matrix(tmp_path):
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    text = FakeText("t1", "graph-a/onnxruntime 1")
+    cache = ClassEmbeddings(FakeVision(["cat", "dog"], "v1"), text, KeptMatrices(blocked / "conse"))
+    run(cache.warm("{}"))
+    assert text.calls == 1 and run(cache.get("v1", "t1", "{}")).shape == (2, 8)
+
+
+def test_a_matrix_made_for_a_new_text_version_is_kept_under_that_model(tmp_path):
+    vision, text = FakeVision(["cat", "dog"], "v1"), FakeText("t2", "graph-b/onnxruntime 1")
+    run(ClassEmbeddings(vision, text, KeptMatrices(tmp_path)).get("v1", "t2", "{}"))
+    assert KeptMatrices(tmp_path).read(["cat", "dog"], "graph-b/onnxruntime 1", "{}") is not None
 
 
 def test_the_fusion_replica_reports_its_settings_and_keeps_them_on_a_bad_update():
