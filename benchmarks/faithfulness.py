@@ -6,7 +6,7 @@ the faster it falls, the more the explanation found what the model used. The sam
 bar to clear.
 
 * **Images**: scikit-image's photographs (every one that ships without a download). The top class of each is
-  explained by each method of the explainer (``deployments.explainer.ImageExplainer``, the deployment's own
+  explained by each method of the explainer (``deployments.saliency.ImageExplainer``, the deployment's own
   code); the crop is cut into 14 x 14 cells of 16 pixels, ranked by their mean saliency, and removed in ten
   steps of a tenth each: a removed cell shows a blurred copy of the image (Gaussian, radius 16), which keeps
   colours and brightness and takes away shape and texture. The curve is the class probability after each
@@ -33,8 +33,8 @@ import torch
 from PIL import Image, ImageFilter
 
 from deployments.contracts import DEFAULT_STEPS, IMAGE_METHODS
-from deployments.explainer import ImageExplainer
 from deployments.imaging import prepare
+from deployments.saliency import ImageExplainer
 from deployments.scoring import similarity_scores
 from deployments.text import TextConfig, TextModel
 from deployments.vision import VisionConfig, VisionModel

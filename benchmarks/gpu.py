@@ -103,7 +103,7 @@ def cpu_side(vision) -> dict:
 
 
 def explanations(vision, image: np.ndarray) -> dict:
-    from deployments.explainer import ImageExplainer
+    from deployments.saliency import ImageExplainer
 
     explainer = ImageExplainer(vision)
     explainer.warm_up()

@@ -18,18 +18,21 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
+from ray.serve.handle import DeploymentHandle
 
 from deployments.contracts import GenerationChunk, GenerationRequest, TokenLogprob
 from deployments.errors import InvalidInput, PromptTooLong
-from deployments.generation import BatcherLimits, ContinuousBatcher, Logprob, SamplingParams
-from deployments.grammar import GrammarCompiler
 from deployments.llm import LanguageConfig, LanguageModel, TextStream
 from deployments.runtime import ModelDeployment, configure_threads
 from monitoring.metrics import LanguageMetrics
+
+if TYPE_CHECKING:  # torch, transformers and llguidance: imported where a replica loads its model
+    from deployments.generation import BatcherLimits, ContinuousBatcher, Logprob
+    from deployments.grammar import GrammarCompiler
 
 logger = logging.getLogger("ray.serve")
 
@@ -57,7 +60,9 @@ class GenerationSettings(BaseModel):
             raise ValueError(f"default_max_tokens ({self.default_max_tokens}) is over max_tokens ({self.max_tokens})")
         return self
 
-    def batcher_limits(self) -> BatcherLimits:
+    def batcher_limits(self) -> "BatcherLimits":
+        from deployments.generation import BatcherLimits
+
         return BatcherLimits(
             max_sequences=self.max_sequences,
             max_sequence_tokens=self.max_prompt_tokens + self.max_tokens,
@@ -72,11 +77,11 @@ class TextGenerator(ModelDeployment):
     settings_type: ClassVar = GenerationSettings
     task = "text-generation"
 
-    def __init__(self):
-        super().__init__()
+    def __init__(self, start_after: DeploymentHandle | None = None):
+        super().__init__(start_after)
         self.model: LanguageModel | None = None
-        self.batcher: ContinuousBatcher | None = None
-        self.grammars: GrammarCompiler | None = None
+        self.batcher: "ContinuousBatcher | None" = None
+        self.grammars: "GrammarCompiler | None" = None
         self.torch_threads = 0
         self.llm_metrics = LanguageMetrics(model="", version="")
         self._open_streams: dict[int, int] = {}  # id(batcher) -> streams reading from it
@@ -84,6 +89,8 @@ class TextGenerator(ModelDeployment):
         self._sampler: asyncio.Task | None = None
 
     async def prepare(self, settings: GenerationSettings):
+        from deployments.generation import ContinuousBatcher
+
         model, grammars = self.model, self.grammars
         if model is None or settings.model != model.config:
             model, grammars = await asyncio.to_thread(self._load, settings.model)
@@ -103,7 +110,9 @@ class TextGenerator(ModelDeployment):
             )
         return model, batcher, grammars
 
-    def _load(self, config: LanguageConfig) -> tuple[LanguageModel, GrammarCompiler]:
+    def _load(self, config: LanguageConfig) -> "tuple[LanguageModel, GrammarCompiler]":
+        from deployments.grammar import GrammarCompiler
+
         self.torch_threads = configure_threads(config.torch_threads)
         model = LanguageModel(config)
         vocab_size = int(model.model.config.vocab_size)
@@ -124,7 +133,7 @@ class TextGenerator(ModelDeployment):
         if self._sampler is None:
             self._sampler = asyncio.get_running_loop().create_task(self._sample_batching())
 
-    async def _retire(self, batcher: ContinuousBatcher) -> None:
+    async def _retire(self, batcher: "ContinuousBatcher") -> None:
         """Stop a replaced batcher once the streams reading from it are done."""
         while self._open_streams.get(id(batcher)):
             await asyncio.sleep(0.5)
@@ -199,6 +208,8 @@ class TextGenerator(ModelDeployment):
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         """The answer in pieces: first an empty chunk (accepted, prompt counted), then text as it is generated,
         the last one with the finish reason."""
+        from deployments.generation import SamplingParams
+
         with self.counted():
             model, batcher, grammars = self.model, self.batcher, self.grammars
             prompt = await asyncio.to_thread(self.prompt_ids, request)
@@ -255,7 +266,7 @@ class TextGenerator(ModelDeployment):
                     self.llm_metrics.observe_mask(matcher.mask_seconds / matcher.masks)
 
 
-def _scored(grammars: GrammarCompiler, scored: tuple[int, Logprob]) -> TokenLogprob:
+def _scored(grammars: "GrammarCompiler", scored: "tuple[int, Logprob]") -> TokenLogprob:
     """A generated token's log probability in the API's terms: the token as text and as bytes."""
     token_id, logprob = scored
 

@@ -12,8 +12,8 @@ import logging
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from deployments import tools as tool_format
@@ -26,6 +26,9 @@ from deployments.runtime import (
     package_version,
     pick_device,
 )
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger("ray.serve")
 
@@ -121,7 +124,7 @@ def converted(gguf: Path, root: Path) -> Path:
 class LanguageModel:
     """A causal language model with its tokenizer and chat template; generation stops at the end of a turn."""
 
-    def __init__(self, config: LanguageConfig, device: torch.device | None = None):
+    def __init__(self, config: LanguageConfig, device: "torch.device | None" = None):
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
@@ -174,20 +177,22 @@ class LanguageModel:
     def decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode([t for t in token_ids if t not in self.stop_token_ids], skip_special_tokens=True)
 
-    @torch.inference_mode()
     def generate(self, prompt_ids: list[int], max_new_tokens: int, streamer=None) -> tuple[list[int], str]:
         """Greedy tokens after ``prompt_ids`` (one request, no batching) and why they ended: ``stop`` at the end
         of a turn, ``length`` at ``max_new_tokens``. ``streamer`` is transformers' (told of each token)."""
+        import torch
+
         inputs = torch.tensor([prompt_ids], device=self.device)
-        output = self.model.generate(
-            inputs,
-            attention_mask=torch.ones_like(inputs),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=self.stop_token_ids,
-            pad_token_id=self.tokenizer.pad_token_id or self.stop_token_ids[0],
-            streamer=streamer,
-        )
+        with torch.inference_mode():
+            output = self.model.generate(
+                inputs,
+                attention_mask=torch.ones_like(inputs),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=self.stop_token_ids,
+                pad_token_id=self.tokenizer.pad_token_id or self.stop_token_ids[0],
+                streamer=streamer,
+            )
         tokens = output[0, len(prompt_ids) :].tolist()
         if tokens and tokens[-1] in self.stop_token_ids:
             return tokens[:-1], "stop"

@@ -11,10 +11,10 @@ from PIL import Image
 from skimage import data
 
 from deployments.contracts import FusionInput, VisionResult
-from deployments.errors import InvalidInput
-from deployments.explainer import ExplanationTimeout, ImageExplainer, grid, heatmap_png
+from deployments.errors import ExplanationTimeout, InvalidInput
 from deployments.fusion import FusionConfig, explain_fusion, fuse
 from deployments.imaging import crop_region, prepare
+from deployments.saliency import ImageExplainer, grid, heatmap_png
 from deployments.scoring import conse_decomposition, conse_embedding, l2_normalize, similarity_scores, softmax
 from deployments.vision import VisionConfig
 from deployments.words import check_words, without, words

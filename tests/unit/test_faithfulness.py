@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from benchmarks import faithfulness
-from deployments.explainer import ImageExplainer
+from deployments.saliency import ImageExplainer
 from deployments.text import TextConfig, TextModel
 from deployments.vision import VisionConfig
 

@@ -12,8 +12,8 @@ from PIL import Image
 
 from benchmarks.runtimes import SKIMAGE, TEXTS
 from deployments import ort
-from deployments.explainer import ImageExplainer
 from deployments.imaging import decode_image, prepare
+from deployments.saliency import ImageExplainer
 from deployments.settings import limits
 from deployments.text import OnnxTextModel, TextConfig, TextModel, load_text
 from deployments.vision import OnnxVisionModel, VisionConfig, VisionModel, load_vision
