@@ -25,6 +25,13 @@ hardened copy of that configuration next to it and replaces itself with the real
   with ``Retry-After`` (``MAAS_HTTP_RETRY_AFTER_S``, as the Python proxy's refusals). Not its ``400`` for a
   request it cannot parse, nor the ``408`` of the header deadline: HAProxy 2.8's HTTP/1 layer sends its own
   HTML for those whatever ``errorfile`` or ``http-error`` says (tried in defaults and in the frontend).
+* **TLS, terminated by HAProxy.** Serve's configuration has none, and ``http_options.ssl_*`` does not reach
+  HAProxy: in this mode Serve gives those files to each ingress replica's own server, which HAProxy's
+  generated backends then cannot talk to. So the launcher takes the certificate and key from
+  ``MAAS_TLS_CERTFILE`` and ``MAAS_TLS_KEYFILE`` (PEM files, the key unencrypted; both or neither), joins
+  them into the one file HAProxy reads (beside the copy, readable by its owner only) and has the HTTP
+  frontend's listener speak HTTPS only (HTTP/1.1 by ALPN, as Serve's proxy); the replicas behind it keep
+  plain HTTP, as they do behind Serve's proxy, whose own hop to them is Ray's.
 * **No orphan.** Serve starts HAProxy as a child of a Ray actor and does not stop it when Ray stops (a
   stopped ``serve run`` left it holding port 8000). The launcher asks the kernel to send HAProxy ``SIGTERM``
   when its parent dies (``PR_SET_PDEATHSIG``), so it goes with the actor that started it.
@@ -38,6 +45,7 @@ import math
 import os
 import re
 import sys
+from pathlib import Path
 
 from deployments.children import die_with_parent
 
@@ -52,6 +60,10 @@ _ERRORS_MARK = "# maas: HAProxy's own errors"
 _BUFSIZE = re.compile(r"^([ \t]*tune\.bufsize[ \t]+)(\d+)[ \t]*$", re.MULTILINE)
 _GLOBAL = re.compile(r"^global\b[^\n]*\n", re.MULTILINE)
 MAXREWRITE = 1024  # HAProxy's default: the room a buffer keeps for rewriting headers; a head gets the rest
+TLS_SUFFIX = ".maas.pem"
+# The HTTP frontend's first listener, and where its section ends (the next line that starts a section).
+_FRONTEND_BIND = re.compile(r"^([ \t]+bind[ \t]+\S+)([^\n]*)$", re.MULTILINE)
+_SECTION = re.compile(r"^\S", re.MULTILINE)
 
 # The paths whose errors are OpenAI's error object (api.app's PROTOCOLS: the OpenAI, audio and rerank routers),
 # as data: importing the routers would add a second and a half to every HAProxy start and reload.
@@ -133,11 +145,34 @@ def _room_for_heads(config: str, max_header_bytes: int) -> str:
     return config
 
 
-def harden(config: str, header_timeout_s: int, retry_after_s: int = 1, max_header_bytes: int = 64 * 1024) -> str:
+def _https(config: str, pem: str) -> str:
+    """The HTTP frontend's listener speaking HTTPS with the certificate and key in ``pem``."""
+    if any(character.isspace() or character in "\"'#\\" for character in pem):
+        raise ValueError(f"HAProxy cannot take this path to the TLS certificate as written: {pem!r}")
+    frontend = _HTTP_FRONTEND.search(config)
+    if frontend is None:
+        raise ValueError("the HAProxy configuration has no http_frontend to terminate TLS in")
+    end = _SECTION.search(config, frontend.end())
+    section_end = end.start() if end else len(config)
+    bind = _FRONTEND_BIND.search(config, frontend.end(), section_end)
+    if bind is None:
+        raise ValueError("the HAProxy configuration's http_frontend has no listener to terminate TLS on")
+    if " ssl " in f"{bind.group(2)} ":
+        return config
+    return config[: bind.start()] + f"{bind.group(1)}{bind.group(2)} ssl crt {pem} alpn http/1.1" + config[bind.end() :]
+
+
+def harden(
+    config: str,
+    header_timeout_s: int,
+    retry_after_s: int = 1,
+    max_header_bytes: int = 64 * 1024,
+    tls_pem: str | None = None,
+) -> str:
     """Serve's generated HAProxy configuration with a header-read deadline, room for request heads of
     ``max_header_bytes``, loopback-only listeners of HAProxy's own (the HTTP frontend keeps the host of Serve's
-    ``http_options``) and HAProxy's own errors as JSON in the request's protocol's shape in place of Serve's
-    bare 500."""
+    ``http_options``), HAProxy's own errors as JSON in the request's protocol's shape in place of Serve's
+    bare 500, and with ``tls_pem`` (a certificate and its key in one file) HTTPS on the HTTP frontend."""
     if header_timeout_s < 1:
         raise ValueError(f"the header timeout must be at least 1 s, not {header_timeout_s}")
     if retry_after_s < 1:
@@ -161,25 +196,70 @@ def harden(config: str, header_timeout_s: int, retry_after_s: int = 1, max_heade
         defaults = _DEFAULTS.search(config)
         line = f"    timeout http-request {header_timeout_s}s\n"
         config = config[: defaults.end()] + line + config[defaults.end() :]
+    if tls_pem is not None:
+        config = _https(config, tls_pem)
     return config
 
 
 def hardened_arguments(
-    arguments: list[str], header_timeout_s: int, retry_after_s: int = 1, max_header_bytes: int = 64 * 1024
+    arguments: list[str],
+    header_timeout_s: int,
+    retry_after_s: int = 1,
+    max_header_bytes: int = 64 * 1024,
+    tls: tuple[Path, Path] | None = None,
 ) -> list[str]:
-    """HAProxy's command line with each ``-f <config>`` replaced by a hardened copy, written next to it."""
+    """HAProxy's command line with each ``-f <config>`` replaced by a hardened copy, written next to it; with
+    ``tls`` (certificate and key files), their PEM joined beside it for the HTTP frontend (``tls_pem``)."""
     out = list(arguments)
     for i, argument in enumerate(arguments[:-1]):
         if argument == "-f":
             source = arguments[i + 1]
+            pem = _joined_pem(*tls, Path(source + TLS_SUFFIX)) if tls is not None else None
             with open(source) as f:
-                text = harden(f.read(), header_timeout_s, retry_after_s, max_header_bytes)
+                text = harden(f.read(), header_timeout_s, retry_after_s, max_header_bytes, pem)
             target = source + HARDENED_SUFFIX
             with open(target + ".tmp", "w") as f:
                 f.write(text)
             os.replace(target + ".tmp", target)
             out[i + 1] = target
     return out
+
+
+def _joined_pem(certfile: Path, keyfile: Path, target: Path) -> str:
+    """The certificate (chain) and its key in the one PEM file HAProxy reads, at ``target``, readable by its owner
+    only; written under a temporary name and renamed."""
+    chain, key = certfile.read_bytes(), keyfile.read_bytes()
+    staging = target.with_name(target.name + ".tmp")
+    descriptor = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "wb") as f:
+        f.write(chain.rstrip(b"\n") + b"\n" + key)
+    os.replace(staging, target)
+    return str(target)
+
+
+def tls_files() -> tuple[Path, Path] | None:
+    """The certificate and key HAProxy terminates TLS with (``MAAS_TLS_CERTFILE``, ``MAAS_TLS_KEYFILE``), or None
+    for plain HTTP. A half-given pair, a file that cannot be read, one that is not what it is named for, or an
+    encrypted key (HAProxy would ask for its pass phrase on a terminal) stops the launch, saying which; the
+    files' contents are never shown."""
+    certfile, keyfile = os.environ.get("MAAS_TLS_CERTFILE") or None, os.environ.get("MAAS_TLS_KEYFILE") or None
+    if certfile is None and keyfile is None:
+        return None
+    if certfile is None or keyfile is None:
+        raise SystemExit("HAProxy not started: set both MAAS_TLS_CERTFILE and MAAS_TLS_KEYFILE for HTTPS, or neither")
+    for variable, path, marker, what in (
+        ("MAAS_TLS_CERTFILE", certfile, b"-----BEGIN CERTIFICATE-----", "a PEM certificate"),
+        ("MAAS_TLS_KEYFILE", keyfile, b"PRIVATE KEY-----", "a PEM private key"),
+    ):
+        try:
+            text = Path(path).read_bytes()
+        except OSError as error:
+            raise SystemExit(f"HAProxy not started: {variable} ({path}) cannot be read: {error.strerror}") from None
+        if marker not in text:
+            raise SystemExit(f"HAProxy not started: {variable} ({path}) holds no {what}")
+        if variable == "MAAS_TLS_KEYFILE" and b"ENCRYPTED" in text:
+            raise SystemExit(f"HAProxy not started: {variable} ({path}) is encrypted; give HAProxy an unencrypted key")
+    return Path(certfile), Path(keyfile)
 
 
 def _proxy_settings():
@@ -224,7 +304,7 @@ def main() -> None:
 
     os.environ.pop("RAY_SERVE_HAPROXY_BINARY_PATH", None)  # it names this launcher: resolve the real binary
     binary = get_haproxy_binary()
-    arguments = hardened_arguments(sys.argv[1:], header_timeout_s(), retry_after_s(), max_header_bytes())
+    arguments = hardened_arguments(sys.argv[1:], header_timeout_s(), retry_after_s(), max_header_bytes(), tls_files())
     os.execv(binary, [binary, *arguments])
 
 

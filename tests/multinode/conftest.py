@@ -11,24 +11,17 @@ The GPU is logical: Ray schedules and assigns it, but torch sees no CUDA
 device, which is exactly the case where replicas must fall back to the CPU.
 """
 
-import datetime
-import ipaddress
 import os
 import ssl
-from pathlib import Path
 
 import httpx
 import pytest
 import ray
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
-from cryptography.x509.oid import NameOID
 from ray import serve
 from ray.cluster_utils import Cluster
 
 from tests import serving
+from tests.certificates import self_signed
 
 HTTP_PORT = int(os.environ.get("MAAS_TEST_MULTINODE_HTTP_PORT", "8011"))
 DASHBOARD_PORT = int(os.environ.get("MAAS_TEST_MULTINODE_DASHBOARD_PORT", "8276"))
@@ -59,26 +52,6 @@ def cluster():
     serve.shutdown()
     ray.shutdown()
     cluster.shutdown()
-
-
-def self_signed(folder: Path) -> tuple[Path, Path]:
-    """A private key and a self-signed certificate for 127.0.0.1 and localhost, made here (PEM files)."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "maas-cluster test")])
-    now = datetime.datetime.now(datetime.UTC)
-    names = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-    certificate = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName(names), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )  # fmt: skip
-    key_path, cert_path = folder / "key.pem", folder / "cert.pem"
-    key_path.write_bytes(key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()))
-    cert_path.write_bytes(certificate.public_bytes(Encoding.PEM))
-    return key_path, cert_path
 
 
 @pytest.fixture(scope="session")

