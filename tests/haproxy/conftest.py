@@ -1,5 +1,6 @@
-"""The app as ``make serve INGRESS=haproxy`` runs it: HAProxy on the HTTP port, the ingress replicas serving
-HTTP themselves behind it.
+"""The app as ``make serve INGRESS=haproxy`` runs it: HAProxy on the HTTP port, terminating TLS with a
+certificate made here (``MAAS_TLS_CERTFILE``, ``MAAS_TLS_KEYFILE``), the ingress replicas serving HTTP
+themselves behind it.
 
 Runs in its own pytest process: Serve reads ``RAY_SERVE_ENABLE_HA_PROXY`` when its controller starts, so this
 needs a Ray of its own, started by ``serve run`` (through the Makefile) in a session of its own. The HTTP port
@@ -9,6 +10,7 @@ and HAProxy's own (statistics, exporter) are moved off the defaults (8000, 8404,
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import time
 from pathlib import Path
@@ -20,6 +22,7 @@ import yaml
 
 from deployments.haproxy import HARDENED_SUFFIX
 from tests import serving
+from tests.certificates import self_signed
 
 ROOT = Path(__file__).resolve().parents[2]
 HTTP_PORT = int(os.environ.get("MAAS_TEST_HAPROXY_HTTP_PORT", "8014"))
@@ -61,8 +64,12 @@ class Server:
         config = serving.load_config("serve_config.yaml", HTTP_PORT)
         path = tmp / "serve_config.yaml"
         path.write_text(yaml.safe_dump(config))
+        key, self.cert = self_signed(tmp)
+        self.tls = ssl.create_default_context(cafile=str(self.cert))  # a client that trusts only it
         env = {
             **os.environ,
+            "MAAS_TLS_CERTFILE": str(self.cert),
+            "MAAS_TLS_KEYFILE": str(key),
             "MAAS_HTTP_HEADER_TIMEOUT_S": str(HEADER_TIMEOUT_S),
             "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()),
             "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port()),
@@ -79,7 +86,7 @@ class Server:
                 stderr=subprocess.STDOUT,
             )
         self.sid = self.process.pid
-        self.url = f"http://127.0.0.1:{HTTP_PORT}"
+        self.url = f"https://127.0.0.1:{HTTP_PORT}"
 
     def wait_ready(self) -> None:
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -87,7 +94,7 @@ class Server:
             if self.process.poll() is not None:
                 pytest.fail(f"make serve INGRESS=haproxy exited with {self.process.returncode}:\n{self.tail()}")
             try:
-                if httpx.get(self.url + "/readyz", timeout=10).status_code == 200:
+                if httpx.get(self.url + "/readyz", verify=self.tls, timeout=10).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass
@@ -122,5 +129,5 @@ def server(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def client(server):
-    with httpx.Client(base_url=server.url, timeout=60) as c:
+    with httpx.Client(base_url=server.url, verify=server.tls, timeout=60) as c:
         yield c

@@ -1,12 +1,14 @@
 """What a user of ``make serve INGRESS=haproxy`` would notice: the same answers and errors as through Serve's
-proxy, a slow client cut off, nothing of HAProxy's open beyond loopback, and nothing left running once the
-server is stopped. The tests run in file order; the last one stops the server."""
+proxy, over HTTPS only, a slow client cut off, nothing of HAProxy's open beyond loopback, and nothing left
+running once the server is stopped. The tests run in file order; the last one stops the server."""
 
 import socket
 import time
 
+import httpx
 import openai
 import psutil
+import pytest
 
 from tests.conftest import b64
 from tests.haproxy.conftest import HEADER_TIMEOUT_S, HTTP_PORT, haproxy_processes
@@ -23,6 +25,14 @@ def test_haproxy_holds_the_http_port(server):
     assert processes, f"no HAProxy on the launcher's configuration:\n{server.tail()}"
     ports = {c.laddr.port for p in processes for c in _listeners(p.pid)}
     assert HTTP_PORT in ports
+
+
+def test_the_port_speaks_https_with_the_given_certificate_only(server):
+    with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+        httpx.get(f"{server.url}/healthz", timeout=10)  # a client that does not trust the certificate
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"http://127.0.0.1:{HTTP_PORT}/healthz", timeout=10).raise_for_status()  # plain HTTP
+    assert httpx.get(f"{server.url}/healthz", verify=server.tls, timeout=10).status_code == 200
 
 
 def test_a_cat_photo_is_classified_through_haproxy(client, chelsea_jpeg):
@@ -51,7 +61,10 @@ def test_a_40_kib_request_head_reaches_the_app_and_one_over_64_kib_is_refused(cl
 
 
 def test_an_answer_streams_through_haproxy(server):
-    llm = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", timeout=120, max_retries=0)
+    llm = openai.OpenAI(
+        base_url=f"{server.url}/v1", api_key="unused", max_retries=0,
+        http_client=httpx.Client(verify=server.tls, timeout=120),
+    )  # fmt: skip
     chunks = list(
         llm.chat.completions.create(
             model="llm", messages=[{"role": "user", "content": "Say hello."}], max_tokens=8, temperature=0, stream=True
@@ -61,8 +74,9 @@ def test_an_answer_streams_through_haproxy(server):
     assert len(chunks) > 2 and text.strip()
 
 
-def test_a_request_head_sent_too_slowly_gets_408_and_is_closed():
-    with socket.create_connection(("127.0.0.1", HTTP_PORT), timeout=60) as sock:
+def test_a_request_head_sent_too_slowly_gets_408_and_is_closed(server):
+    plain = socket.create_connection(("127.0.0.1", HTTP_PORT), timeout=60)
+    with server.tls.wrap_socket(plain, server_hostname="127.0.0.1") as sock:
         started = time.monotonic()
         sock.sendall(b"POST /v1/vision/classify HTTP/1.1\r\nHost: maas\r\n")  # and never the rest
         answer = sock.recv(4096)
