@@ -66,6 +66,7 @@ test: install
 	@tests/install_tools.sh $(TOOLS_MISSING)
 	MAAS_TEST_TOOLS_MISSING=$(TOOLS_MISSING) $(BIN)/python -m pytest tests/unit tests/integration
 	$(BIN)/python -m pytest tests/multinode
+	MAAS_TEST_MULTINODE_INGRESS=haproxy $(BIN)/python -m pytest tests/multinode
 	$(BIN)/python -m pytest tests/nodescaling
 	$(BIN)/python -m pytest tests/haproxy
 

@@ -2,6 +2,7 @@
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -38,6 +39,29 @@ def serve_status():
 def harden_proxies() -> None:
     """Make the Ray started next from this process load the proxy hardening (its processes inherit this env)."""
     os.environ.update(PROXY_HARDENING)
+
+
+def haproxy_ingress(certfile: Path, keyfile: Path) -> None:
+    """Make the Ray started next from this process serve HTTP through HAProxy as ``make serve INGRESS=haproxy``
+    does, terminating TLS with these files; HAProxy's own ports (statistics, exporter) and Serve's fallback
+    proxy's moved off their defaults."""
+    os.environ.update(
+        {
+            "RAY_SERVE_ENABLE_HA_PROXY": "1",
+            "RAY_SERVE_HAPROXY_BINARY_PATH": str(Path(sys.executable).parent / "maas-haproxy"),
+            "MAAS_TLS_CERTFILE": str(certfile),
+            "MAAS_TLS_KEYFILE": str(keyfile),
+            "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+            "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
+            "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(free_port()),
+        }
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def load_config(name: str, http_port: int) -> dict:

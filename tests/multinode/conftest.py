@@ -5,7 +5,10 @@ workers, so the GPU profile's CPU-only deployments keep off it.
 
 Runs in its own pytest process (see the Makefile): one driver can join only
 one Ray cluster, and the other integration tests need one without GPUs.
-The app is served over HTTPS with a certificate made here, as an operator would with a real one.
+The app is served over HTTPS with a certificate made here, as an operator would with a real one: by Serve's
+HTTP proxy (``http_options.ssl_*``), or with ``MAAS_TEST_MULTINODE_INGRESS=haproxy`` (a pytest process of its
+own, as the Makefile runs it) by HAProxy on the head node, as ``make serve INGRESS=haproxy`` runs it
+(``MAAS_TLS_*``).
 
 The GPU is logical: Ray schedules and assigns it, but torch sees no CUDA
 device, which is exactly the case where replicas must fall back to the CPU.
@@ -26,6 +29,7 @@ from tests.certificates import self_signed
 HTTP_PORT = int(os.environ.get("MAAS_TEST_MULTINODE_HTTP_PORT", "8011"))
 DASHBOARD_PORT = int(os.environ.get("MAAS_TEST_MULTINODE_DASHBOARD_PORT", "8276"))
 VISION_REPLICAS = 4
+INGRESS = os.environ.get("MAAS_TEST_MULTINODE_INGRESS", "proxy")  # or haproxy
 
 
 def pytest_collection_modifyitems(items):
@@ -33,8 +37,12 @@ def pytest_collection_modifyitems(items):
 
 
 @pytest.fixture(scope="session")
-def cluster():
+def cluster(tls):
     serving.harden_proxies()
+    if INGRESS == "haproxy":
+        serving.haproxy_ingress(tls["cert"], tls["key"])
+    elif INGRESS != "proxy":
+        raise ValueError(f"MAAS_TEST_MULTINODE_INGRESS must be proxy or haproxy, not {INGRESS!r}")
     cluster = Cluster(
         initialize_head=True,
         head_node_args={
@@ -64,9 +72,11 @@ def tls(tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="session")
 def app(cluster, tls, tmp_path_factory) -> dict:
-    """The GPU profile, served over HTTPS: Serve's HTTP proxy terminates TLS (``http_options.ssl_*``)."""
+    """The GPU profile, served over HTTPS: Serve's HTTP proxy terminates TLS (``http_options.ssl_*``), or HAProxy
+    (from the environment ``cluster`` set)."""
     config = serving.gpu_profile(HTTP_PORT, VISION_REPLICAS)
-    config["http_options"] |= {"ssl_keyfile": str(tls["key"]), "ssl_certfile": str(tls["cert"])}
+    if INGRESS == "proxy":
+        config["http_options"] |= {"ssl_keyfile": str(tls["key"]), "ssl_certfile": str(tls["cert"])}
     serving.deploy(config, tmp_path_factory.mktemp("serve") / "gpu.yaml", DASHBOARD_PORT)
     return config
 

@@ -1,11 +1,13 @@
 """Fractional GPUs on a multi-node cluster: packing, placement, and the CPU fallback."""
 
 import httpx
+import psutil
 import pytest
 from ray.util.state import list_actors
 
+from deployments.haproxy import HARDENED_SUFFIX
 from tests.conftest import b64
-from tests.multinode.conftest import DASHBOARD_PORT, HTTP_PORT, VISION_REPLICAS, https_client
+from tests.multinode.conftest import DASHBOARD_PORT, HTTP_PORT, INGRESS, VISION_REPLICAS, https_client
 from tests.serving import APP, replica_infos
 
 
@@ -59,3 +61,25 @@ def test_the_app_answers_only_over_https_with_its_certificate(app, tls):
         httpx.get(f"http://127.0.0.1:{HTTP_PORT}/healthz", timeout=10)
     with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):  # nor does a client not trusting it
         httpx.get(f"https://127.0.0.1:{HTTP_PORT}/healthz", timeout=10)
+
+
+def _listening_on(port: int) -> list[str]:
+    """The command lines of the processes listening on ``port``."""
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        try:
+            if any(c.laddr.port == port and c.status == psutil.CONN_LISTEN for c in process.net_connections("tcp")):
+                found.append(" ".join(process.info["cmdline"] or []))
+        except psutil.Error:
+            continue
+    return found
+
+
+def test_the_https_port_is_held_by_the_ingress_the_suite_runs_behind(app):
+    """Serve's HTTP proxy actor by default; with ``MAAS_TEST_MULTINODE_INGRESS=haproxy``, HAProxy on the launcher's
+    hardened configuration (and no proxy actor on that port)."""
+    holders = _listening_on(HTTP_PORT)
+    if INGRESS == "haproxy":
+        assert holders and all(HARDENED_SUFFIX in cmdline for cmdline in holders), holders
+    else:
+        assert holders and all("ProxyActor" in cmdline for cmdline in holders), holders
