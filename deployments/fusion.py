@@ -207,13 +207,7 @@ class ClassEmbeddings:
             return
         names, vision_version = await self._vision.class_names.remote()
         names_key = self._remember(vision_version, names)
-        text_version, identity = await self._text.identity.remote()
-        vectors = self._kept.read(names, identity, prompt)
-        if vectors is None:
-            vectors, answered = await self._embed([prompt.format(name) for name in names], None)
-            if answered == text_version:
-                self._kept.keep(names, identity, prompt, vectors)
-            text_version = answered
+        vectors, text_version = await self._kept_or_embedded(names, prompt, None)
         done = asyncio.get_running_loop().create_future()
         done.set_result(vectors)
         self._store((names_key, text_version, prompt), done)
@@ -233,21 +227,28 @@ class ClassEmbeddings:
         return names_key
 
     async def _make(self, names: list[str], text_version: str, prompt: str) -> np.ndarray:
+        return (await self._kept_or_embedded(names, prompt, text_version))[0]
+
+    async def _kept_or_embedded(self, names: list[str], prompt: str, version: str | None) -> tuple[np.ndarray, str]:
+        """The matrix of ``names`` under ``prompt`` by text ``version`` (None: the version of the replica that
+        answers first) and that version: the kept one where that replica serves ``version``, else embedded
+        through the text deployment and kept."""
         start = time.perf_counter()
-        answered, identity = await self._text.identity.remote()
-        identity = identity if answered == text_version else None  # a replica of another version answered
+        served, identity = await self._text.identity.remote()
+        version = version or served
+        identity = identity if served == version else None  # a replica of another version answered
         kept = self._kept.read(names, identity, prompt)
         if kept is not None:
-            return kept
-        vectors, _ = await self._embed([prompt.format(name) for name in names], text_version)
+            return kept, version
+        vectors, _ = await self._embed([prompt.format(name) for name in names], version)
         self._kept.keep(names, identity, prompt, vectors)
         logger.info(
             "ConSE class embeddings of %d classes for text %s made in %.1f s",
             len(names),
-            text_version,
+            version,
             time.perf_counter() - start,
         )
-        return vectors
+        return vectors, version
 
     async def _embed(self, prompts: list[str], version: str | None) -> tuple[np.ndarray, str]:
         """The prompts embedded by text ``version`` (by the version that answers first if None), and that version.

