@@ -2,7 +2,7 @@
 
 With ``RAY_SERVE_ENABLE_HA_PROXY=1`` Serve runs HAProxy on port 8000 in place of its Python HTTP proxy, and
 each ingress replica serves HTTP itself on a port of its own (direct ingress): one Python hop less per
-request (benchmarks/NOTES.md has what it saves here). ``make serve INGRESS=haproxy`` turns it on and points
+request (benchmarks/NOTES.md has what it saves here). ``make serve`` turns it on (its default ingress) and points
 Serve at this launcher instead of the HAProxy binary (``RAY_SERVE_HAPROXY_BINARY_PATH=.venv/bin/maas-haproxy``).
 Serve starts the binary with ``-f <config>`` for each start and graceful reload; the launcher writes a
 hardened copy of that configuration next to it and replaces itself with the real HAProxy
@@ -32,6 +32,13 @@ hardened copy of that configuration next to it and replaces itself with the real
   them into the one file HAProxy reads (beside the copy, readable by its owner only) and has the HTTP
   frontend's listener speak HTTPS only (HTTP/1.1 by ALPN, as Serve's proxy); the replicas behind it keep
   plain HTTP, as they do behind Serve's proxy, whose own hop to them is Ray's.
+* **Request metrics by route, with the status the client got.** Serve counts each request HAProxy answers
+  (``ray_serve_num_http_requests_total``, from HAProxy's log) under the application's route prefix, ``/``, and
+  as ``499`` whenever the client closed its side first, even after it was answered (a ``408`` for a body that
+  never came). Each ingress replica's server names the route template in a response header (``x-maas-route``,
+  ``deployments.proxy``); the copy takes it for the metric and removes it from the response, and counts a
+  request as the client's hang-up only when no answer was sent. So the dashboard's and the alerts' per-route
+  counts read the same behind either ingress.
 * **No orphan.** Serve starts HAProxy as a child of a Ray actor and does not stop it when Ray stops (a
   stopped ``serve run`` left it holding port 8000). The launcher asks the kernel to send HAProxy ``SIGTERM``
   when its parent dies (``PR_SET_PDEATHSIG``), so it goes with the actor that started it.
@@ -56,11 +63,17 @@ _DEFAULTS = re.compile(r"^defaults\b[^\n]*\n", re.MULTILINE)
 _HTTP_REQUEST_TIMEOUT = re.compile(r"^\s*timeout\s+http-request\b", re.MULTILINE)
 _SERVE_ERRORFILE = re.compile(r"^[ \t]*errorfile[ \t]+50[234][ \t]+\S+[ \t]*\n", re.MULTILINE)
 _HTTP_FRONTEND = re.compile(r"^frontend[ \t]+http_frontend\b[^\n]*\n", re.MULTILINE)
+_CLIENT_FRONTEND = re.compile(r"frontend[ \t]+(?:http|grpc)_frontend\b")
 _ERRORS_MARK = "# maas: HAProxy's own errors"
 _BUFSIZE = re.compile(r"^([ \t]*tune\.bufsize[ \t]+)(\d+)[ \t]*$", re.MULTILINE)
 _GLOBAL = re.compile(r"^global\b[^\n]*\n", re.MULTILINE)
 MAXREWRITE = 1024  # HAProxy's default: the room a buffer keeps for rewriting headers; a head gets the rest
 TLS_SUFFIX = ".maas.pem"
+ROUTE_HEADER = "x-maas-route"  # the route template an ingress replica's server answered for (deployments.proxy)
+_METRICS_MARK = "# maas: request metrics"
+# Serve's per-request metric line: a termination state starting with "C" (the client closed first) counts as 499.
+_TERM_STATE = "term_state=%ts"
+_ANSWERED_TERM_STATE = "term_state=%[var(txn.maas_term,C)]"
 # The HTTP frontend's first listener, and where its section ends (the next line that starts a section).
 _FRONTEND_BIND = re.compile(r"^([ \t]+bind[ \t]+\S+)([^\n]*)$", re.MULTILINE)
 _SECTION = re.compile(r"^\S", re.MULTILINE)
@@ -128,6 +141,27 @@ def _error_rules(retry_after_s: int) -> tuple[str, str]:
     return "".join(defaults), "".join(frontend)
 
 
+def _route_metrics(config: str) -> str:
+    """Serve's per-request metric line labelled with the route template the ingress replica answered for, and
+    counting a request as the client's hang-up (499) only when HAProxy sent it no answer at all."""
+    if _METRICS_MARK in config:
+        return config
+    frontend = _HTTP_FRONTEND.search(config)
+    if frontend is None:
+        raise ValueError("the HAProxy configuration has no http_frontend to label its request metrics in")
+    rules = (
+        f"    {_METRICS_MARK}: by the route template the ingress answered for; 499 only when nothing was answered\n"
+        f"    http-response set-var(txn.serve_route) res.hdr({ROUTE_HEADER})"
+        f" if {{ res.hdr({ROUTE_HEADER}) -m found }}\n"
+        f"    http-response del-header {ROUTE_HEADER}\n"
+        "    http-response set-var(txn.maas_term) str(--)\n"
+        # HAProxy's own answers too (its 502, 503, 504), but not the 400 it makes up for a client that hung up.
+        "    http-after-response set-var(txn.maas_term) str(--) if !{ var(txn.maas_term) -m found } !{ status 400 }\n"
+    )
+    config = config[: frontend.end()] + rules + config[frontend.end() :]
+    return config.replace(_TERM_STATE, _ANSWERED_TERM_STATE)
+
+
 def _room_for_heads(config: str, max_header_bytes: int) -> str:
     """``tune.bufsize`` raised so that a request head of ``max_header_bytes`` fits (never lowered)."""
     needed = max_header_bytes + MAXREWRITE
@@ -143,6 +177,17 @@ def _room_for_heads(config: str, max_header_bytes: int) -> str:
         top = _GLOBAL.search(config)
         config = config[: top.end()] + f"    tune.maxrewrite {MAXREWRITE}\n" + config[top.end() :]
     return config
+
+
+def _own_listeners_on_loopback(config: str) -> str:
+    """HAProxy's own listeners (statistics, exporter) moved from every interface to loopback; the frontends that
+    serve clients keep the address Serve gave them from ``http_options.host`` (``*`` for ``0.0.0.0``, which a
+    Kubernetes pod needs for its Service to reach it)."""
+    sections = re.split(r"(?m)^(?=\S)", config)
+    return "".join(
+        section if _CLIENT_FRONTEND.match(section) else _ANY_INTERFACE_BIND.sub(r"\g<1>127.0.0.1:\g<2>", section)
+        for section in sections
+    )
 
 
 def _https(config: str, pem: str) -> str:
@@ -172,7 +217,8 @@ def harden(
     """Serve's generated HAProxy configuration with a header-read deadline, room for request heads of
     ``max_header_bytes``, loopback-only listeners of HAProxy's own (the HTTP frontend keeps the host of Serve's
     ``http_options``), HAProxy's own errors as JSON in the request's protocol's shape in place of Serve's
-    bare 500, and with ``tls_pem`` (a certificate and its key in one file) HTTPS on the HTTP frontend."""
+    bare 500, Serve's request metrics by route template, and with ``tls_pem`` (a certificate and its key in
+    one file) HTTPS on the HTTP frontend."""
     if header_timeout_s < 1:
         raise ValueError(f"the header timeout must be at least 1 s, not {header_timeout_s}")
     if retry_after_s < 1:
@@ -180,7 +226,7 @@ def harden(
     if max_header_bytes < 1024:
         raise ValueError(f"the request head limit must be at least 1024 bytes, not {max_header_bytes}")
     config = _room_for_heads(config, max_header_bytes)
-    config = _ANY_INTERFACE_BIND.sub(r"\g<1>127.0.0.1:\g<2>", config)
+    config = _own_listeners_on_loopback(config)
     if _DEFAULTS.search(config) is None:
         raise ValueError("the HAProxy configuration has no defaults section to harden")
     if _ERRORS_MARK not in config:
@@ -196,6 +242,7 @@ def harden(
         defaults = _DEFAULTS.search(config)
         line = f"    timeout http-request {header_timeout_s}s\n"
         config = config[: defaults.end()] + line + config[defaults.end() :]
+    config = _route_metrics(config)
     if tls_pem is not None:
         config = _https(config, tls_pem)
     return config

@@ -18,8 +18,9 @@ and, where the defaults do not suit, in the same place:
   the ingress's ``generation_timeout_s``.
 * ``MAAS_HTTP_ADMISSION`` (JSON object of route template or path to limit;
   default: the ``proxy`` limit each route's policy declares beside the route,
-  ``api.policy``; ``{}`` for none): requests in flight per route at this
-  proxy. It replaces the defaults: name every route to be limited;
+  ``api.policy``, or behind HAProxy its ``ingress`` limit; ``{}`` for none):
+  requests in flight per route at this proxy (behind HAProxy, at this ingress
+  replica's server). It replaces the defaults: name every route to be limited;
 * ``MAAS_HTTP_RETRY_AFTER_S`` (default 1): ``Retry-After`` of its refusals.
 
 The proxy actor inherits that environment from its raylet; an application's
@@ -80,6 +81,11 @@ What it does:
   the proxy does (not later by the time spent queueing and routing) and can
   tell a request the proxy timed out (408) from one whose client left (499).
 
+* **The route, for HAProxy's request metrics** (:class:`RouteHeader`, only where Serve runs HAProxy,
+  ``RAY_SERVE_ENABLE_HA_PROXY=1``). Each response names its route template in ``x-maas-route``; HAProxy
+  labels Serve's request counter with it and removes the header (``deployments.haproxy``). Serve's Python
+  proxy labels that counter by route itself.
+
 Slow clients cut off by the deadline are counted in the Ray metric
 ``maas_http_slow_client_disconnects_total``, refusals in
 ``maas_http_proxy_refusals_total`` by route (scraped as ``ray_maas_...``).
@@ -87,6 +93,7 @@ Slow clients cut off by the deadline are counted in the Ray metric
 
 import functools
 import logging
+import os
 import re
 import sys
 import time
@@ -107,6 +114,7 @@ REQUEST_ID_HEADER = b"x-request-id"
 REQUEST_TIMEOUT_HEADER = b"x-request-timeout-seconds"
 DISCONNECT_DISABLED_HEADER = b"x-request-disconnect-disabled"
 RECEIVED_AT_HEADER = b"x-maas-received-at"
+ROUTE_HEADER = b"x-maas-route"  # = deployments.haproxy.ROUTE_HEADER, which takes it off the response
 MAX_REQUEST_ID_CHARS = 64
 REQUEST_ID_PATTERN = re.compile(rb"[A-Za-z0-9._:-]{1,%d}" % MAX_REQUEST_ID_CHARS)
 SLOW_CLIENT_DISCONNECTS_METRIC = "maas_http_slow_client_disconnects_total"
@@ -135,9 +143,13 @@ class ProxySettings(BaseSettings):
     """``Retry-After`` of the proxy's refusals."""
 
     def admission_limits(self) -> dict[str, int]:
-        if self.http_admission is None:
-            return declared_routes().proxy_limits()
-        return self.http_admission
+        """``MAAS_HTTP_ADMISSION``, else each route's declared limit: per proxy behind Serve's proxy; behind
+        HAProxy, where this runs in each ingress replica's own server, per replica (the ingress's own limit, so
+        that this cheap refusal, before Serve handles the request, comes first)."""
+        if self.http_admission is not None:
+            return self.http_admission
+        routes = declared_routes()
+        return routes.ingress_limits() if haproxy_enabled() else routes.proxy_limits()
 
     @field_validator("http_admission")
     @classmethod
@@ -160,7 +172,9 @@ def hardening() -> list[Middleware]:
     routes, limits = declared_routes(), settings.admission_limits()
     install_header_deadline(settings.http_header_timeout_s, settings.http_max_header_bytes)
     logger.info("HTTP requests in flight limited per route to %s.", limits or "nothing (off)")
-    # Serve applies them in order, each around the last: the header filter runs first.
+    # Serve applies them in order, each around the last: the header filter runs first (or, behind HAProxy, the
+    # route header, which so sees every response, Serve's own 408 and 503 included).
+    behind_haproxy = [Middleware(RouteHeader, routes=routes)] if haproxy_enabled() else []
     return [
         Middleware(
             AdmissionMiddleware,
@@ -175,7 +189,37 @@ def hardening() -> list[Middleware]:
             generation_timeout_s=settings.generation_timeout_s,
             long_routes=routes.long_routes(),
         ),
+        *behind_haproxy,
     ]
+
+
+def haproxy_enabled() -> bool:
+    """Whether Serve runs HAProxy in front of the ingress replicas (as ``make serve`` sets it up)."""
+    return os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1"
+
+
+class RouteHeader:
+    """ASGI middleware that names the route template of each response in ``x-maas-route`` (none for a path of
+    no route), for HAProxy's request metrics. The template is the code's own, never the client's path."""
+
+    def __init__(self, app: ASGIApp, routes) -> None:
+        self.app = app
+        self.routes = Matcher(routes)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        template = self.routes.match(scope.get("path", ""))
+        if template is None:
+            return await self.app(scope, receive, send)
+        value = template.encode()
+
+        async def send_with_route(message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), (ROUTE_HEADER, value)]
+            await send(message)
+
+        await self.app(scope, receive, send_with_route)
 
 
 class ClientHeaderFilter:

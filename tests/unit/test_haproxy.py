@@ -62,8 +62,10 @@ def test_haproxys_own_listeners_move_to_loopback_and_the_http_frontend_keeps_its
     # An operator who serves on a chosen address keeps it.
     public = SERVE_CONFIG.replace("bind 127.0.0.1:8000", "bind 10.0.0.5:8000")
     assert "bind 10.0.0.5:8000" in _lines(haproxy.harden(public, 10))
-    everywhere = SERVE_CONFIG.replace("bind 127.0.0.1:8000", "bind 0.0.0.0:8000")
-    assert "bind 127.0.0.1:8000" in _lines(haproxy.harden(everywhere, 10))
+    # http_options.host 0.0.0.0 (the KubeRay manifest's, so that the pod's Service reaches it): Serve renders `*`.
+    everywhere = SERVE_CONFIG.replace("bind 127.0.0.1:8000", "bind *:8000")
+    lines = _lines(haproxy.harden(everywhere, 10))
+    assert "bind *:8000" in lines and "bind 127.0.0.1:9101" in lines and "bind 127.0.0.1:8404" in lines
 
 
 def test_hardening_twice_changes_nothing_more_and_an_existing_deadline_is_kept():
@@ -211,6 +213,12 @@ class _Backend:
                 connection.close()
             elif self.behaviour == "ok":
                 connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+                connection.close()
+            elif self.behaviour == "timeout":  # as a replica's server times out a body that never came
+                connection.sendall(
+                    b"HTTP/1.1 408 Request Timeout\r\nx-maas-route: /v2/models/{model_name}/infer\r\n"
+                    b"Content-Length: 0\r\nConnection: close\r\n\r\n"
+                )
                 connection.close()
             else:
                 self.held.append(connection)
@@ -399,3 +407,77 @@ backend answering
         process.terminate()
         process.wait(timeout=10)
         answering.close()
+
+
+# Serve's per-request metric line (haproxy_templates.py, ray 2.60), which its HAProxy manager parses into
+# ray_serve_num_http_requests_total.
+SERVE_METRIC_LINE = (
+    "    log {socket} len 8192 format rfc5424 local1 debug\n"
+    '    log-format-sd "%{{+Q,+E}}o [serve@1 app=%[var(txn.serve_app)] route=%[var(txn.serve_route)] method=%HM '
+    'status=%ST latency_ms=%Ta deployment=%[var(txn.serve_deployment)] term_state=%ts]"\n'
+    '    http-request set-var-fmt(txn.serve_app) "multimodal"\n'
+    '    http-request set-var-fmt(txn.serve_route) "/"\n'
+)
+
+
+def _counted_as(sink: socket.socket) -> tuple[str, str]:
+    """(route, status) as Serve's HAProxy manager counts the next request logged to ``sink`` (past the lines of
+    connections that sent nothing, such as the check that HAProxy is up)."""
+    from ray.serve._private.haproxy_metrics import HAProxyMetricsCollector
+
+    parsed = HAProxyMetricsCollector.parse_line(sink.recv(65536))
+    while parsed.app is None:
+        parsed = HAProxyMetricsCollector.parse_line(sink.recv(65536))
+    status = "499" if (parsed.termination_state or "").startswith("C") else parsed.status_code
+    return parsed.route, status
+
+
+def test_requests_are_counted_by_the_route_the_replica_names_with_the_status_the_client_got(tmp_path):
+    """Serve counted every request under "/", and a 408 whose client closed after reading it as 499; a client
+    that hangs up unanswered is still 499, and HAProxy's own 503 a 503."""
+    replica, stalling, port = _Backend("timeout"), _Backend("stall"), _free_port()
+    sink = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sink.bind(str(tmp_path / "metrics.sock"))
+    sink.settimeout(10)
+    config = f"""global
+    maxconn 256
+defaults
+    mode http
+    option httplog
+    option abortonclose
+    timeout connect 1s
+    timeout client 10s
+    timeout server 10s
+frontend http_frontend
+    bind 127.0.0.1:{port}
+{SERVE_METRIC_LINE.format(socket=tmp_path / "metrics.sock")}
+    use_backend stalling if {{ path_beg /v1/text }}
+    use_backend down if {{ path_beg /v1/vision }}
+    default_backend replica
+backend down
+    server gone 127.0.0.1:{_free_port()}
+backend replica
+    server replica 127.0.0.1:{replica.port}
+backend stalling
+    server replica 127.0.0.1:{stalling.port}
+"""
+    (tmp_path / "haproxy.cfg").write_text(config)
+    process = _started(haproxy.hardened_arguments(["-db", "-f", str(tmp_path / "haproxy.cfg")], 2), port)
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+            client.sendall(b"POST /v2/models/text/infer HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n{")
+            answer = client.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 408") and b"x-maas-route" not in answer.lower()
+        assert _counted_as(sink) == ("/v2/models/{model_name}/infer", "408")
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as client:  # hangs up unanswered
+            client.sendall(b"POST /v1/text/embed HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n\r\n{}")
+            time.sleep(0.3)
+        assert _counted_as(sink) == ("/", "499")
+        assert httpx.post(f"http://127.0.0.1:{port}/v1/vision/classify", json={}).status_code == 503  # HAProxy's own
+        assert _counted_as(sink) == ("/", "503")
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+        sink.close()
+        replica.close()
+        stalling.close()

@@ -470,10 +470,16 @@ def test_the_default_admission_covers_every_route_the_ingress_admits(monkeypatch
     from api.policy import declared_routes
 
     monkeypatch.delenv("MAAS_HTTP_ADMISSION", raising=False)
+    monkeypatch.delenv("RAY_SERVE_ENABLE_HA_PROXY", raising=False)
     limits = proxy.ProxySettings().admission_limits()
     assert limits == declared_routes().proxy_limits()
     assert set(limits) == set(declared_routes().ingress_limits())
     assert limits["/v1/vision/classify"] == 48 and limits["/v2/models/{model_name}/infer"] == 48
+    # Behind HAProxy it runs in each ingress replica's server: the ingress's own limits per replica, so that its
+    # refusal (before Serve handles the request) comes before the ingress's.
+    monkeypatch.setenv("RAY_SERVE_ENABLE_HA_PROXY", "1")
+    assert proxy.ProxySettings().admission_limits() == declared_routes().ingress_limits()
+    assert proxy.ProxySettings().admission_limits()["/v1/vision/classify"] == 24
     monkeypatch.setenv("MAAS_HTTP_ADMISSION", "{}")
     assert proxy.ProxySettings().admission_limits() == {}
 
@@ -615,3 +621,33 @@ def test_a_models_paths_share_its_routes_count_and_each_is_refused_in_its_family
     assert first[0] == 200 and passed[0] == 200
     for status, body in refused:
         assert status == 503 and "limit of 1" in json.loads(body)["error"]
+
+
+async def _answer_204(scope, receive, send):
+    await send({"type": "http.response.start", "status": 204, "headers": []})
+    await send({"type": "http.response.body", "body": b""})
+
+
+def _route_header_of(app, path: str) -> str | None:
+    import httpx
+
+    async def ask():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+            return (await client.post(path)).headers.get("x-maas-route")
+
+    return asyncio.run(ask())
+
+
+def test_behind_haproxy_each_response_names_its_route_template_for_haproxys_metrics(monkeypatch):
+    """HAProxy labels Serve's request counter with it and removes it (deployments.haproxy); a path of no route
+    gets none, so no client-chosen text becomes a label."""
+    monkeypatch.setattr(proxy, "install_header_deadline", lambda *_: [])  # uvicorn left as the fixtures have it
+    monkeypatch.setenv("RAY_SERVE_ENABLE_HA_PROXY", "1")
+    middlewares = proxy.hardening()
+    assert middlewares[-1].cls is proxy.RouteHeader  # outermost: it sees Serve's own 408 and 503 too
+    app = _apply_middlewares(_answer_204, middlewares)
+    assert _route_header_of(app, "/v2/models/text/infer") == "/v2/models/{model_name}/infer"
+    assert _route_header_of(app, "/v1/vision/classify") == "/v1/vision/classify"
+    assert _route_header_of(app, "/v1/no/such/route") is None
+    monkeypatch.delenv("RAY_SERVE_ENABLE_HA_PROXY")
+    assert not any(m.cls is proxy.RouteHeader for m in proxy.hardening())
