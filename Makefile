@@ -45,11 +45,11 @@ install-gpu: install
 	$(BIN)/pip install --quiet '.[gpu]'
 
 ## Start the default app on a local Ray at http://127.0.0.1:8000 (Ctrl-C stops it).
-## The venv goes first on PATH, so `python` in `ray job submit` entrypoints is the project's;
-## Serve's HTTP proxy loads the project's hardening (deployments/proxy.py).
-## INGRESS=haproxy: HAProxy on port 8000 in place of Serve's Python proxy, each ingress replica serving HTTP
-## itself (deployments/haproxy.py; README "The HTTP ingress").
-INGRESS ?= proxy
+## The venv goes first on PATH, so `python` in `ray job submit` entrypoints is the project's.
+## HAProxy holds port 8000 and each ingress replica serves HTTP itself (Serve's HAProxy mode, started through
+## deployments/haproxy.py), with the project's hardening (deployments/proxy.py) in each replica's server.
+## INGRESS=proxy: Serve's Python HTTP proxy instead, which loads the same hardening (README "The HTTP ingress").
+INGRESS ?= haproxy
 HAPROXY_ENV := RAY_SERVE_ENABLE_HA_PROXY=1 RAY_SERVE_HAPROXY_BINARY_PATH="$(abspath $(BIN))/maas-haproxy"
 INGRESS_ENV = $(if $(filter haproxy,$(INGRESS)),$(HAPROXY_ENV),$(if $(filter proxy,$(INGRESS)),,$(error INGRESS must be proxy or haproxy, not $(INGRESS))))
 serve: install
@@ -62,9 +62,15 @@ serve: install
 ## (each in its own pytest process: one driver joins one cluster). Installs Debian's prometheus for
 ## the monitoring tests where this user can (root or passwordless sudo); where not, they skip and say why.
 TOOLS_MISSING := $(VENV)/.test-tools-missing
+## The integration suite runs behind the default ingress (HAProxy); what differs behind Serve's Python proxy
+## (INGRESS=proxy: its admission and its refusal counter, its own 408, its overload refusals) runs again there.
+PROXY_TESTS := tests/integration/test_overload.py tests/integration/test_slow_clients.py \
+  tests/integration/test_monitoring.py::test_refusals_at_the_front_are_counted_by_route \
+  tests/integration/test_monitoring.py::test_timeouts_and_hang_ups_are_counted_as_such_not_as_500
 test: install
 	@tests/install_tools.sh $(TOOLS_MISSING)
 	MAAS_TEST_TOOLS_MISSING=$(TOOLS_MISSING) $(BIN)/python -m pytest tests/unit tests/integration
+	MAAS_TEST_TOOLS_MISSING=$(TOOLS_MISSING) MAAS_TEST_INGRESS=proxy $(BIN)/python -m pytest $(PROXY_TESTS)
 	$(BIN)/python -m pytest tests/multinode
 	MAAS_TEST_MULTINODE_INGRESS=haproxy $(BIN)/python -m pytest tests/multinode
 	$(BIN)/python -m pytest tests/nodescaling

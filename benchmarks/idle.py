@@ -12,7 +12,7 @@ import sys
 import time
 
 from benchmarks import cpu
-from benchmarks.run import CONFIG, PROXY_ENV, ROUTES, log, payloads, start, stop, wait_for_answer
+from benchmarks.run import CONFIG, DEFAULT_INGRESS, INGRESS_ENV, ROUTES, log, payloads, start, stop, wait_for_answer
 
 SETTLE_S = float(os.environ.get("IDLE_SETTLE_S", "60"))
 WINDOW_S = float(os.environ.get("IDLE_WINDOW_S", "30"))
@@ -23,7 +23,9 @@ def measure(extra_env: dict[str, str]) -> list[dict[str, float]]:
     """Cores by role in each window, with ``extra_env`` in the cluster's environment."""
     from benchmarks.run import BIN
 
-    process = start([str(BIN / "serve"), "run", str(CONFIG)], env={**PROXY_ENV, **extra_env}, log_name="idle")
+    process = start(
+        [str(BIN / "serve"), "run", str(CONFIG)], env={**INGRESS_ENV[DEFAULT_INGRESS], **extra_env}, log_name="idle"
+    )
     try:
         request = payloads()["multimodal"]
         started = wait_for_answer("http://127.0.0.1:8000", ROUTES["multimodal"], request, process)

@@ -3,8 +3,9 @@
 1. raw: the models in this process at their best batch size, no HTTP (the machine's limit);
 2. baseline: one FastAPI process calling the models once per request (benchmarks/baseline_server.py);
 3. cluster, batching off: the Serve app with every ``max_batch_size`` set to 1;
-4. cluster, batching on: the Serve app as shipped in serve_config.yaml;
-5. cluster, HAProxy ingress: the same app as ``make serve INGRESS=haproxy`` runs it (deployments/haproxy.py).
+4. cluster, batching on: the Serve app as shipped in serve_config.yaml, behind HAProxy as ``make serve`` runs
+   it (deployments/haproxy.py);
+5. cluster, Serve's Python proxy: the same app as ``make serve INGRESS=proxy`` runs it.
 
 Each HTTP setup is loaded on the vision and multimodal routes at several
 concurrencies with a closed-loop client. Also measured: cold start, the time
@@ -70,8 +71,17 @@ OVERLOAD_CLIENTS = int(os.environ.get("BENCH_OVERLOAD_CLIENTS", "320"))
 # on a machine shared with the load generator that starves the cluster and favours the baseline.
 NICENESS = int(os.environ.get("BENCH_NICENESS", "0"))
 PROXY_ENV = {"RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "deployments.proxy:hardening"}
-# As the Makefile's INGRESS=haproxy sets it.
-HAPROXY_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_HAPROXY_BINARY_PATH": str(BIN / "maas-haproxy")}
+# As the Makefile sets them: INGRESS=haproxy (its default) and INGRESS=proxy.
+INGRESS_ENV = {
+    "haproxy": {
+        **PROXY_ENV,
+        "RAY_SERVE_ENABLE_HA_PROXY": "1",
+        "RAY_SERVE_HAPROXY_BINARY_PATH": str(BIN / "maas-haproxy"),
+    },
+    "proxy": PROXY_ENV,
+}
+DEFAULT_INGRESS = "haproxy"  # the Makefile's INGRESS default: the cluster's rows, cold start and overload
+OTHER_INGRESS = "proxy"
 ROUTES = {"vision": "/v1/vision/classify", "multimodal": "/v1/multimodal/analyze"}
 LABELS = ["a photo of a cat", "a cup of coffee", "a rocket launch"]
 
@@ -247,8 +257,10 @@ def run_cluster(
 
     base = f"http://127.0.0.1:{CLUSTER_PORT}"
     started = time.monotonic()
-    # As `make serve` runs it: the HTTP proxy with deployments.proxy's hardening and admission.
-    process = start([str(BIN / "serve"), "run", str(folder / "on.yaml")], env=PROXY_ENV, log_name="cluster")
+    # As `make serve` runs it: behind its default ingress, with deployments.proxy's hardening and admission.
+    process = start(
+        [str(BIN / "serve"), "run", str(folder / "on.yaml")], env=INGRESS_ENV[DEFAULT_INGRESS], log_name="cluster"
+    )
     try:
         cold_start_s = wait_for_answer(base, ROUTES["multimodal"], requests["multimodal"], process)
         log(f"cold start: first multimodal answer {cold_start_s:.1f} s after `serve run`")
@@ -281,24 +293,23 @@ def run_cluster(
         log(f"cluster stopped ({time.monotonic() - started:.0f} s in all)")
 
 
-def run_haproxy(requests: dict[str, dict]) -> list[dict]:
-    """The cluster's rows with the HAProxy ingress: the same config, batching on, HAProxy in place of Serve's
-    Python proxy (``make serve INGRESS=haproxy``)."""
+def run_other_ingress(requests: dict[str, dict]) -> list[dict]:
+    """The cluster's rows behind the other ingress: the same config, batching on, Serve's Python proxy in place of
+    HAProxy (``make serve INGRESS=proxy``)."""
     config = yaml.safe_load(CONFIG.read_text())
     config["http_options"]["port"] = CLUSTER_PORT
-    path = Path(tempfile.mkdtemp(prefix="bench-")) / "haproxy.yaml"
+    setup = f"cluster-{OTHER_INGRESS}"
+    path = Path(tempfile.mkdtemp(prefix="bench-")) / f"{OTHER_INGRESS}.yaml"
     path.write_text(yaml.safe_dump(config))
     base = f"http://127.0.0.1:{CLUSTER_PORT}"
     started = time.monotonic()
-    process = start(
-        [str(BIN / "serve"), "run", str(path)], env={**PROXY_ENV, **HAPROXY_ENV}, log_name="cluster-haproxy"
-    )
+    process = start([str(BIN / "serve"), "run", str(path)], env=INGRESS_ENV[OTHER_INGRESS], log_name=setup)
     try:
         wait_for_answer(base, ROUTES["multimodal"], requests["multimodal"], process)
-        return load_all("cluster-haproxy", base, requests)
+        return load_all(setup, base, requests)
     finally:
         stop(process)
-        log(f"cluster with the HAProxy ingress stopped ({time.monotonic() - started:.0f} s in all)")
+        log(f"cluster behind INGRESS={OTHER_INGRESS} stopped ({time.monotonic() - started:.0f} s in all)")
 
 
 def same_priority() -> dict:
@@ -315,7 +326,7 @@ def measure_http(requests: dict[str, dict], niceness: dict) -> dict:
     raw, raw_cpu_ms = measure_raw(requests)  # its models are freed on return, before the servers start
     rows = run_baseline(requests) + run_baseline(requests, "baseline-shipped", runtime="auto")
     cluster_rows, cold_start_s, overload, *_ = run_cluster(requests, only="http")
-    cluster_rows += run_haproxy(requests)
+    cluster_rows += run_other_ingress(requests)
     return {
         "machine": {
             "cpus": os.cpu_count(),
@@ -324,6 +335,7 @@ def measure_http(requests: dict[str, dict], niceness: dict) -> dict:
             "torch": torch.__version__,
         },
         "niceness": niceness,
+        "ingress": DEFAULT_INGRESS,
         "duration_s_per_point": DURATION_S,
         "cold_start_s": cold_start_s,
         "overload": overload,

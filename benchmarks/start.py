@@ -17,7 +17,18 @@ from pathlib import Path
 import httpx
 
 from benchmarks import cpu
-from benchmarks.run import CONFIG, OUT, PROXY_ENV, ROUTES, log, payloads, start, stop, wait_for_answer
+from benchmarks.run import (
+    CONFIG,
+    DEFAULT_INGRESS,
+    INGRESS_ENV,
+    OUT,
+    ROUTES,
+    log,
+    payloads,
+    start,
+    stop,
+    wait_for_answer,
+)
 
 BASE = "http://127.0.0.1:8000"
 # (ServeReplica:multimodal:VisionClassifier pid=26247) INFO 2026-12-07 03:35:52,189 ... -- Serving mobilenet_v2 ...
@@ -40,7 +51,9 @@ def measure(extra_env: dict[str, str]) -> dict:
     from benchmarks.run import BIN
 
     began = time.time()
-    process = start([str(BIN / "serve"), "run", str(CONFIG)], env={**PROXY_ENV, **extra_env}, log_name="start")
+    process = start(
+        [str(BIN / "serve"), "run", str(CONFIG)], env={**INGRESS_ENV[DEFAULT_INGRESS], **extra_env}, log_name="start"
+    )
     try:
         first = wait_for_answer(BASE, ROUTES["multimodal"], payloads()["multimodal"], process)
         log(f"first multimodal answer {first:.1f} s after serve run")

@@ -41,16 +41,16 @@ def harden_proxies() -> None:
     os.environ.update(PROXY_HARDENING)
 
 
-def haproxy_ingress(certfile: Path, keyfile: Path) -> None:
+def haproxy_ingress(certfile: Path | None = None, keyfile: Path | None = None) -> None:
     """Make the Ray started next from this process serve HTTP through HAProxy as ``make serve INGRESS=haproxy``
-    does, terminating TLS with these files; HAProxy's own ports (statistics, exporter) and Serve's fallback
-    proxy's moved off their defaults."""
+    does, terminating TLS with these files if given; HAProxy's own ports (statistics, exporter) and Serve's
+    fallback proxy's moved off their defaults."""
+    if certfile is not None:
+        os.environ.update({"MAAS_TLS_CERTFILE": str(certfile), "MAAS_TLS_KEYFILE": str(keyfile)})
     os.environ.update(
         {
             "RAY_SERVE_ENABLE_HA_PROXY": "1",
             "RAY_SERVE_HAPROXY_BINARY_PATH": str(Path(sys.executable).parent / "maas-haproxy"),
-            "MAAS_TLS_CERTFILE": str(certfile),
-            "MAAS_TLS_KEYFILE": str(keyfile),
             "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
             "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
             "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(free_port()),

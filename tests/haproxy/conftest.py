@@ -1,4 +1,4 @@
-"""The app as ``make serve INGRESS=haproxy`` runs it: HAProxy on the HTTP port, terminating TLS with a
+"""The app as ``make serve`` runs it by default: HAProxy on the HTTP port, terminating TLS with a
 certificate made here (``MAAS_TLS_CERTFILE``, ``MAAS_TLS_KEYFILE``), the ingress replicas serving HTTP
 themselves behind it.
 
@@ -58,7 +58,7 @@ def haproxy_processes(sid: int, launchers: bool = False) -> list[psutil.Process]
 
 
 class Server:
-    """``make serve INGRESS=haproxy`` in a session of its own."""
+    """``make serve`` (its default ingress, HAProxy) in a session of its own."""
 
     def __init__(self, tmp: Path):
         config = serving.load_config("serve_config.yaml", HTTP_PORT)
@@ -78,7 +78,7 @@ class Server:
         self.log = tmp / "serve.log"
         with self.log.open("w") as out:
             self.process = subprocess.Popen(
-                ["make", "-s", "serve", "INGRESS=haproxy", f"CONFIG={path}"],
+                ["make", "-s", "serve", f"CONFIG={path}"],
                 cwd=ROOT,
                 env=env,
                 start_new_session=True,
@@ -92,7 +92,7 @@ class Server:
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                pytest.fail(f"make serve INGRESS=haproxy exited with {self.process.returncode}:\n{self.tail()}")
+                pytest.fail(f"make serve exited with {self.process.returncode}:\n{self.tail()}")
             try:
                 if httpx.get(self.url + "/readyz", verify=self.tls, timeout=10).status_code == 200:
                     return

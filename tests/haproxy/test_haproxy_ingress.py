@@ -1,6 +1,6 @@
-"""What a user of ``make serve INGRESS=haproxy`` would notice: the same answers and errors as through Serve's
-proxy, over HTTPS only, a slow client cut off, nothing of HAProxy's open beyond loopback, and nothing left
-running once the server is stopped. The tests run in file order; the last one stops the server."""
+"""What a user of ``make serve`` (behind HAProxy, its default ingress) would notice: the same answers and errors
+as through Serve's proxy, over HTTPS only, a slow client cut off, nothing of HAProxy's open beyond loopback, and
+nothing left running once the server is stopped. The tests run in file order; the last one stops the server."""
 
 import socket
 import time

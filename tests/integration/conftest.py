@@ -1,8 +1,10 @@
 """One real local Ray for the whole session, with the app deployed from serve_config.yaml.
 
 The app is deployed exactly as the README says, with ``serve deploy``, against
-a Ray started without GPUs. Only the HTTP port is moved off 8000 so the suite
-can run beside ``make serve``.
+a Ray started without GPUs, behind the ingress ``make serve`` runs (HAProxy), or
+with ``MAAS_TEST_INGRESS=proxy`` behind Serve's Python proxy (the Makefile runs
+the tests whose behaviour differs there again so). Only the HTTP port is moved
+off 8000 so the suite can run beside ``make serve``.
 """
 
 import os
@@ -19,6 +21,8 @@ from tests.serving import APP
 
 HTTP_PORT = int(os.environ.get("MAAS_TEST_HTTP_PORT", "8010"))
 DASHBOARD_PORT = int(os.environ.get("MAAS_TEST_DASHBOARD_PORT", "8275"))
+# As `make serve` runs it (HAProxy), or behind Serve's Python proxy (`make serve INGRESS=proxy`).
+INGRESS = os.environ.get("MAAS_TEST_INGRESS", "haproxy")
 
 
 def pytest_collection_modifyitems(items):
@@ -34,6 +38,10 @@ def ray_cluster():
     """
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     serving.harden_proxies()
+    if INGRESS == "haproxy":
+        serving.haproxy_ingress()
+    elif INGRESS != "proxy":
+        raise ValueError(f"MAAS_TEST_INGRESS must be proxy or haproxy, not {INGRESS!r}")
     ray.init(
         num_cpus=2,
         num_gpus=0,

@@ -32,7 +32,7 @@ from monitoring import catalog
 from monitoring.metrics import KEY_METRICS
 from monitoring.tools.profile import augmented, skimage_photos
 from tests.conftest import b64
-from tests.integration.conftest import deploy, shipped_config
+from tests.integration.conftest import INGRESS, deploy, shipped_config
 from tests.serving import APP, ROOT, prometheus_tool, replica_infos
 
 PROMETHEUS_PORT = int(os.environ.get("MAAS_TEST_PROMETHEUS_PORT", "9095"))
@@ -358,13 +358,17 @@ def stalled_embed(app_url: str, timeout_s: float | None, hang_up_after_s: float 
 
 
 def test_timeouts_and_hang_ups_are_counted_as_such_not_as_500(prometheus, drift_app):
+    """By the ingress and by Serve's request counter at the front. Behind HAProxy the front learns a request's
+    route from the replica's answer (deployments.haproxy), so a client that hangs up unanswered is counted
+    under the application's prefix, "/"."""
     route = 'route="/v1/text/embed"'
+    at_front = {"408": route, "499": 'route="/"' if INGRESS == "haproxy" else route, "500": route}
     exprs = {
         status: (
             f'sum(ray_maas_http_requests_total{{{route}, status="{status}"}})',
-            f'sum(ray_serve_num_http_requests_total{{{route}, status_code="{status}"}})',
+            f'sum(ray_serve_num_http_requests_total{{{front}, status_code="{status}"}})',
         )
-        for status in ("408", "499", "500")
+        for status, front in at_front.items()
     }
     flat = {f"{status} {where}": e for status, pair in exprs.items() for where, e in zip(("ingress", "proxy"), pair)}
     stable = prometheus.stable(flat)
@@ -378,12 +382,15 @@ def test_timeouts_and_hang_ups_are_counted_as_such_not_as_500(prometheus, drift_
             assert seen - start == expected, f"{status} at the {where}: {seen - start}, expected {expected}"
 
 
-def test_refusals_by_the_proxy_are_counted_by_route(prometheus, drift_app):
-    """The proxy answers these before Serve counts anything: its own counter is their only record.
+def test_refusals_at_the_front_are_counted_by_route(prometheus, drift_app):
+    """The hardening in front of the ingress (deployments/proxy.py) answers these before Serve counts anything:
+    its own counter is their only record. It runs in Serve's proxy, or behind HAProxy in each ingress replica's
+    own server, in front of Serve's request handling there.
 
     Uploads whose body never arrives each hold a slot of the vision route until they are closed. The ingress
-    replicas admit as many as the proxy does (2 x 24 and 48), so once they are full the proxy has its limit in
-    flight and refuses the next upload itself; an ingress refusal on the way frees its proxy slot.
+    replicas admit as many as the proxy does (2 x 24 and 48; behind HAProxy 24 at each replica's server too),
+    so once they are full the hardening has its limit in flight and refuses the next upload itself; an ingress
+    refusal on the way frees its slot.
     """
     route = "/v1/vision/classify"
     url = urlparse(drift_app)
@@ -403,7 +410,7 @@ def test_refusals_by_the_proxy_are_counted_by_route(prometheus, drift_app):
                 if b"server-timing: proxy;" in answers[-1]:
                     break
         else:
-            pytest.fail(f"200 stalled uploads and no refusal at the proxy; answers: {[a[:40] for a in answers]}")
+            pytest.fail(f"200 stalled uploads and no refusal; answers: {[a[:40] for a in answers]}")
     assert answers[-1].startswith(b"HTTP/1.1 503") and b"retry-after: 1" in answers[-1]
     assert all(answer.startswith(b"HTTP/1.1 503") for answer in answers)  # the others from the ingress
     assert prometheus.wait_for(refusals, lambda v: v >= before + 1) - before == 1

@@ -233,3 +233,18 @@ def test_the_structured_section_compares_a_schema_with_free_answers_at_the_same_
     assert "| 8 | json_schema | 12 | 67 | 36.0 | 200 ms | 500 ms | 0 |" in text
     assert "30.0 requests/s through the cluster at 32 clients" in text and "1.50×" in text
     assert "| 20.0% | missed |" in "\n".join(structured.report(_structured(32.0)))
+
+
+def test_a_run_behind_haproxy_by_default_names_it_and_rates_the_python_proxy_as_the_other_ingress():
+    results = _results()
+    results["ingress"] = "haproxy"
+    for row in results["results"]:
+        row["setup"] = {"cluster-haproxy": "cluster-batching", "cluster-batching": "cluster-proxy"}.get(row["setup"])
+        row["setup"] = row["setup"] or "baseline"
+    text = report.markdown(results, "plot.png")
+    assert 'The cluster rows ("cluster") ran behind HAProxy, as `make serve` starts it' in text
+    assert "| vision: cluster / single-process baseline throughput, 32 clients | 1.50 | >= 1.5 | met |" in text
+    proxy = "| vision: cluster (Serve's Python proxy) / single-process baseline throughput, 32 clients | 1.10 |"
+    assert proxy in text
+    header = next(line for line in report.cpu_report(results) if line.startswith("| process |"))
+    assert "cluster, Serve's Python proxy" in header
