@@ -2,7 +2,6 @@
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -13,6 +12,8 @@ import openai
 import pytest
 import yaml
 from ray import serve
+
+from tests.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = "multimodal"
@@ -56,12 +57,6 @@ def haproxy_ingress(certfile: Path | None = None, keyfile: Path | None = None) -
             "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(free_port()),
         }
     )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def load_config(name: str, http_port: int) -> dict:

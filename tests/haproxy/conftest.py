@@ -9,7 +9,6 @@ and HAProxy's own (statistics, exporter) are moved off the defaults (8000, 8404,
 
 import os
 import signal
-import socket
 import ssl
 import subprocess
 import time
@@ -23,6 +22,7 @@ import yaml
 from deployments.haproxy import HARDENED_SUFFIX
 from tests import serving
 from tests.certificates import self_signed
+from tests.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 HTTP_PORT = int(os.environ.get("MAAS_TEST_HAPROXY_HTTP_PORT", "8014"))
@@ -32,12 +32,6 @@ START_TIMEOUT_S = 400
 
 def pytest_collection_modifyitems(items):
     serving.mark_integration(item for item in items if "tests/haproxy" in str(item.fspath))
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def haproxy_processes(sid: int, launchers: bool = False) -> list[psutil.Process]:
@@ -71,9 +65,9 @@ class Server:
             "MAAS_TLS_CERTFILE": str(self.cert),
             "MAAS_TLS_KEYFILE": str(key),
             "MAAS_HTTP_HEADER_TIMEOUT_S": str(HEADER_TIMEOUT_S),
-            "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()),
-            "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port()),
-            "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(_free_port()),
+            "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+            "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
+            "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(free_port()),
         }
         self.log = tmp / "serve.log"
         with self.log.open("w") as out:

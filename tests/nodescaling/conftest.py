@@ -32,6 +32,7 @@ import ray  # noqa: E402
 from ray.util.state import list_actors  # noqa: E402
 
 from tests import serving  # noqa: E402
+from tests.ports import free_port  # noqa: E402
 
 HTTP_PORT = int(os.environ.get("MAAS_TEST_NODESCALING_HTTP_PORT", "8012"))
 DASHBOARD_PORT = int(os.environ.get("MAAS_TEST_NODESCALING_DASHBOARD_PORT", "8277"))
@@ -87,12 +88,6 @@ def autoscaling_config(gcs_address: str) -> dict:
         "head_start_ray_commands": [],
         "worker_start_ray_commands": [],
     }
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("", 0))
-        return sock.getsockname()[1]
 
 
 def _check_free(port: int, variable: str) -> None:
@@ -194,8 +189,8 @@ def cluster():
         "--dashboard-host=127.0.0.1",
         f"--dashboard-port={DASHBOARD_PORT}",
         # Off the defaults (52365, 10001), which another Ray on this machine may hold.
-        f"--dashboard-agent-listen-port={_free_port()}",
-        f"--ray-client-server-port={_free_port()}",
+        f"--dashboard-agent-listen-port={free_port('')}",
+        f"--ray-client-server-port={free_port('')}",
         "--disable-usage-stats",
     ]
     env = {

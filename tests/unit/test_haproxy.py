@@ -14,6 +14,7 @@ import psutil
 import pytest
 
 from deployments import haproxy
+from tests.ports import free_port
 
 # The parts of Serve's generated configuration (ray 2.60, serve/_private/haproxy_templates.py) that the
 # launcher touches, as Serve renders them for `make serve INGRESS=haproxy`.
@@ -184,12 +185,6 @@ def test_the_openai_paths_are_those_the_openai_shaped_routers_own():
     assert set(haproxy.OPENAI_PATHS) == owned
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class _Backend:
     """A server HAProxy forwards to that answers (``ok``), breaks off (``close``: reads the request head, answers
     nothing, closes) or stalls (``stall``: reads it and waits)."""
@@ -249,7 +244,7 @@ def haproxy_with_backends(tmp_path_factory):
     """The real HAProxy on a hardened copy of a Serve-shaped configuration: one backend with no server up
     (HAProxy's 503), one that breaks off (502), one that stalls past a 1 s server timeout (504)."""
 
-    answering, closing, stalling, port = _Backend("ok"), _Backend("close"), _Backend("stall"), _free_port()
+    answering, closing, stalling, port = _Backend("ok"), _Backend("close"), _Backend("stall"), free_port()
     folder = tmp_path_factory.mktemp("haproxy")
     (folder / "500.http").write_text("HTTP/1.0 500 Internal Server Error\r\n\r\n")  # Serve's, replaced
     config = f"""global
@@ -267,7 +262,7 @@ frontend http_frontend
     use_backend stalling if {{ path_beg /v1/text }} || {{ path /v1/embeddings }}
     default_backend down
 backend down
-    server gone 127.0.0.1:{_free_port()}
+    server gone 127.0.0.1:{free_port()}
 backend answering
     server replica 127.0.0.1:{answering.port}
 backend closing
@@ -375,7 +370,7 @@ def test_haproxy_terminates_tls_with_the_given_certificate(certificate, tmp_path
     import ssl
 
     key, cert = certificate
-    answering, port = _Backend("ok"), _free_port()
+    answering, port = _Backend("ok"), free_port()
     path = tmp_path / "haproxy.cfg"
     path.write_text(f"""global
     maxconn 64
@@ -435,7 +430,7 @@ def _counted_as(sink: socket.socket) -> tuple[str, str]:
 def test_requests_are_counted_by_the_route_the_replica_names_with_the_status_the_client_got(tmp_path):
     """Serve counted every request under "/", and a 408 whose client closed after reading it as 499; a client
     that hangs up unanswered is still 499, and HAProxy's own 503 a 503."""
-    replica, stalling, port = _Backend("timeout"), _Backend("stall"), _free_port()
+    replica, stalling, port = _Backend("timeout"), _Backend("stall"), free_port()
     sink = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sink.bind(str(tmp_path / "metrics.sock"))
     sink.settimeout(10)
@@ -455,7 +450,7 @@ frontend http_frontend
     use_backend down if {{ path_beg /v1/vision }}
     default_backend replica
 backend down
-    server gone 127.0.0.1:{_free_port()}
+    server gone 127.0.0.1:{free_port()}
 backend replica
     server replica 127.0.0.1:{replica.port}
 backend stalling
