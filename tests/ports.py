@@ -10,9 +10,10 @@ come from below that range, above the ports Ray gives its workers.
 
 import random
 import socket
+from pathlib import Path
 
 RAY_WORKER_PORTS_END = 20_000  # Ray's default worker ports are 10002-19999
-EPHEMERAL_START = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])  # 32768 by default
+EPHEMERAL_START = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])  # 32768 by default
 
 
 def free_port(host: str = "127.0.0.1") -> int:
