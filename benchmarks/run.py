@@ -77,6 +77,7 @@ INGRESS_ENV = {
         **PROXY_ENV,
         "RAY_SERVE_ENABLE_HA_PROXY": "1",
         "RAY_SERVE_HAPROXY_BINARY_PATH": str(BIN / "maas-haproxy"),
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "10",
     },
     "proxy": PROXY_ENV,
 }

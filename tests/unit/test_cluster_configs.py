@@ -18,6 +18,9 @@ RAYSERVICE = ROOT / "kubernetes" / "rayservice.yaml"
 DOCKERFILE = ROOT / "kubernetes" / "Dockerfile"
 GPU_PROFILE = ROOT / "serve_config.gpu.yaml"
 TOKEN = "~/.ray/auth_token"
+# An ingress replica being stopped stays reachable this long behind HAProxy (Serve's default 30 s), set wherever Ray
+# starts: HAProxy reloads without it in about a second here.
+DRAIN = "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S=10"
 
 
 def cluster() -> dict:
@@ -176,16 +179,19 @@ def test_every_way_to_start_ray_loads_the_proxy_hardening():
 def test_every_way_to_start_ray_runs_the_haproxy_ingress_through_the_projects_launcher():
     """As `make serve` by default: Serve's HAProxy mode on every node (the controller reads it on the head, ingress
     replicas wherever they run), with HAProxy started through deployments/haproxy.py, which pip installs as the
-    `maas-haproxy` script beside the Python it runs on."""
+    `maas-haproxy` script beside the Python it runs on, and the ingress replicas' shorter drain."""
     config = cluster()
     for key in ("head_start_ray_commands", "worker_start_ray_commands"):
         (start,) = [w for w in invocations(config[key], "ray") if "start" in w]
         assert "RAY_SERVE_ENABLE_HA_PROXY=1" in start, key
+        assert DRAIN in start, key
         (binary,) = [w for w in start if w.startswith("RAY_SERVE_HAPROXY_BINARY_PATH=")]
         assert binary.endswith("/maas-cluster/.venv/bin/maas-haproxy"), key  # where `make install` puts it
     dockerfile = DOCKERFILE.read_text()
     env = re.search(r"^ENV RAY_SERVE_ENABLE_HA_PROXY=1 RAY_SERVE_HAPROXY_BINARY_PATH=(\S+)$", dockerfile, re.M)
     assert env, "the image turns HAProxy on for every Ray container"
+    assert f"ENV {DRAIN}\n" in dockerfile
+    assert DRAIN in (ROOT / "Makefile").read_text()
     # The build fails unless pip put the launcher exactly there.
     assert 'test "$(command -v maas-haproxy)" = "$RAY_SERVE_HAPROXY_BINARY_PATH"' in dockerfile
     assert re.search(r"^INGRESS \?= haproxy$", (ROOT / "Makefile").read_text(), re.M)
