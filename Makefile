@@ -75,7 +75,6 @@ test: install
 	MAAS_TEST_TOOLS_MISSING=$(TOOLS_MISSING) $(BIN)/python -m pytest tests/unit tests/integration
 	MAAS_TEST_TOOLS_MISSING=$(TOOLS_MISSING) MAAS_TEST_INGRESS=proxy $(BIN)/python -m pytest $(PROXY_TESTS)
 	$(BIN)/python -m pytest tests/multinode
-	MAAS_TEST_MULTINODE_INGRESS=haproxy $(BIN)/python -m pytest tests/multinode
 	$(BIN)/python -m pytest tests/nodescaling
 	$(BIN)/python -m pytest tests/haproxy
 

@@ -5,10 +5,9 @@ workers, so the GPU profile's CPU-only deployments keep off it.
 
 Runs in its own pytest process (see the Makefile): one driver can join only
 one Ray cluster, and the other integration tests need one without GPUs.
-The app is served over HTTPS with a certificate made here, as an operator would with a real one: by Serve's
-HTTP proxy (``http_options.ssl_*``), or with ``MAAS_TEST_MULTINODE_INGRESS=haproxy`` (a pytest process of its
-own, as the Makefile runs it) by HAProxy on the head node, as ``make serve INGRESS=haproxy`` runs it
-(``MAAS_TLS_*``).
+The app is served over HTTPS with a certificate made here, as an operator would with a real one: by HAProxy on
+the head node, as ``make serve`` runs it (``MAAS_TLS_*``), or with ``MAAS_TEST_MULTINODE_INGRESS=proxy`` by
+Serve's HTTP proxy (``http_options.ssl_*``), as ``make serve INGRESS=proxy`` runs it.
 
 The GPU is logical: Ray schedules and assigns it, but torch sees no CUDA
 device, which is exactly the case where replicas must fall back to the CPU.
@@ -29,7 +28,7 @@ from tests.certificates import self_signed
 HTTP_PORT = int(os.environ.get("MAAS_TEST_MULTINODE_HTTP_PORT", "8011"))
 DASHBOARD_PORT = int(os.environ.get("MAAS_TEST_MULTINODE_DASHBOARD_PORT", "8276"))
 VISION_REPLICAS = 4
-INGRESS = os.environ.get("MAAS_TEST_MULTINODE_INGRESS", "proxy")  # or haproxy
+INGRESS = os.environ.get("MAAS_TEST_MULTINODE_INGRESS", "haproxy")  # or proxy
 
 
 def pytest_collection_modifyitems(items):

@@ -76,8 +76,8 @@ def _listening_on(port: int) -> list[str]:
 
 
 def test_the_https_port_is_held_by_the_ingress_the_suite_runs_behind(app):
-    """Serve's HTTP proxy actor by default; with ``MAAS_TEST_MULTINODE_INGRESS=haproxy``, HAProxy on the launcher's
-    hardened configuration (and no proxy actor on that port)."""
+    """HAProxy on the launcher's hardened configuration by default (and no proxy actor on that port); with
+    ``MAAS_TEST_MULTINODE_INGRESS=proxy``, Serve's HTTP proxy actor."""
     holders = _listening_on(HTTP_PORT)
     if INGRESS == "haproxy":
         assert holders and all(HARDENED_SUFFIX in cmdline for cmdline in holders), holders
