@@ -65,11 +65,10 @@ serve: install
 ## (each in its own pytest process: one driver joins one cluster). Installs Debian's prometheus for
 ## the monitoring tests where this user can (root or passwordless sudo); where not, they skip and say why.
 TOOLS_MISSING := $(VENV)/.test-tools-missing
-## The integration suite runs behind the default ingress (HAProxy); what differs behind Serve's Python proxy
-## (INGRESS=proxy: its admission and its refusal counter, its own 408, its overload refusals) runs again there.
-PROXY_TESTS := tests/integration/test_overload.py tests/integration/test_slow_clients.py \
-  tests/integration/test_monitoring.py::test_refusals_at_the_front_are_counted_by_route \
-  tests/integration/test_monitoring.py::test_timeouts_and_hang_ups_are_counted_as_such_not_as_500
+## The integration suite runs behind the default ingress (HAProxy); the hardening's overload refusals and
+## slow-client deadlines in Serve's Python proxy (INGRESS=proxy) run again there. MAAS_TEST_INGRESS=proxy runs
+## any integration test behind it (the refusal and 408/499 counters in test_monitoring.py differ there too).
+PROXY_TESTS := tests/integration/test_overload.py tests/integration/test_slow_clients.py
 test: install
 	@tests/install_tools.sh $(TOOLS_MISSING)
 	MAAS_TEST_TOOLS_MISSING=$(TOOLS_MISSING) $(BIN)/python -m pytest tests/unit tests/integration

@@ -3,7 +3,7 @@
 The app is deployed exactly as the README says, with ``serve deploy``, against
 a Ray started without GPUs, behind the ingress ``make serve`` runs (HAProxy), or
 with ``MAAS_TEST_INGRESS=proxy`` behind Serve's Python proxy (the Makefile runs
-the tests whose behaviour differs there again so). Only the HTTP port is moved
+the overload and slow-client tests there again so). Only the HTTP port is moved
 off 8000 so the suite can run beside ``make serve``.
 """
 
