@@ -53,11 +53,22 @@ def haproxy_ingress(certfile: Path | None = None, keyfile: Path | None = None) -
             "RAY_SERVE_ENABLE_HA_PROXY": "1",
             "RAY_SERVE_HAPROXY_BINARY_PATH": str(Path(sys.executable).parent / "maas-haproxy"),
             "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "10",
-            "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
-            "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
-            "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(free_port()),
+            **haproxy_ports(),
         }
     )
+
+
+def haproxy_ports() -> dict[str, str]:
+    """HAProxy's own listeners (statistics, exporter) and Serve's fallback proxy, moved off their defaults
+    (8404, 9101, 8500) so a test's app can run beside ``make serve``."""
+    return {
+        variable: str(free_port())
+        for variable in (
+            "RAY_SERVE_HAPROXY_STATS_PORT",
+            "RAY_SERVE_HAPROXY_METRICS_PORT",
+            "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT",
+        )
+    }
 
 
 def load_config(name: str, http_port: int) -> dict:

@@ -22,7 +22,6 @@ import yaml
 from deployments.haproxy import HARDENED_SUFFIX
 from tests import serving
 from tests.certificates import self_signed
-from tests.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 HTTP_PORT = int(os.environ.get("MAAS_TEST_HAPROXY_HTTP_PORT", "8014"))
@@ -65,9 +64,7 @@ class Server:
             "MAAS_TLS_CERTFILE": str(self.cert),
             "MAAS_TLS_KEYFILE": str(key),
             "MAAS_HTTP_HEADER_TIMEOUT_S": str(HEADER_TIMEOUT_S),
-            "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
-            "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
-            "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(free_port()),
+            **serving.haproxy_ports(),
         }
         self.log = tmp / "serve.log"
         with self.log.open("w") as out:
