@@ -27,9 +27,10 @@ from api.keys import ApiKey, KeyFile, KeyList, KeyRing
 from api.limits import SharedLimits, retry_after
 from api.policy import ROUTES
 from api.problems import Problem, problem
-from deployments.errors import Forbidden, MaasError, RateLimited, Unauthorized
+from deployments.errors import Forbidden, InvalidInput, MaasError, RateLimited, Unauthorized
 from pipelines import usage
 from pipelines.privacy import Privacy
+from pipelines.rollouts import CALLER_HEADER, PIN_HEADER, VARIANTS
 
 logger = logging.getLogger("ray.serve")
 
@@ -163,6 +164,12 @@ class AccessMiddleware:
                 return await self.render(scope["path"], answer)(scope, receive, send)
         if used is not None:
             used.masker = self.privacy.for_key(state["api_key"])
+            try:
+                used.caller, used.pin = rollout_caller(scope, state["api_key"], self.guard.enabled)
+            except MaasError as exc:
+                answer = problem(exc)
+                state["error_type"] = answer.type
+                return await self.render(scope["path"], answer)(scope, receive, send)
         try:
             await self.app(scope, receive, send)
         finally:
@@ -190,6 +197,32 @@ class AccessMiddleware:
             seconds = retry_after(waited)
             raise RateLimited(f"the API key {key.id!r} is over its rate limit; retry after {seconds} s",
                               retry_after_s=seconds)  # fmt: skip
+
+
+def header(scope: Scope, name: bytes) -> str | None:
+    """A request header's value (its first 128 characters), or None."""
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            return value.decode("latin-1")[:128]
+    return None
+
+
+def rollout_caller(scope: Scope, key: ApiKey | None, keys_on: bool) -> tuple[str | None, str | None]:
+    """Who is calling, for a rollout's sticky split (the key's id, or ``X-Maas-Caller`` without keys), and the
+    variant the request pins with ``X-Maas-Variant``: refused unless it names one, and with keys on unless the
+    key has the admin scope."""
+    caller = key.id if key is not None else header(scope, CALLER_HEADER.lower().encode())
+    pin = header(scope, PIN_HEADER.lower().encode())
+    if pin is None:
+        return caller, None
+    pin = pin.strip().lower()
+    if pin not in VARIANTS:
+        raise InvalidInput(f"the {PIN_HEADER} header names a variant: one of {', '.join(VARIANTS)}")
+    if keys_on and (key is None or not key.may_use("admin", frozenset())):
+        key_id = f" {key.id!r}" if key is not None else ""
+        raise Forbidden(f"pinning a variant ({PIN_HEADER}) needs an API key with the admin scope; "
+                        f"the key{key_id} has not")  # fmt: skip
+    return caller, pin
 
 
 REFUSALS = {

@@ -11,7 +11,7 @@ from fastapi import APIRouter, FastAPI, Request, Response
 from starlette.requests import ClientDisconnect
 from starlette.routing import Route
 
-from api import health
+from api import admin, health
 from api.access import AccessMiddleware, Guard, document
 from api.audit import Audit, AuditMiddleware
 from api.context import ApiSettings
@@ -78,6 +78,7 @@ PROTOCOLS = (
     Protocol(audio.PATHS, audio.router, openai.render_error),
     Protocol(rerank.PATHS, rerank.router, openai.render_error),
     Protocol((), health.router, v1.render_error),
+    Protocol((), admin.router, v1.render_error),
     Protocol((), v1.router, v1.render_error),
 )
 

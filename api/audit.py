@@ -5,13 +5,15 @@ Each line says who called what and what came of it, never what was sent or answe
     {"time": "2026-12-03T14:02:11.512Z", "request_id": "6f0c…", "key_id": "team-a", "method": "POST",
      "route": "/v1/text/classify", "models": ["text"], "status": 200, "latency_ms": 41.7,
      "bytes_in": 96, "bytes_out": 230, "prompt_tokens": 0, "completion_tokens": 0, "audio_seconds": 0.0,
-     "masked": {}}
+     "masked": {}, "variants": {}}
 
 ``key_id`` is the key's configured id (null with keys off, or when no valid key was sent); ``route`` is the
 route template (``/v2/models/{model_name}/infer``), so no path carries data; ``models`` are those its route's
 policy names and those its body asked for (a chat's images and audio); ``audio_seconds`` is the audio it had
-heard and spoken; ``masked`` counts the personal data masked by kind. Each ingress replica writes its own file
-(two processes rotating one file would lose lines): ``maas-audit-<replica>.jsonl`` in ``security.audit.dir``
+heard and spoken; ``masked`` counts the personal data masked by kind; ``variants`` names, for each model
+with a rollout, the variant that answered (``{"vision": "candidate"}``; also the ``X-Maas-Variant`` response
+header). Each ingress replica writes its own file (two processes rotating one file would lose lines):
+``maas-audit-<replica>.jsonl`` in ``security.audit.dir``
 (default: Ray's session log folder, ``logs/serve``), rotated at ``max_bytes`` with ``backups`` old files kept.
 """
 
@@ -26,9 +28,10 @@ from pathlib import Path
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.access import models_of
+from api.access import header, models_of
 from monitoring.metrics import KeyMetrics
 from pipelines import usage
+from pipelines.rollouts import PIN_HEADER
 
 FILE_PREFIX = "maas-audit-"
 MASKED_HEADER = b"x-maas-masked"
@@ -96,6 +99,9 @@ class AuditMiddleware:
                 if used.masked:  # what was masked so far: all of it, except a streamed answer's own
                     shown = ",".join(f"{kind}={count}" for kind, count in sorted(used.masked.items()))
                     message["headers"] = [*message.get("headers", []), (MASKED_HEADER, shown.encode())]
+                if used.variants:  # which variant of a model with a rollout answered
+                    shown = ",".join(f"{model}={variant}" for model, variant in sorted(used.variants.items()))
+                    message["headers"] = [*message.get("headers", []), (PIN_HEADER.lower().encode(), shown.encode())]
             elif message["type"] == "http.response.body":
                 bytes_out += len(message.get("body", b""))
             await send(message)
@@ -113,7 +119,7 @@ class AuditMiddleware:
                 route = getattr(scope.get("route"), "path", None)
                 self.audit.log.write({
                     "time": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-                    "request_id": _header(scope, b"x-request-id"),
+                    "request_id": header(scope, b"x-request-id"),
                     "key_id": key.id if key else None,
                     "method": scope.get("method"),
                     "route": route or "unmatched",
@@ -126,14 +132,8 @@ class AuditMiddleware:
                     "completion_tokens": used.completion_tokens,
                     "audio_seconds": round(used.audio_seconds, 3),
                     "masked": dict(used.masked),
+                    "variants": dict(used.variants),
                 })  # fmt: skip
-
-
-def _header(scope: Scope, name: bytes) -> str | None:
-    for key, value in scope.get("headers", ()):
-        if key == name:
-            return value.decode("latin-1")[:128]
-    return None
 
 
 class Audit:

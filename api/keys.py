@@ -38,8 +38,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 logger = logging.getLogger("ray.serve")
 
-FAMILIES = ("v1", "openai", "v2")
-"""Route families a key can be scoped to: this service's ``/v1`` API, the OpenAI-compatible API, the OIP (``/v2``)."""
+FAMILIES = ("v1", "openai", "v2", "admin")
+"""Route families a key can be scoped to: this service's ``/v1`` API, the OpenAI-compatible API, the OIP (``/v2``),
+and the operator's routes (``/v1/admin``, and pinning a rollout's variant with ``X-Maas-Variant``)."""
 MODELS = ("vision", "text", "fusion", "ocr", "llm", "asr", "tts")
 """Models a key can be scoped to (GET /v1/models lists them)."""
 ALL = "*"
@@ -77,7 +78,7 @@ class ApiKey(BaseModel):
 
     id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", description="Names the key in logs and metrics.")
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="SHA-256 of the key, lower-case hex.")
-    routes: tuple[Literal["*", "v1", "openai", "v2"], ...] = (ALL,)
+    routes: tuple[Literal["*", "v1", "openai", "v2", "admin"], ...] = (ALL,)
     models: tuple[Literal["*", "vision", "text", "fusion", "ocr", "llm", "asr", "tts"], ...] = (ALL,)
     rate_limit: RateLimit | None = None
     mask: bool = Field(False, description="Mask this key's texts and answers (with security.masking.mode: keys).")

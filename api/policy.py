@@ -24,7 +24,7 @@ from typing import Literal
 
 from starlette.routing import compile_path
 
-Family = Literal["v1", "openai", "v2", "open"]
+Family = Literal["v1", "openai", "v2", "admin", "open"]
 """The route families a key can be scoped to (``api.keys.FAMILIES``), or ``open``: no key needed."""
 Timeout = Literal["request", "long"]
 

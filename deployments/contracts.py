@@ -19,6 +19,7 @@ class VisionResult:
     model: str
     version: str
     batch_size: int = 1  # how many requests shared the forward pass that produced this
+    variant: str = "stable"  # which variant answered, where the model has a rollout (set by the ingress)
 
 
 @dataclass

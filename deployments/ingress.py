@@ -25,11 +25,12 @@ from api.security import SecurityConfig
 from deployments.admission import Admission
 from deployments.contracts import MAX_GROUP_SIZE
 from knowledge.rules import RuleError, compile_policies, parse_policies
-from monitoring.metrics import key_metrics, request_metrics
+from monitoring.metrics import key_metrics, request_metrics, rollout_metrics
 from pipelines.dataplane import Dataplane
 from pipelines.grouping import DEFAULT_GROUP_SIZE, DEFAULT_GROUPS_IN_FLIGHT
 from pipelines.privacy import Privacy
 from pipelines.registry import ModelRegistry
+from pipelines.rollouts import Rollout, Rollouts, check_candidates, check_models
 
 logger = logging.getLogger("ray.serve")
 
@@ -85,6 +86,11 @@ class IngressConfig(BaseModel):
         "loaded, with errors that name the policy and the rule.",
     )
 
+    rollouts: dict[str, Rollout] = Field(
+        default_factory=dict,
+        description="Model rollouts: per model, a candidate (a Serve application serving the model's deployment), "
+        "its mode (off, canary, shadow), canary weight and the judge's policy (README, Rollouts). Applied live.",
+    )
     security: SecurityConfig = Field(
         default_factory=SecurityConfig,
         description="API keys (off by default), their scopes and rate limits, and the audit trail: README, Security.",
@@ -106,6 +112,7 @@ class IngressConfig(BaseModel):
             compile_policies(parse_policies(self.policies), time_rules=False)  # timed by the replica that loads them
         except RuleError as exc:
             raise ValueError(str(exc)) from None
+        check_models(self.rollouts)
         return self
 
 
@@ -114,7 +121,7 @@ class IngressConfig(BaseModel):
 class Ingress:
     """HTTP ingress over the models the app builder names (``{"vision": handle, ...}``)."""
 
-    def __init__(self, models: dict[str, DeploymentHandle]):
+    def __init__(self, models: dict[str, DeploymentHandle], judge: DeploymentHandle | None = None):
         self.config = IngressConfig()
         self._configured = False
         self.settings = ApiSettings(
@@ -122,7 +129,10 @@ class Ingress:
         )
         self.admission = Admission(self.config.admission_limits(), self.config.retry_after_s)
         self.metrics = request_metrics()
-        self.dataplane = Dataplane(ModelRegistry(models), self.config.max_concurrent_decodes, self.metrics)
+        self.rollouts = Rollouts(judge, rollout_metrics())
+        self.dataplane = Dataplane(
+            ModelRegistry(models), self.config.max_concurrent_decodes, self.metrics, rollouts=self.rollouts
+        )
         self.guard = Guard(SharedLimits(f"maas-rate-limits-{serve.get_replica_context().app_name}"))
         self.audit = Audit()
         self.privacy = Privacy()
@@ -146,6 +156,8 @@ class Ingress:
             if not self._configured or config.policies != self.config.policies:
                 # Run on the largest facts in a child process, so a slow rule is refused without stalling this one.
                 policies = await asyncio.to_thread(compile_policies, parse_policies(config.policies))
+            if not self._configured or config.rollouts != self.config.rollouts:
+                await asyncio.to_thread(check_candidates, config.rollouts)
             self._secure(config.security)
             masking = config.security.masking
             # The first time person names are masked, loading the NER model takes seconds: off the event loop.
@@ -156,8 +168,10 @@ class Ingress:
             if not self._configured:
                 raise  # fail this replica's start: the deploy reports the error
             logger.error("Kept the current ingress settings; the new ones are invalid: %s", exc)
-            self.dataplane.policy_update_error = str(exc)
+            self.dataplane.policy_update_error = self.rollouts.update_error = str(exc)
             return
+        self.rollouts.configure(config.rollouts)
+        self.rollouts.update_error = None
         self.dataplane.policies = policies
         self.dataplane.policy_update_error = None
         self.dataplane.configure(config.max_concurrent_decodes, config.max_group_size, config.max_groups_in_flight)

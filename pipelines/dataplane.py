@@ -54,6 +54,7 @@ from pipelines import grounding, usage
 from pipelines.grounding import Evidence
 from pipelines.grouping import Grouped
 from pipelines.registry import ModelRegistry
+from pipelines.rollouts import Rollouts, Routed
 from pipelines.speech import SpeechGraph, relay
 from pipelines.usage import private
 
@@ -172,8 +173,10 @@ class Dataplane(SpeechGraph):
         max_concurrent_decodes: int = 2,
         metrics: RequestMetrics | None = None,
         knowledge: KnowledgeGraph | None = None,
+        rollouts: Rollouts | None = None,
     ):
         self.models = models
+        self.rollouts = rollouts or Rollouts()
         self.metrics = metrics
         self.knowledge = knowledge or knowledge_graph()
         self.policies: dict[str, CompiledPolicy] = {}  # the ingress's user_config sets them, live
@@ -183,7 +186,8 @@ class Dataplane(SpeechGraph):
         self._image_spec: ImageSpec | None = None
         self._image_spec_version: str | None = None  # the vision model version the geometry belongs to
         # Concurrent requests' calls of one model method go out together (pipelines/grouping.py).
-        self.vision_calls: Grouped[tuple, VisionResult] = Grouped(self._group_sender("vision", "classify"))
+        # Vision's calls go to the variant a rollout picks for the request (pipelines/rollouts.py).
+        self.vision_calls = Routed("vision", self.rollouts, lambda v: self._group_sender("vision", "classify", v))
         self.label_calls: Grouped[tuple, TextEmbeddings] = Grouped(self._group_sender("text", "embed_labels"))
         self.fusion_calls: Grouped[tuple, FusionResult] = Grouped(self._group_sender("fusion", "fuse"))
 
@@ -228,9 +232,10 @@ class Dataplane(SpeechGraph):
             self.metrics.observe_image(route, image.size_bytes, image.source_pixels, image.seconds)
         return image
 
-    def _seen_vision_version(self, version: str) -> None:
-        """A live model update can change the geometry: ask again once another version answers."""
-        if version != self._image_spec_version:
+    def _seen_vision_version(self, result: VisionResult) -> None:
+        """A live model update can change the geometry: ask again once another version of the stable variant
+        answers (a rollout's candidate prepares images again itself where its geometry differs)."""
+        if result.variant == "stable" and result.version != self._image_spec_version:
             self._image_spec = None
 
     # --- knowledge ------------------------------------------------------------------
@@ -310,15 +315,16 @@ class Dataplane(SpeechGraph):
 
     # --- models ---------------------------------------------------------------------
 
-    def _group_sender(self, model: str, method: str):
+    def _group_sender(self, model: str, method: str, variant: str = "stable"):
         async def send(calls: list[tuple]) -> list:
-            return await self.models[model].call_group.remote(method, calls)
+            handle = self.rollouts.candidates[model] if variant == "candidate" else self.models[model]
+            return await handle.call_group.remote(method, calls)
 
         return send
 
     async def classify(self, pixels: np.ndarray, top_k: int, embed: bool, deadline: Deadline) -> VisionResult:
         result = await call_models(lambda: self.vision_calls((pixels, top_k, embed)), deadline)
-        self._seen_vision_version(result.version)
+        self._seen_vision_version(result)
         return result
 
     async def classify_many(
@@ -331,7 +337,7 @@ class Dataplane(SpeechGraph):
 
         results = await call_models(calls, deadline)
         for result in results:
-            self._seen_vision_version(result.version)
+            self._seen_vision_version(result)
         return results
 
     async def embed(self, texts: list[str], deadline: Deadline) -> TextEmbeddings:
@@ -382,7 +388,7 @@ class Dataplane(SpeechGraph):
 
         analysis = await call_models(graph, deadline)
         if analysis.image is not None:
-            self._seen_vision_version(analysis.image.version)
+            self._seen_vision_version(analysis.image)
         return analysis
 
     # --- explanations -----------------------------------------------------------------
@@ -435,7 +441,7 @@ class Dataplane(SpeechGraph):
             return tuple(await asyncio.gather(classes, lines))
 
         (classes, vision_s), (lines, ocr_s) = await call_models(both, deadline)
-        self._seen_vision_version(classes.version)
+        self._seen_vision_version(classes)
         lines = _in_upload_pixels(lines, image.page_scale)
         facts = self.class_facts(classes) if knowledge else []
         evidence = grounding.gather(classes.labels, lines.lines, facts)

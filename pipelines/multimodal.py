@@ -28,6 +28,7 @@ from deployments.errors import ConfigError
 from deployments.explainer import Explainer
 from deployments.fusion import FusionScorer
 from deployments.ingress import Ingress
+from deployments.judge import RolloutJudge
 from deployments.language import TextGenerator
 from deployments.ocr import TextReader
 from deployments.recognizer import SpeechRecognizer
@@ -92,7 +93,8 @@ def build_app(args: MultimodalArgs | dict | None = None) -> Application:
     # The models by the names every protocol knows them by (GET /v1/models, /v2/models/{name}, OpenAI's model).
     models = {"vision": vision, "text": text, "fusion": fusion, "ocr": ocr, "llm": llm, "explainer": explainer,
               "asr": asr, "tts": tts}  # fmt: skip
-    return Ingress.bind(models)
+    # Every ingress replica reports its rollouts' counts to one judge and routes by its decisions.
+    return Ingress.bind(models, RolloutJudge.bind())
 
 
 MODEL_DEPLOYMENTS = {

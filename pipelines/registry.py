@@ -100,17 +100,19 @@ class ModelRegistry(Mapping[str, DeploymentHandle]):
         return {name: answers[name] for name in names}
 
 
+def serve_status():
+    """``serve.status()``, one call at a time: it is not thread-safe in Ray 2.60, and a call that timed out may
+    still be running."""
+    with _serve_status_lock:
+        return serve.status()
+
+
 async def running_replicas(handles: list[DeploymentHandle], timeout_s: float = CONTROLLER_TIMEOUT_S) -> dict[str, int]:
     """Replicas in state RUNNING (started, model loaded, health checks passing) per deployment of ``handles``,
     from the Serve controller; ``{}`` if it does not answer within ``timeout_s``."""
 
-    def status():
-        # serve.status() is not thread-safe in Ray 2.60, and a call that timed out may still be running.
-        with _serve_status_lock:
-            return serve.status()
-
     try:
-        applications = (await asyncio.wait_for(asyncio.to_thread(status), timeout=timeout_s)).applications
+        applications = (await asyncio.wait_for(asyncio.to_thread(serve_status), timeout=timeout_s)).applications
     except Exception as exc:  # noqa: BLE001 - no answer is no evidence
         logger.warning("The Serve controller did not tell the replicas' states (%s)", type(exc).__name__)
         return {}

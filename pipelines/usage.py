@@ -23,6 +23,9 @@ class Usage:
     masked: Counter = field(default_factory=Counter)  # kind of personal data -> how many were masked
     masker: "Masker | None" = None  # set where the request's texts are to be masked
     models: set = field(default_factory=set)  # models the request's body asked for beyond its route's own
+    caller: str | None = None  # who is calling, for a rollout's sticky split: the API key id, or X-Maas-Caller
+    pin: str | None = None  # the variant the request pinned (X-Maas-Variant), allowed by access control
+    variants: dict = field(default_factory=dict)  # model -> the variant that answered, where it has a rollout
 
     @property
     def tokens(self) -> int:

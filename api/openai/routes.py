@@ -117,10 +117,12 @@ async def models(request: Request, dataplane: DataplaneDep) -> schemas.ModelList
     """Every model of the graph in OpenAI's list shape; each entry also carries what the replica that answered
     serves (name, task, version, source, device, resources, placement, details, drift)."""
     infos = await dataplane.models.infos(request.state.deadline)
+    rollouts = await dataplane.rollouts.summary(request.state.deadline)
     cards = []
     for info in infos:
         fields = dict(info)
-        cards.append(schemas.ModelCard(id=fields.pop("deployment"), created=fields.pop("created"), **fields))
+        name = fields.pop("deployment")
+        cards.append(schemas.ModelCard(id=name, created=fields.pop("created"), rollout=rollouts.get(name), **fields))
     return schemas.ModelList(data=cards)
 
 

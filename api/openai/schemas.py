@@ -689,6 +689,11 @@ class ModelCard(BaseModel):
         description="Drift of the answering replica's recent traffic against the model's reference profile: "
         "status (ok, drift, collecting, disabled, no_reference), scores, thresholds, window.",
     )
+    rollout: dict | None = Field(
+        None,
+        description="The model's rollout, if it has one: its candidate application, the mode and the candidate's "
+        "weight in force, whether the candidate is ready, and its model's name and version.",
+    )
 
 
 class ModelList(BaseModel):

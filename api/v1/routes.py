@@ -126,6 +126,7 @@ async def vision_classify(
         concepts=concepts,
         model=result.model,
         version=result.version,
+        variant=result.variant,
     )
 
 

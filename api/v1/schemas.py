@@ -434,6 +434,7 @@ class VisionClassifyResponse(_Response):
     concepts: list[ConceptScore] | None = Field(None, description="The concepts asked for, in the order asked.")
     model: str
     version: str
+    variant: str = Field("stable", description="The variant that answered: stable, or its rollout's candidate.")
 
 
 class TextEmbedResponse(_Response):

@@ -44,6 +44,7 @@ from deployments.words import check_words, words
 from knowledge.graph import knowledge_graph
 from pipelines import grounding, usage
 from pipelines.dataplane import Analysis, Dataplane, Looked, PreparedImage, decode_and_prepare
+from pipelines.rollouts import Rollouts
 from pipelines.registry import ModelRegistry
 from pipelines.speech import _masked_pieces
 
@@ -122,6 +123,7 @@ class FakeDataplane:
         self.calls: list[tuple] = []
         self.knowledge = knowledge_graph()
         self.policies, self.policy_update_error = {}, None
+        self.rollouts = Rollouts()  # none configured
 
     def observe_generation(self, route: str, response_format: str, tool_choice: str) -> None:
         self.calls.append(("observe_generation", route, response_format, tool_choice))
