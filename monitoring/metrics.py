@@ -33,6 +33,7 @@ EXPORTED_PREFIX = "ray_" + PREFIX  # what Prometheus sees
 # Buckets are fixed so dashboards and alerts can rely on them.
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+RANK_CORRELATION_BUCKETS = (0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.999)
 CONFIDENCE_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
 IMAGE_BYTES_BUCKETS = (1e3, 1e4, 5e4, 1e5, 2.5e5, 5e5, 1e6, 2.5e6, 5e6, 1e7, 2e7)
 IMAGE_PIXELS_BUCKETS = (1e4, 5e4, 1e5, 2.5e5, 5e5, 1e6, 2e6, 4e6, 1e7, 2e7, 4e7)
@@ -76,7 +77,13 @@ LABELS = {
     "direction": "in (speech heard: transcribed) or out (speech spoken: synthesised)",
     "language": "the language a transcription was in (Whisper's ISO 639-1 codes, about 100)",
     "task": "transcribe or translate (speech to English text)",
+    "variant": "which variant of a model answered: stable, or the candidate of its rollout",
+    "outcome": "a variant's answer: ok, or error (the request was answered by the stable variant or failed)",
+    "top_class": "a shadow comparison: same or different top class as the stable variant's answer",
+    "decision": "a rollout judge's decision: step, promoted, rolled_back, passed, failed (shadow), paused, "
+    "resumed or aborted",
 }
+DECISIONS = ("step", "promoted", "rolled_back", "passed", "failed", "paused", "resumed", "aborted")
 
 FINISH_REASONS = ("stop", "length", "cancelled", "error")
 
@@ -609,6 +616,111 @@ class KeyMetrics:
                 self.tokens.inc(tokens, tags={"key_id": key_id, "kind": kind})
         if audio_s:
             self.audio_seconds.inc(audio_s, tags={"key_id": key_id})
+
+
+ROLLOUT_METRICS = tuple(
+    EXPORTED_PREFIX + name
+    for name in (
+        "variant_requests_total",
+        "variant_request_seconds",
+        "variant_confidence_ratio",
+        "shadow_comparisons_total",
+        "shadow_rank_correlation_ratio",
+        "shadow_dropped_total",
+        "rollout_weight_ratio",
+        "rollout_decisions_total",
+    )
+)
+"""What ``RolloutMetrics`` and ``JudgeMetrics`` export: only once a model has a rollout (their first record)."""
+
+
+class RolloutMetrics:
+    """What each variant of a model with a rollout answered, at the ingress: requests, latency and confidence
+    per variant, and shadow mode's comparisons (``pipelines.rollouts``)."""
+
+    def __init__(self):
+        self.requests = metrics.Counter(
+            PREFIX + "variant_requests_total",
+            description="Model calls per variant of a model with a rollout, and their outcome.",
+            tag_keys=("model", "variant", "outcome"),
+        )
+        self.seconds = metrics.Histogram(
+            PREFIX + "variant_request_seconds",
+            description="Time a variant took to answer a model call, seen from the ingress.",
+            boundaries=list(LATENCY_BUCKETS_S),
+            tag_keys=("model", "variant"),
+        )
+        self.confidence = metrics.Histogram(
+            PREFIX + "variant_confidence_ratio",
+            description="The top class's probability in each answer of a variant.",
+            boundaries=list(CONFIDENCE_BUCKETS),
+            tag_keys=("model", "variant"),
+        )
+        self.comparisons = metrics.Counter(
+            PREFIX + "shadow_comparisons_total",
+            description="Shadow copies answered by the candidate and compared with the stable answer.",
+            tag_keys=("model", "top_class"),
+        )
+        self.rank_correlation = metrics.Histogram(
+            PREFIX + "shadow_rank_correlation_ratio",
+            description="Rank correlation of the candidate's class scores with the stable variant's, per copy.",
+            boundaries=list(RANK_CORRELATION_BUCKETS),
+            tag_keys=("model",),
+        )
+        self.dropped = metrics.Counter(
+            PREFIX + "shadow_dropped_total",
+            description="Shadow copies not sent: the candidate's shadow budget was full.",
+            tag_keys=("model",),
+        )
+
+    def answered(self, model: str, variant: str, seconds: float, confidence: float | None) -> None:
+        tags = {"model": model, "variant": variant}
+        self.requests.inc(tags={**tags, "outcome": "ok"})
+        self.seconds.observe(seconds, tags=tags)
+        if confidence is not None:
+            self.confidence.observe(confidence, tags=tags)
+
+    def failed(self, model: str, variant: str) -> None:
+        self.requests.inc(tags={"model": model, "variant": variant, "outcome": "error"})
+
+    def compared(self, model: str, same: bool, rank_correlation: float) -> None:
+        self.comparisons.inc(tags={"model": model, "top_class": "same" if same else "different"})
+        self.rank_correlation.observe(rank_correlation, tags={"model": model})
+
+    def drop(self, model: str) -> None:
+        self.dropped.inc(tags={"model": model})
+
+
+class JudgeMetrics:
+    """The rollouts' judge: each candidate's share of traffic, and every decision."""
+
+    def __init__(self):
+        self.weight_percent = HeldGauge(
+            PREFIX + "rollout_weight_ratio",
+            description="The share of requests a model's candidate answers (0 to 1; shadow and off: 0).",
+            tag_keys=("model",),
+        )
+        self.decisions = metrics.Counter(
+            PREFIX + "rollout_decisions_total",
+            description="Decisions of the rollouts' judge, and an operator's, per model.",
+            tag_keys=("model", "decision"),
+        )
+
+    def weight(self, model: str, percent: float) -> None:
+        self.weight_percent.set(percent / 100, tags={"model": model})
+
+    def decided(self, model: str, decision: str) -> None:
+        self.decisions.inc(tags={"model": model, "decision": decision})
+
+
+@functools.cache
+def rollout_metrics() -> RolloutMetrics:
+    return RolloutMetrics()
+
+
+@functools.cache
+def judge_metrics() -> JudgeMetrics:
+    return JudgeMetrics()
 
 
 @functools.cache

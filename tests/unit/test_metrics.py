@@ -40,6 +40,8 @@ def instruments(monkeypatch) -> list[Recorded]:
     metrics.RequestMetrics()
     metrics.SpeechMetrics("in")
     metrics.KeyMetrics()
+    metrics.RolloutMetrics()
+    metrics.JudgeMetrics()
     return created
 
 
@@ -71,6 +73,7 @@ def test_histogram_buckets_are_increasing_constants(instruments):
             metrics.REAL_TIME_FACTOR_BUCKETS,
             metrics.AUDIO_SECONDS_BUCKETS,
             metrics.WORDS_BUCKETS,
+            metrics.RANK_CORRELATION_BUCKETS,
         )
     }
     for histogram in histograms:
