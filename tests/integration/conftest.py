@@ -17,6 +17,7 @@ import ray
 from ray import serve
 
 from tests import serving
+from tests.integration.prometheus import running
 from tests.serving import APP
 
 HTTP_PORT = int(os.environ.get("MAAS_TEST_HTTP_PORT", "8010"))
@@ -80,6 +81,13 @@ def app_url(ray_cluster, tmp_path_factory) -> str:
 def client(app_url):
     with httpx.Client(base_url=app_url, timeout=60) as c:
         yield c
+
+
+@pytest.fixture(scope="module")
+def prometheus(app_url, tmp_path_factory):
+    """A real Prometheus scraping this session's Ray, for one test module."""
+    with running(tmp_path_factory.mktemp("prometheus")) as server:
+        yield server
 
 
 @pytest.fixture

@@ -9,13 +9,10 @@ Prometheus's HTTP API what it saw.
 
 import contextlib
 import io
-import os
 import select
 import socket
-import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from urllib.parse import urlparse
 
 import httpx
@@ -29,14 +26,13 @@ from ray.exceptions import RayTaskError
 
 from deployments.contracts import TextEmbeddings
 from monitoring import catalog
-from monitoring.metrics import KEY_METRICS
+from monitoring.metrics import KEY_METRICS, ROLLOUT_METRICS
 from monitoring.tools.profile import augmented, skimage_photos
 from tests.conftest import b64
 from tests.integration.conftest import INGRESS, deploy, shipped_config
-from tests.serving import APP, ROOT, prometheus_tool, replica_infos
+from tests.integration.prometheus import SERVICE_DISCOVERY
+from tests.serving import APP, ROOT, replica_infos
 
-PROMETHEUS_PORT = int(os.environ.get("MAAS_TEST_PROMETHEUS_PORT", "9095"))
-SERVICE_DISCOVERY = Path("/tmp/ray/prom_metrics_service_discovery.json")
 VISION_ROUTE = "/v1/vision/classify"
 EGYPTIAN_CAT = "285"  # ImageNet class index
 
@@ -47,82 +43,6 @@ VISION_REPLICAS = 2
 VISION_DRIFT = {"window_size": 200, "min_samples": 200, "thresholds": {"confidence_psi": 0.25, "class_psi": 0.25}}
 TEXT_DRIFT = {"window_size": 40, "min_samples": 40, "thresholds": {"embedding_cosine_shift": 0.3}}
 SAMPLES = ROOT / "monitoring" / "samples"  # held out from the reference profiles
-
-
-class Prometheus:
-    def __init__(self, url: str):
-        self.client = httpx.Client(base_url=url, timeout=10)
-
-    def query(self, expr: str) -> float:
-        """Sum of an instant vector; 0 when it is empty."""
-        response = self.client.get("/api/v1/query", params={"query": expr})
-        response.raise_for_status()
-        return sum(float(sample["value"][1]) for sample in response.json()["data"]["result"])
-
-    def wait_for(self, expr: str, predicate, timeout_s: float = 60) -> float:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            value = self.query(expr)
-            if predicate(value) or time.monotonic() > deadline:
-                return value
-            time.sleep(1)
-
-    def stable(self, exprs: dict[str, str], quiet_s: float = 6, timeout_s: float = 60) -> dict[str, float]:
-        """The values once none has changed for ``quiet_s`` (all earlier traffic exported and scraped)."""
-        deadline = time.monotonic() + timeout_s
-        values, since = {name: self.query(e) for name, e in exprs.items()}, time.monotonic()
-        while time.monotonic() - since < quiet_s and time.monotonic() < deadline:
-            time.sleep(1)
-            latest = {name: self.query(e) for name, e in exprs.items()}
-            if latest != values:
-                values, since = latest, time.monotonic()
-        return values
-
-    def metric_names(self) -> set[str]:
-        return set(self.client.get("/api/v1/label/__name__/values").json()["data"])
-
-
-@pytest.fixture(scope="module")
-def prometheus(app_url, tmp_path_factory):
-    binary = prometheus_tool("prometheus")
-    config = yaml.safe_load((ROOT / "monitoring" / "prometheus.yml").read_text())
-    (sd_file,) = config["scrape_configs"][0]["file_sd_configs"][0]["files"]
-    assert Path(sd_file) == SERVICE_DISCOVERY and SERVICE_DISCOVERY.exists(), "Ray did not write its SD file"
-    # Scraped often so the tests wait little, but not every second: a scrape times out at its interval, and
-    # the node's exposition reached 3.7 MB (0.5 s to render) while fuzzing here, so a 1 s scrape of a busy
-    # node late in the suite timed out and left the node's target down.
-    config["global"] |= {"scrape_interval": "2s", "scrape_timeout": "2s", "evaluation_interval": "1s"}
-    config["rule_files"] = [str(ROOT / "monitoring" / "alerts.yml")]
-    folder = tmp_path_factory.mktemp("prometheus")
-    (folder / "prometheus.yml").write_text(yaml.safe_dump(config))
-    log = (folder / "prometheus.log").open("w")
-    process = subprocess.Popen(
-        [
-            binary,
-            f"--config.file={folder / 'prometheus.yml'}",
-            f"--storage.tsdb.path={folder / 'data'}",
-            f"--web.listen-address=127.0.0.1:{PROMETHEUS_PORT}",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{PROMETHEUS_PORT}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"{url}/-/ready").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"prometheus did not start: {(folder / 'prometheus.log').read_text()[-2000:]}")
-            time.sleep(0.5)
-        yield Prometheus(url)
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
-        log.close()
 
 
 def drift_config() -> dict:
@@ -575,6 +495,8 @@ def test_drift_gauges_are_still_reported_when_traffic_stops(prometheus, drift_ap
 
 def test_every_metric_in_the_dashboard_and_alerts_is_in_a_real_scrape(prometheus):
     names = prometheus.metric_names()
-    # The per-key metrics exist only while API keys are on: test_security.py finds them in a real scrape.
-    missing = sorted(catalog.referenced_metrics() - names - set(KEY_METRICS))
+    # The per-key metrics exist only while API keys are on: test_security.py finds them in a real scrape; the
+    # rollout metrics only once a model has a rollout: test_rollouts.py does.
+    rollouts = {name for name in catalog.referenced_metrics() if name.startswith(ROLLOUT_METRICS)}
+    missing = sorted(catalog.referenced_metrics() - names - set(KEY_METRICS) - rollouts)
     assert not missing, f"referenced by monitoring/ but not scraped: {missing}"
