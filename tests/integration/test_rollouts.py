@@ -1,0 +1,250 @@
+"""Rollouts on the running app: a candidate vision model in an application of its own, given a canary share or
+shadow copies by the ingress's ``user_config``, and judged under load.
+
+Each step is a ``serve deploy`` of the shipped YAML with the candidate application added and the ingress's
+``rollouts`` set, as the README's walk-through does; only the ingress (in place) and the candidate change. The
+module ends by deploying the shipped YAML again, which removes the candidate.
+"""
+
+import threading
+import time
+import uuid
+from collections import Counter
+
+import httpx
+import pytest
+
+from monitoring import catalog
+from monitoring.metrics import ROLLOUT_METRICS
+from tests.conftest import b64
+from tests.integration.conftest import deploy, shipped_config
+
+CANDIDATE = "vision-candidate"
+READY_TIMEOUT_S = 180
+JUDGE_TIMEOUT_S = 120
+CLIENTS = 6
+PAUSE_S = 0.1
+# Judged fast enough for a test: a small window, and latency judged loosely (two cores shared with the load).
+POLICY = {"steps": [10, 50, 100], "min_requests": 20, "interval_s": 1, "criteria": {"max_p95_latency_ratio": 5}}
+BAD_MODEL = {"version": "bad-normalization", "normalization": {"mean": [0, 0, 0], "std": [1, 1, 1]}}
+
+
+def with_candidate(rollout: dict, model: dict | None = None) -> dict:
+    """The shipped config with a candidate vision application beside the app and the ingress's rollout set."""
+    config = shipped_config()
+    (app,) = config["applications"]
+    stable = next(d for d in app["deployments"] if d["name"] == "VisionClassifier")
+    ingress = next(d for d in app["deployments"] if d["name"] == "Ingress")
+    ingress["user_config"]["rollouts"] = {"vision": {"candidate": CANDIDATE, **rollout}}
+    user_config = {**stable["user_config"], "model": {**stable["user_config"]["model"], "version": "candidate-1",
+                                                     **(model or {})}}  # fmt: skip
+    config["applications"].append({
+        "name": CANDIDATE,
+        "route_prefix": None,
+        "import_path": "pipelines.candidates:vision",
+        "deployments": [{
+            "name": "VisionClassifier",
+            "num_replicas": 1,
+            "max_ongoing_requests": 16,
+            "ray_actor_options": {"num_cpus": 0.1, "num_gpus": 0},
+            "user_config": user_config,
+        }],
+    })  # fmt: skip
+    return config
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return tmp_path_factory.mktemp("rollouts")
+
+
+@pytest.fixture(scope="module")
+def rolled(app_url, folder):
+    """Deploys a rollout and waits until the ingress reports it with a ready candidate; restores the shipped app."""
+
+    def roll(rollout: dict, model: dict | None = None) -> dict:
+        deploy(with_candidate(rollout, model), folder / "serve_config.yaml")
+        version = (model or {}).get("version", "candidate-1")
+
+        def started(state: dict | None) -> bool:
+            return bool(state and state["candidate_ready"] and state["candidate_version"] == version
+                        and state["status"] == rollout["mode"] and not state["decisions"])  # fmt: skip
+
+        return wait_for(app_url, started, READY_TIMEOUT_S, f"{rollout['mode']} rollout of a ready {version}")
+
+    yield roll
+    deploy(shipped_config(), folder / "serve_config.yaml")
+
+
+def rollout_state(url: str) -> dict | None:
+    answer = httpx.get(f"{url}/v1/admin/rollouts", timeout=30)
+    assert answer.status_code == 200, answer.text
+    return answer.json()["rollouts"].get("vision")
+
+
+def wait_for(url: str, condition, timeout_s: float, what: str) -> dict:
+    deadline = time.monotonic() + timeout_s
+    state = None
+    while time.monotonic() < deadline:
+        state = rollout_state(url)
+        if condition(state):
+            return state
+        time.sleep(0.5)
+    pytest.fail(f"no {what} after {timeout_s} s; the rollout: {state}")
+
+
+def variant_of(response: httpx.Response) -> str:
+    return dict(pair.split("=") for pair in response.headers["x-maas-variant"].split(","))["vision"]
+
+
+def classify(client: httpx.Client, image: bytes, **headers) -> httpx.Response:
+    return client.post("/v1/vision/classify", json={"image": b64(image), "top_k": 5}, headers=headers)
+
+
+class Load:
+    """Clients classifying one photo, each request as a new caller, recording every status and variant."""
+
+    def __init__(self, url: str, image: bytes):
+        self.url, self.payload = url, {"image": b64(image), "top_k": 5}
+        self.results: list[tuple[int, str | None]] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._client) for _ in range(CLIENTS)]
+
+    def _client(self) -> None:
+        with httpx.Client(base_url=self.url, timeout=60) as client:
+            while not self._stop.is_set():
+                response = client.post("/v1/vision/classify", json=self.payload,
+                                       headers={"X-Maas-Caller": uuid.uuid4().hex})  # fmt: skip
+                variant = variant_of(response) if response.status_code == 200 else None
+                self.results.append((response.status_code, variant))
+                self._stop.wait(PAUSE_S)
+
+    def __enter__(self) -> "Load":
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join()
+
+
+def test_a_canary_splits_by_its_weight_sticky_per_caller_and_a_pin_overrides(rolled, client, chelsea_jpeg):
+    rolled({"mode": "canary", "weight": 20, "policy": {"auto": False}})
+    stable_answer = classify(client, chelsea_jpeg, **{"X-Maas-Variant": "stable"})
+    assert variant_of(stable_answer) == "stable" and stable_answer.json()["version"] != "candidate-1"
+    pinned = classify(client, chelsea_jpeg, **{"X-Maas-Variant": "candidate"})
+    assert variant_of(pinned) == "candidate" and pinned.json()["version"] == "candidate-1"
+    assert pinned.json()["labels"][0]["label"] == stable_answer.json()["labels"][0]["label"] == "Egyptian cat"
+
+    answered: dict[str, str] = {}
+    lock = threading.Lock()
+
+    def caller(index: int) -> None:
+        with httpx.Client(base_url=str(client.base_url), timeout=60) as own:
+            for n in range(index, 400, 8):
+                response = classify(own, chelsea_jpeg, **{"X-Maas-Caller": f"caller-{n}"})
+                assert response.status_code == 200, response.text
+                with lock:
+                    answered[f"caller-{n}"] = variant_of(response)
+
+    threads = [threading.Thread(target=caller, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    shares = Counter(answered.values())
+    assert len(answered) == 400 and 56 <= shares["candidate"] <= 104, shares  # 20% +- 6 points
+    for name in [c for c, v in answered.items() if v == "candidate"][:5] + [c for c, v in answered.items()
+                                                                           if v == "stable"][:5]:  # fmt: skip
+        again = {variant_of(classify(client, chelsea_jpeg, **{"X-Maas-Caller": name})) for _ in range(4)}
+        assert again == {answered[name]}, name
+
+    refused = classify(client, chelsea_jpeg, **{"X-Maas-Variant": "blue"})
+    assert refused.status_code == 422 and "X-Maas-Variant" in refused.text
+
+
+def test_shadow_copies_are_compared_never_answer_and_are_dropped_when_the_candidate_is_busy(
+    rolled, client, chelsea_jpeg, coffee_jpeg
+):
+    before = rolled({"mode": "shadow", "shadow_in_flight": 1, "policy": {"auto": False}})
+    reference = {image: classify(client, image, **{"X-Maas-Variant": "stable"}).content
+                 for image in (chelsea_jpeg, coffee_jpeg)}  # fmt: skip
+    sent = 0
+    for index in range(20):
+        image = (chelsea_jpeg, coffee_jpeg)[index % 2]
+        answer = classify(client, image)
+        sent += 1
+        assert answer.status_code == 200 and variant_of(answer) == "stable"
+        assert answer.content == reference[image]  # byte for byte the stable variant's answer
+        time.sleep(0.1)
+
+    def burst(_) -> httpx.Response:
+        with httpx.Client(base_url=str(client.base_url), timeout=60) as own:
+            return classify(own, chelsea_jpeg)
+
+    threads_answers = []
+    threads = [threading.Thread(target=lambda: threads_answers.append(burst(None))) for _ in range(24)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    sent += len(threads)
+    assert all(a.status_code == 200 and a.content == reference[chelsea_jpeg] for a in threads_answers)
+
+    def accounted(state: dict) -> bool:  # every copy compared, failed or dropped, and counted at the judge
+        candidate, stable = state["variants"]["candidate"], state["variants"]["stable"]
+        prior = before["variants"]
+        copies = candidate["compared"] + candidate["errors"] + candidate["shadow_dropped"]
+        previous = prior["candidate"]["compared"] + prior["candidate"]["errors"] + prior["candidate"]["shadow_dropped"]
+        return stable["requests"] - prior["stable"]["requests"] >= sent and copies - previous >= sent
+
+    state = wait_for(str(client.base_url), accounted, 30, "account of every shadow copy")
+    candidate = state["variants"]["candidate"]
+    assert candidate["compared"] >= 10 and candidate["agreement"] == 1.0 and candidate["rank_correlation"] > 0.999
+    assert candidate["shadow_dropped"] >= 1  # 24 at once against a budget of one copy in flight
+
+
+def test_the_judge_promotes_an_equal_candidate_under_load_and_fails_no_request(
+    rolled, app_url, chelsea_jpeg, prometheus
+):
+    rolled({"mode": "canary", "weight": 10, "policy": POLICY})
+    with Load(app_url, chelsea_jpeg) as load:
+        state = wait_for(app_url, lambda r: r["status"] != "canary", JUDGE_TIMEOUT_S, "decision beyond the canary")
+        time.sleep(2)
+    assert state["status"] == "promoted", state["decisions"]
+    assert [d["to_weight"] for d in state["decisions"]] == [50, 100, 100]
+    statuses = Counter(status for status, _ in load.results)
+    assert statuses == {200: len(load.results)}, statuses
+    assert load.results[-1][1] == "candidate"  # promoted: the candidate answers everything
+
+
+def test_the_judge_rolls_back_a_bad_candidate_under_load_and_fails_no_request(rolled, app_url, chelsea_jpeg):
+    rolled({"mode": "canary", "weight": 10, "policy": POLICY}, model=BAD_MODEL)
+    with Load(app_url, chelsea_jpeg) as load:
+        state = wait_for(app_url, lambda r: r["status"] != "canary", JUDGE_TIMEOUT_S, "decision on the bad candidate")
+        decided = len(load.results)
+        time.sleep(3)  # routing follows the judge within about a second
+    assert state["status"] == "rolled_back", state["decisions"]
+    (decision,) = state["decisions"]
+    assert decision["to_weight"] == 0 and any(r.startswith("max_confidence_psi") for r in decision["reasons"])
+    statuses = Counter(status for status, _ in load.results)
+    assert statuses == {200: len(load.results)}, statuses
+    assert "candidate" not in {variant for _, variant in load.results[decided + 4 * CLIENTS :]}
+
+
+def test_prometheus_scrapes_every_rollout_metric_and_the_rollback_alert_fires(prometheus):
+    """The dashboard's Rollouts row and the rollback alert read what a real Prometheus scraped from the steps
+    above (test_monitoring.py leaves these out: they exist only once a model has had a rollout)."""
+    referenced = {name for name in catalog.referenced_metrics() if name.startswith(ROLLOUT_METRICS)}
+    deadline = time.monotonic() + 30
+    while missing := referenced - prometheus.metric_names():
+        assert time.monotonic() < deadline, f"referenced by monitoring/ but not scraped: {sorted(missing)}"
+        time.sleep(1)
+    alert = 'count(ALERTS{alertname="MaasRolloutRolledBack", model="vision", decision="rolled_back"})'
+    assert prometheus.wait_for(alert, lambda firing: firing >= 1) >= 1
+    assert prometheus.query('sum(ray_maas_rollout_decisions_total{model="vision", decision="promoted"})') >= 1
+    assert prometheus.query('sum(ray_maas_shadow_comparisons_total{model="vision", top_class="same"})') >= 10
+    share = 'sum(ray_maas_variant_requests_total{model="vision", variant="candidate", outcome="ok"})'
+    assert prometheus.query(share) >= 80  # the canary's share of 400 requests, and every step since
