@@ -13,21 +13,24 @@ window against the stable variant's, once the candidate has answered ``min_reque
 Windows are fixed-size histograms, so merging and sending them costs the same whatever the traffic.
 """
 
+import bisect
 import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from monitoring.drift import CONFIDENCE_EDGES, PSI_SMOOTHING
 
 if TYPE_CHECKING:
     from pipelines.rollouts import Rollout
 
 LATENCY_BOUNDS = tuple(0.001 * 1.25**i for i in range(50))  # 1 ms .. about 55 s, 25% apart
-CONFIDENCE_BINS = 10
+CONFIDENCE_BINS = len(CONFIDENCE_EDGES) - 1  # the drift monitor's bins, so both mean the same by drift
 MAX_DECISIONS = 50  # kept per model for GET /v1/admin/rollouts
-PSI_FLOOR = 1e-4  # a bin's share below this counts as this (PSI of an empty bin is otherwise infinite)
 
 
 @dataclass
@@ -48,7 +51,8 @@ class Window:
         self.requests += 1
         self.latency[_bucket(seconds)] += 1
         if confidence is not None:
-            self.confidence[min(CONFIDENCE_BINS - 1, max(0, int(confidence * CONFIDENCE_BINS)))] += 1
+            index = bisect.bisect_right(CONFIDENCE_EDGES, confidence) - 1
+            self.confidence[min(CONFIDENCE_BINS - 1, max(0, index))] += 1
             self.confidence_sum += confidence
 
     def failed(self) -> None:
@@ -134,11 +138,20 @@ def _rounded(value: float | None) -> float | None:
 
 
 def psi(reference: list[int], observed: list[int]) -> float | None:
-    """Population stability index of two histograms over the same bins (None if either is empty)."""
+    """Population stability index of the candidate's confidences against the stable variant's (None if either
+    histogram is empty), over the drift monitor's bins.
+
+    Both are samples, so every bin of both gets the same small share: the drift monitor's pseudo-count over the
+    candidate's window (``monitoring.drift`` smooths only the live side, against a reference profile that has
+    every bin). Otherwise a stable variant that only saw one kind of input would make an equal candidate's
+    smoothed empty bins look like drift.
+    """
     if not sum(reference) or not sum(observed):
         return None
-    expected = np.maximum(np.asarray(reference, float) / sum(reference), PSI_FLOOR)
-    actual = np.maximum(np.asarray(observed, float) / sum(observed), PSI_FLOOR)
+    floor = PSI_SMOOTHING / sum(observed)
+    expected = np.asarray(reference, float) / sum(reference) + floor
+    actual = np.asarray(observed, float) / sum(observed) + floor
+    expected, actual = expected / expected.sum(), actual / actual.sum()
     return float(np.sum((actual - expected) * np.log(actual / expected)))
 
 
@@ -224,8 +237,14 @@ class RolloutState:
         return {"mode": mode, "weight": self.weight if mode == "canary" else 0.0}
 
     def decide(self, decision: str, reasons: list[str], weight: float, status: str, now: float) -> dict:
-        entry = {"time": round(now, 3), "decision": decision, "from_weight": self.weight, "to_weight": weight,
-                 "status": status, "reasons": reasons}  # fmt: skip
+        entry = {
+            "time": datetime.fromtimestamp(now, UTC).isoformat(timespec="seconds"),
+            "decision": decision,
+            "from_weight": self.weight,
+            "to_weight": weight,
+            "status": status,
+            "reasons": reasons,
+        }
         self.decisions.append(entry)
         self.weight, self.status = weight, status
         self.candidate, self.step_started = Window(), now

@@ -62,7 +62,12 @@ class Criteria(BaseModel):
         0.05, ge=0.0, le=1.0, description="The stable variant's mean top-class confidence minus the candidate's."
     )
     max_confidence_psi: float = Field(
-        0.25, gt=0.0, le=10.0, description="Drift (PSI) of the candidate's confidences against the stable variant's."
+        0.25,
+        gt=0.0,
+        le=10.0,
+        description="Drift (PSI, as the drift monitor's) of the candidate's confidences against the stable "
+        "variant's. Over a small window PSI is mostly sampling noise: for an equal candidate its 99th percentile "
+        "is about 0.24 over 100 answers and 0.13 over 200 (pipelines/judging.py).",
     )
     min_agreement: float = Field(
         0.9, ge=0.0, le=1.0, description="Shadow mode: share of copies whose top class is the stable answer's."
@@ -82,7 +87,11 @@ class Policy(BaseModel):
         description="The candidate's weights, percent, in order; the last is 100 (the candidate serves all).",
     )
     min_requests: int = Field(
-        100, ge=10, le=1_000_000, description="Candidate requests (shadow: comparisons) a step is judged on."
+        200,
+        ge=10,
+        le=1_000_000,
+        description="Candidate requests (shadow: comparisons) a step is judged on; fewer make the drift criterion "
+        "noisy (max_confidence_psi).",
     )
     interval_s: float = Field(5.0, ge=0.5, le=3600.0, description="How often the judge evaluates.")
     criteria: Criteria = Field(default_factory=Criteria)
