@@ -376,12 +376,14 @@ class Dataplane(SpeechGraph):
             (text,) = await private([text])
 
         async def graph() -> Analysis:
-            # Both branches start now and run in parallel; fusion starts as soon as both are done.
+            # Both branches start now and run in parallel; fusion starts as soon as both are done. The vision
+            # branch stays on the stable variant: fusion embeds the class names of the vision deployment it is
+            # bound to, by version, and knows no candidate's.
             if pixels is None:
                 embeddings, image = await self.label_calls((labels, text)), None
             else:
                 embeddings, image = await asyncio.gather(
-                    self.label_calls((labels, text)), self.vision_calls((pixels, top_k, False))
+                    self.label_calls((labels, text)), self.vision_calls.stable((pixels, top_k, False))
                 )
             fused = await self.fusion_calls((image, embeddings, with_text, vision_weight, text_weight, explain))
             return Analysis(fusion=fused, image=image)

@@ -351,6 +351,10 @@ class Routed:
         for grouped in self.grouped.values():
             grouped.configure(max_group_size, max_groups_in_flight)
 
+    async def stable(self, item):
+        """A call the stable variant answers whatever the rollout (for a caller bound to the stable deployment)."""
+        return await self.grouped["stable"](item)
+
     async def __call__(self, item):
         if self.model not in self.rollouts.configs:
             return await self.grouped["stable"](item)

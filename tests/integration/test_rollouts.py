@@ -161,6 +161,11 @@ def test_a_canary_splits_by_its_weight_sticky_per_caller_and_a_pin_overrides(rol
         again = {variant_of(classify(client, chelsea_jpeg, **{"X-Maas-Caller": name})) for _ in range(4)}
         assert again == {answered[name]}, name
 
+    # The multimodal route's vision branch stays on the stable variant: fusion knows only its class names.
+    analyzed = client.post("/v1/multimodal/analyze", headers={"X-Maas-Variant": "candidate"},
+                           json={"image": b64(chelsea_jpeg), "text": "a cat", "labels": ["cat", "car"]})  # fmt: skip
+    assert analyzed.status_code == 200 and analyzed.json()["fused"][0]["label"] == "cat", analyzed.text
+
     refused = classify(client, chelsea_jpeg, **{"X-Maas-Variant": "blue"})
     assert refused.status_code == 422 and "X-Maas-Variant" in refused.text
 
