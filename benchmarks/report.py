@@ -389,6 +389,10 @@ def markdown(results: dict, plot_name: str) -> str:
         from benchmarks.structured import report as structured_report
 
         lines += ["", *structured_report(results["structured"])]
+    if results.get("shadow"):
+        from benchmarks.shadow import report as shadow_report
+
+        lines += ["", *shadow_report(results["shadow"])]
     gpu = Path(__file__).resolve().parents[1] / "docs" / "benchmarks" / "gpu.json"
     if gpu.exists():
         from benchmarks.gpu import report as gpu_report

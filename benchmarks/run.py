@@ -50,7 +50,7 @@ import torch
 import yaml
 from PIL import Image
 
-from benchmarks import describe, faithfulness, llm, speech, structured
+from benchmarks import describe, faithfulness, llm, shadow, speech, structured
 from benchmarks.loadgen import run_load, run_overload
 from benchmarks.report import write_report
 
@@ -313,6 +313,25 @@ def run_other_ingress(requests: dict[str, dict]) -> list[dict]:
         log(f"cluster behind INGRESS={OTHER_INGRESS} stopped ({time.monotonic() - started:.0f} s in all)")
 
 
+def measure_shadow(requests: dict[str, dict]) -> dict:
+    """The vision route with a candidate in shadow mode and without (``benchmarks.shadow``), on one cluster behind
+    the default ingress."""
+    config = yaml.safe_load(CONFIG.read_text())
+    config["http_options"]["port"] = CLUSTER_PORT
+    folder = Path(tempfile.mkdtemp(prefix="bench-"))
+    (folder / "off.yaml").write_text(yaml.safe_dump(shadow.with_candidate(config, "off")))
+    base = f"http://127.0.0.1:{CLUSTER_PORT}"
+    started = time.monotonic()
+    process = start([str(BIN / "serve"), "run", str(folder / "off.yaml")], env=INGRESS_ENV[DEFAULT_INGRESS],
+                    log_name="cluster-shadow")  # fmt: skip
+    try:
+        wait_for_answer(base, ROUTES["vision"], requests["vision"], process)
+        return shadow.measure_cluster(base, config, folder, BIN / "serve", requests["vision"], DURATION_S, log)
+    finally:
+        stop(process)
+        log(f"cluster with a shadow candidate stopped ({time.monotonic() - started:.0f} s in all)")
+
+
 def same_priority() -> dict:
     """Put this process (and so the baseline server and Ray, which inherit it) at ``NICENESS``, and tell Ray
     to leave its workers at the niceness they inherit; the per-process tables show what each ran at."""
@@ -380,6 +399,11 @@ def main() -> None:
         results["faithfulness"] = faithfulness.measure(log)
         write_results(results)
         return
+    if os.environ.get("BENCH_SETUPS") == "shadow":  # shadow traffic's cost alone, into the last report
+        results = json.loads((OUT / "results.json").read_text())
+        results["shadow"] = measure_shadow(requests)
+        write_results(results)
+        return
     if os.environ.get("BENCH_SETUPS") == "http":  # the request path alone, the other sections kept
         results = json.loads((OUT / "results.json").read_text())
         results.update(measure_http(requests, niceness))
@@ -400,6 +424,7 @@ def main() -> None:
         "faithfulness": explained,
         "speech": speech.combine(speech_in_process, speech_cluster),
         "structured": structured.combine(structured_in_process, structured_cluster),
+        "shadow": measure_shadow(requests),
     }
     write_results(results)
 

@@ -3,7 +3,7 @@ limit of one run, and the HAProxy ingress's process counted as serving."""
 
 import pytest
 
-from benchmarks import cpu, report, speech, structured, wer
+from benchmarks import cpu, report, shadow, speech, structured, wer
 
 
 def _row(setup: str, route: str, concurrency: int, rps: float, p50: float, p99: float, cpu_ms: dict) -> dict:
@@ -248,3 +248,20 @@ def test_a_run_behind_haproxy_by_default_names_it_and_rates_the_python_proxy_as_
     assert proxy in text
     header = next(line for line in report.cpu_report(results) if line.startswith("| process |"))
     assert "cluster, Serve's Python proxy" in header
+
+
+def test_the_shadow_section_compares_the_stable_variant_with_and_without_copies():
+    def row(mode, clients, rps, p99):
+        return {"mode": mode, "concurrency": clients, "throughput_rps": rps, "p99_ms": p99, "error_rate": 0.0}
+
+    measured = {
+        "duration_s": 8.0,
+        "rows": [row("off", 8, 40.0, 300.0), row("off", 32, 44.0, 900.0),
+                 row("shadow", 8, 30.0, 350.0), row("shadow", 32, 33.0, 1100.0)],  # fmt: skip
+        "copies": {"compared": 500, "shadow_dropped": 120, "errors": 0, "agreement": 1.0},
+    }
+    text = "\n".join(shadow.report(measured))
+    assert "| 8 | 40.0 | 30.0 | 0.75 | 300 | 350 | 0.0% |" in text
+    assert "| 32 | 44.0 | 33.0 | 0.75 | 900 | 1100 | 0.0% |" in text
+    assert "500 compared" in text and "120 dropped" in text
+    assert "## Shadow traffic" in report.markdown({**_results(), "shadow": measured}, "plot.png")
