@@ -19,17 +19,20 @@ from benchmarks.loadgen import run_load
 
 CANDIDATE = "vision-candidate"
 CLIENTS = (8, 32)
+SETTINGS = (("off", 100.0), ("shadow", 100.0), ("shadow", 10.0))  # (mode, percent of requests copied)
 ROUTE = "/v1/vision/classify"
 READY_TIMEOUT_S = 300
 
 
-def with_candidate(config: dict, mode: str) -> dict:
-    """``config`` with a candidate vision application beside the app and the ingress's rollout in ``mode``."""
+def with_candidate(config: dict, mode: str, percent: float = 100.0) -> dict:
+    """``config`` with a candidate vision application beside the app and the ingress's rollout in ``mode``
+    (shadow: copying ``percent`` of requests)."""
     config = copy.deepcopy(config)
     (app,) = [a for a in config["applications"] if a["name"] == "multimodal"]
     stable = next(d for d in app["deployments"] if d["name"] == "VisionClassifier")
     ingress = next(d for d in app["deployments"] if d["name"] == "Ingress")
-    ingress["user_config"]["rollouts"] = {"vision": {"candidate": CANDIDATE, "mode": mode, "policy": {"auto": False}}}
+    rollout = {"candidate": CANDIDATE, "mode": mode, "shadow_percent": percent, "policy": {"auto": False}}
+    ingress["user_config"]["rollouts"] = {"vision": rollout}
     model = {**stable["user_config"]["model"], "version": "shadow-candidate"}
     config["applications"].append({
         "name": CANDIDATE,
@@ -65,54 +68,61 @@ def _deploy(serve: Path, path: Path, base: str, mode: str) -> None:
 def measure_cluster(base: str, config: dict, folder: Path, serve: Path, payload: dict, duration_s: float, log) -> dict:
     """Vision at each of ``CLIENTS`` with the rollout off, then in shadow mode; the copies counted meanwhile."""
     rows, copies = [], {}
-    for mode in ("off", "shadow"):
-        path = folder / f"shadow-{mode}.yaml"
-        path.write_text(yaml.safe_dump(with_candidate(config, mode)))
+    for mode, percent in SETTINGS:
+        setting = "off" if mode == "off" else f"shadow {percent:g}%"
+        path = folder / f"shadow-{mode}-{percent:g}.yaml"
+        path.write_text(yaml.safe_dump(with_candidate(config, mode, percent)))
         _deploy(serve, path, base, mode)
-        before = _rollout(base)["variants"]["candidate"]
+        before = _rollout(base)["variants"]
         for clients in CLIENTS:
-            row = {"mode": mode, **run_load(base + ROUTE, payload, clients, duration_s)}
-            log(f"shadow {mode} c={clients}: {row['throughput_rps']:.1f} rps, p50 {row['p50_ms']:.0f} ms, "
+            row = {"mode": setting, **run_load(base + ROUTE, payload, clients, duration_s)}
+            log(f"{setting} c={clients}: {row['throughput_rps']:.1f} rps, p50 {row['p50_ms']:.0f} ms, "
                 f"p99 {row['p99_ms']:.0f} ms, errors {row['error_rate']:.1%}")  # fmt: skip
             rows.append(row)
         time.sleep(3)  # the ingress replicas' last counts reach the judge
-        after = _rollout(base)["variants"]["candidate"]
+        after = _rollout(base)["variants"]
         if mode == "shadow":
-            copies = {key: after[key] - before[key] for key in ("compared", "shadow_dropped", "errors")}
-            copies["agreement"] = after["agreement"]
-            log(f"shadow copies: {copies['compared']} compared, {copies['shadow_dropped']} dropped, "
-                f"{copies['errors']} failed, agreement {copies['agreement']}")  # fmt: skip
+            counted = {key: after["candidate"][key] - before["candidate"][key]
+                       for key in ("compared", "shadow_dropped", "errors")}  # fmt: skip
+            counted["answered"] = after["stable"]["requests"] - before["stable"]["requests"]
+            counted["agreement"] = after["candidate"]["agreement"]
+            copies[setting] = counted
+            log(f"{setting}: {counted['answered']} answered, {counted['compared']} copies compared, "
+                f"{counted['shadow_dropped']} dropped, {counted['errors']} failed")  # fmt: skip
     return {"duration_s": duration_s, "rows": rows, "copies": copies}
 
 
 def report(shadow: dict) -> list[str]:
     """The Markdown section of docs/BENCHMARKS.md."""
     by = {(r["mode"], r["concurrency"]): r for r in shadow["rows"]}
-    copies = shadow["copies"]
     lines = [
         "## Shadow traffic",
         "",
-        "The vision route with a candidate vision model in shadow mode (README: Rollouts) against the same running "
-        f"cluster with the rollout off, {shadow['duration_s']:.0f} s per point. The candidate is the shipped model "
-        "under another version on one replica: every copy is as much work as the answer it shadows, on the same "
-        "two cores. At most 4 copies are in flight per ingress replica; the rest are dropped, not queued.",
+        "The vision route with a candidate vision model in shadow mode (README: Rollouts), copying every request "
+        "or one in ten, against the same running cluster with the rollout off, "
+        f"{shadow['duration_s']:.0f} s per point. The candidate is the shipped model under another version on one "
+        "replica: every copy is as much work as the answer it shadows, on the same two cores. At most 4 copies are "
+        "in flight per ingress replica; the rest are dropped, not queued.",
         "",
-        "| clients | rps, off | rps, shadow | ratio | p99 ms, off | p99 ms, shadow | errors, shadow |",
-        "|---|---|---|---|---|---|---|",
+        "| clients | copied | rps | of off | p99 ms | errors |",
+        "|---|---|---|---|---|---|",
     ]
     for clients in sorted({c for _, c in by}):
-        off, on = by.get(("off", clients)), by.get(("shadow", clients))
-        if off and on:
+        off = by.get(("off", clients))
+        for setting in sorted({m for m, _ in by}, key=lambda m: (m != "off", m)):
+            row = by.get((setting, clients))
+            if row is None or off is None:
+                continue
+            copied = "none (off)" if setting == "off" else setting.removeprefix("shadow ")
             lines.append(
-                f"| {clients} | {off['throughput_rps']:.1f} | {on['throughput_rps']:.1f} | "
-                f"{on['throughput_rps'] / off['throughput_rps']:.2f} | {off['p99_ms']:.0f} | {on['p99_ms']:.0f} | "
-                f"{on['error_rate']:.1%} |"
+                f"| {clients} | {copied} | {row['throughput_rps']:.1f} | "
+                f"{row['throughput_rps'] / off['throughput_rps']:.2f} | {row['p99_ms']:.0f} | {row['error_rate']:.1%} |"
             )
-    if copies:
+    for setting, counted in shadow["copies"].items():
         lines += [
             "",
-            f"Copies while shadowing: {copies['compared']} compared with the stable answer (agreement "
-            f"{copies['agreement']}), {copies['shadow_dropped']} dropped because the budget was full, "
-            f"{copies['errors']} failed.",
+            f"{setting}: of {counted['answered']} answers, {counted['compared']} copies were compared with the stable "
+            f"answer (agreement {counted['agreement']}), {counted['shadow_dropped']} dropped because the budget was "
+            f"full, {counted['errors']} failed.",
         ]
     return lines

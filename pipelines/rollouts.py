@@ -126,6 +126,13 @@ class Rollout(BaseModel):
     shadow_in_flight: int = Field(
         4, ge=1, le=256, description="Shadow: copies in flight at once per ingress replica; the next is dropped."
     )
+    shadow_percent: float = Field(
+        100.0,
+        gt=0.0,
+        le=100.0,
+        description="Shadow: percent of requests copied. Each copy costs the candidate what the answer cost the "
+        "stable variant; where both share the CPUs, copy fewer (docs/BENCHMARKS.md, Shadow traffic).",
+    )
     policy: Policy = Field(default_factory=Policy)
 
 
@@ -214,6 +221,10 @@ class Rollouts:
     def mode(self, model: str) -> str:
         serving = self.serving.get(model)
         return serving["mode"] if serving and self.ready.get(model) else "off"
+
+    def copies(self, model: str) -> bool:
+        """Whether the current request, answered by the stable variant, is copied to the candidate."""
+        return self.mode(model) == "shadow" and random.random() * 100 < self.configs[model].shadow_percent
 
     def variant(self, model: str) -> tuple[str, bool]:
         """The variant that answers the current request for ``model``, and whether the request pinned it."""
@@ -383,6 +394,6 @@ class Routed:
             return await self.grouped["stable"](item)
         self.rollouts.answered(self.model, variant, self.rollouts.clock() - start, result, judged=not pinned)
         result.variant = variant
-        if variant == "stable" and not pinned and self.rollouts.mode(self.model) == "shadow":
+        if variant == "stable" and not pinned and self.rollouts.copies(self.model):
             self.rollouts.shadow(self.model, result, lambda: self.grouped["candidate"](item))
         return result

@@ -143,7 +143,7 @@ def _speech() -> dict:
         "throughput": {
             "in_process": {**throughput(1, 1.6), "cpu_s_per_audio_s": 0.4},
             "cluster": [throughput(1, 1.5), throughput(4, 2.7), throughput(8, 3.0)],
-        },  # fmt: skip
+        },
         "streaming": [{"clip": "a", "seconds": 1.0, "first_text_s": 1.9, "streamed_s": 2.0, "whole_s": 2.1}],
         "synthesis": {"in_process": [synthesis], "cluster": [{**synthesis, "wall_s": 0.6, "rtf": 0.15}]},
     }
@@ -256,12 +256,13 @@ def test_the_shadow_section_compares_the_stable_variant_with_and_without_copies(
 
     measured = {
         "duration_s": 8.0,
-        "rows": [row("off", 8, 40.0, 300.0), row("off", 32, 44.0, 900.0),
-                 row("shadow", 8, 30.0, 350.0), row("shadow", 32, 33.0, 1100.0)],  # fmt: skip
-        "copies": {"compared": 500, "shadow_dropped": 120, "errors": 0, "agreement": 1.0},
+        "rows": [row("off", 8, 40.0, 300.0), row("shadow 100%", 8, 30.0, 350.0), row("shadow 10%", 8, 38.0, 310.0)],
+        "copies": {
+            "shadow 100%": {"answered": 600, "compared": 500, "shadow_dropped": 100, "errors": 0, "agreement": 1.0}
+        },
     }
     text = "\n".join(shadow.report(measured))
-    assert "| 8 | 40.0 | 30.0 | 0.75 | 300 | 350 | 0.0% |" in text
-    assert "| 32 | 44.0 | 33.0 | 0.75 | 900 | 1100 | 0.0% |" in text
-    assert "500 compared" in text and "120 dropped" in text
+    assert "| 8 | none (off) | 40.0 | 1.00 | 300 | 0.0% |" in text
+    assert "| 8 | 100% | 30.0 | 0.75 | 350 | 0.0% |" in text and "| 8 | 10% | 38.0 | 0.95 | 310 | 0.0% |" in text
+    assert "of 600 answers, 500 copies were compared" in text and "100 dropped" in text
     assert "## Shadow traffic" in report.markdown({**_results(), "shadow": measured}, "plot.png")
