@@ -44,6 +44,11 @@ def _at(results: dict, setup: str, route: str, concurrency: int) -> dict | None:
     return next((r for r in _rows(results, setup, route) if r["concurrency"] == concurrency), None)
 
 
+def _statuses(counts: dict) -> str:
+    """Status counts as ``{-1: 3754}`` (-1: no answer), whether they come from a run or from results.json."""
+    return str({int(status): count for status, count in counts.items()}) if counts else "none"
+
+
 def _open_loop_overload(results: dict) -> dict | None:
     return next((p for p in results.get("overload") or () if p.get("rate_per_s")), None)
 
@@ -353,7 +358,7 @@ def markdown(results: dict, plot_name: str) -> str:
                 f"{point['refused_client_p50_ms']:.0f} / {point['refused_client_p99_ms']:.0f} ms | "
                 f"{point['served_p50_ms']:.0f} ms | {point['healthz_answered']} of {point['healthz_probes']}, "
                 f"{point['healthz_p50_ms']:.0f} / {point['healthz_max_ms']:.0f} ms | "
-                f"{point['other_statuses'] or 'none'} |"
+                f"{_statuses(point['other_statuses'])} |"
             )
     lines += ["", *cpu_report(results)] if any(r.get("cpu") for r in results["results"]) else []
     lines += [
