@@ -10,6 +10,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from api.context import DataplaneDep
 from api.policy import RoutePolicy, declare
+from api.v1.bodies import JSON, read_body
+from api.v1.routes import responses
+from api.v1.schemas import ErrorResponse
 from deployments.errors import MaasError
 from pipelines.rollouts import VARIANT_MODELS
 
@@ -45,7 +48,7 @@ class Rollouts(BaseModel):
     update_error: str | None = Field(None, description="Why the last change of the ingress's rollouts was refused.")
 
 
-@router.get(declare("/v1/admin/rollouts", ADMIN), response_model=Rollouts)
+@router.get(declare("/v1/admin/rollouts", ADMIN), response_model=Rollouts, responses=responses(503))
 async def rollouts(dataplane: DataplaneDep) -> Rollouts:
     """Every model rollout: where it stands, what the judge measured and decided, and why."""
     configured = dataplane.rollouts.configs
@@ -57,12 +60,15 @@ async def rollouts(dataplane: DataplaneDep) -> Rollouts:
 @router.post(
     "/v1/admin/rollouts",
     responses={
-        404: {"description": "The model has no rollout."},
-        409: {"description": "The rollout's state does not allow the action."},
-    },  # fmt: skip
+        **responses(413, 415, 422, 503),
+        404: {"model": ErrorResponse, "description": "The model has no rollout."},
+        409: {"model": ErrorResponse, "description": "The rollout's state does not allow the action."},
+    },
+    openapi_extra={"requestBody": {"required": True, "content": {JSON: {"schema": RolloutAction.model_json_schema()}}}},
 )
-async def act(body: RolloutAction, request: Request, dataplane: DataplaneDep) -> dict:
+async def act(request: Request, dataplane: DataplaneDep) -> dict:
     """An operator's decision on a rollout, logged and counted as the judge's are; returns the decision."""
+    body, _ = await read_body(request, RolloutAction)
     key = request.scope.get("state", {}).get("api_key")
     who = f"key {key.id}" if key is not None else "operator"
     answer = await dataplane.rollouts.call_judge("act", body.model, body.action, who)

@@ -88,6 +88,12 @@ for _path in ("/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"):
     declare(_path, OPEN)
 
 
+def allowed_methods(path: str) -> list[str]:
+    """Every method some route of ``path`` answers."""
+    matching = [route for protocol in PROTOCOLS for route in protocol.router.routes if route.path_regex.match(path)]
+    return sorted({method for route in matching for method in route.methods or ()})
+
+
 def protocol_of(path: str) -> Protocol:
     return next(p for p in PROTOCOLS if p.owns(path))
 
@@ -125,6 +131,8 @@ def build_app(
 
     async def render(request: Request, exc: Exception) -> Response:
         answer = problem(exc)
+        if answer.status == 405:  # Starlette names the first route of the path's methods; a path has more
+            answer.headers = {**(answer.headers or {}), "Allow": ", ".join(allowed_methods(request.url.path))}
         request.state.error_type = answer.type
         return protocol_of(request.url.path).render_error(answer)
 

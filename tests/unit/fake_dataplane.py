@@ -44,8 +44,8 @@ from deployments.words import check_words, words
 from knowledge.graph import knowledge_graph
 from pipelines import grounding, usage
 from pipelines.dataplane import Analysis, Dataplane, Looked, PreparedImage, decode_and_prepare
-from pipelines.rollouts import Rollouts
 from pipelines.registry import ModelRegistry
+from pipelines.rollouts import Rollouts
 from pipelines.speech import _masked_pieces
 
 SPEC = ImageSpec(8, 8, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), Interpolation.bilinear)

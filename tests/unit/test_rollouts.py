@@ -343,3 +343,10 @@ def test_a_new_candidate_version_starts_the_rollout_again():
     assert judge.describe()["vision"]["candidate_version"] == "v3"
     judge.record("vision", rollout, {}, ready=True, version="v2")  # a replica still on the old one: no restart
     assert judge.rollouts["vision"] is state
+
+
+def test_a_wrong_method_names_every_method_of_the_path():
+    from tests.unit.fake_dataplane import client
+
+    refused = client().put("/v1/admin/rollouts")
+    assert refused.status_code == 405 and refused.headers["allow"] == "GET, POST"
