@@ -89,9 +89,11 @@ for _path in ("/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"):
 
 
 def allowed_methods(path: str) -> list[str]:
-    """Every method some route of ``path`` answers."""
-    matching = [route for protocol in PROTOCOLS for route in protocol.router.routes if route.path_regex.match(path)]
-    return sorted({method for route in matching for method in route.methods or ()})
+    """The methods of the route template a request to ``path`` with another method matched (the first one, as
+    Starlette's router takes it), from every route declared on that template."""
+    routes = [route for protocol in PROTOCOLS for route in protocol.router.routes]
+    template = next((route.path for route in routes if route.path_regex.match(path)), None)
+    return sorted({method for route in routes if route.path == template for method in route.methods or ()})
 
 
 def protocol_of(path: str) -> Protocol:

@@ -243,9 +243,6 @@ class Rollouts:
         place = bucket(model, caller) if caller else random.random() * 100
         return ("candidate" if place < serving["weight"] else "stable"), False
 
-    def handle(self, model: str, variant: str, stable: DeploymentHandle) -> DeploymentHandle:
-        return self.candidates[model] if variant == "candidate" else stable
-
     def answered(self, model: str, variant: str, seconds: float, result, judged: bool = True) -> None:
         """Count an answer (``judged``: in the windows the judge decides on; a pinned request is not)."""
         value = confidence(result)
