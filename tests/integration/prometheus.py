@@ -36,15 +36,21 @@ class Prometheus:
                 return value
             time.sleep(1)
 
-    def stable(self, exprs: dict[str, str], quiet_s: float = 6, timeout_s: float = 60) -> dict[str, float]:
-        """The values once none has changed for ``quiet_s`` (all earlier traffic exported and scraped)."""
+    def stable(self, exprs: dict[str, str], quiet_s: float = 12, timeout_s: float = 90) -> dict[str, float]:
+        """The values once none has changed for ``quiet_s`` (over two scrapes) with every target up (all
+        earlier traffic exported and scraped; a target that is down would hide its series from the sums)."""
         deadline = time.monotonic() + timeout_s
-        values, since = {name: self.query(e) for name, e in exprs.items()}, time.monotonic()
-        while time.monotonic() - since < quiet_s and time.monotonic() < deadline:
+
+        def read() -> dict[str, float] | None:
+            return {name: self.query(e) for name, e in exprs.items()} if self.query("min(up)") == 1 else None
+
+        values, since = read(), time.monotonic()
+        while (values is None or time.monotonic() - since < quiet_s) and time.monotonic() < deadline:
             time.sleep(1)
-            latest = {name: self.query(e) for name, e in exprs.items()}
-            if latest != values:
+            latest = read()
+            if latest is None or latest != values:
                 values, since = latest, time.monotonic()
+        assert values is not None, f"a scrape target stayed down for {timeout_s} s"
         return values
 
     def metric_names(self) -> set[str]:
@@ -61,7 +67,9 @@ def running(folder: Path) -> Iterator[Prometheus]:
     # Scraped often so the tests wait little, but not every second: a scrape times out at its interval, and
     # the node's exposition reached 3.7 MB (0.5 s to render) while fuzzing here, so a 1 s scrape of a busy
     # node late in the suite timed out and left the node's target down.
-    config["global"] |= {"scrape_interval": "2s", "scrape_timeout": "2s", "evaluation_interval": "1s"}
+    # Late in the suite the node's exposition took longer than 2 s to scrape (a whole test module's scrapes timed
+    # out at 2.000 s, so its series were missing): 5 s.
+    config["global"] |= {"scrape_interval": "5s", "scrape_timeout": "5s", "evaluation_interval": "1s"}
     config["rule_files"] = [str(ROOT / "monitoring" / "alerts.yml")]
     (folder / "prometheus.yml").write_text(yaml.safe_dump(config))
     log = (folder / "prometheus.log").open("w")
