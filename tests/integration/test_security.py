@@ -157,7 +157,7 @@ def test_audio_seconds_are_charged_to_the_key_and_written_in_its_audit_line(clie
                          headers=auth(keys["audio"]))  # fmt: skip
     assert second.status_code == 429 and second.json()["error"]["code"] == "rate_limit_exceeded"
     assert int(second.headers["Retry-After"]) == pytest.approx((7.1 - 6) * 10, abs=2)  # 1.1 s owed at 0.1 s/s
-    (line,) = [line for lines in audit_lines("audio").values() for line in lines if line["status"] == 200]
+    line = audit_line("audio", lambda line: line["status"] == 200)
     assert line["audio_seconds"] == 7.1 and line["models"] == ["asr"]
 
 
@@ -185,13 +185,28 @@ def test_a_masked_keys_transcript_and_speech_are_masked(client, keys):
     assert "john" not in heard.lower() and "person" in heard.lower(), heard
 
 
-def audit_lines(key_id: str) -> dict[str, list[dict]]:
-    """Each ingress replica's audit lines for one key, by file."""
-    found = {}
-    for path in (serving.session_logs_dir() / "serve").glob("maas-audit-*.jsonl"):
-        lines = [json.loads(line) for line in path.read_text().splitlines()]
-        found[path.name] = [line for line in lines if line["key_id"] == key_id]
-    return {name: lines for name, lines in found.items() if lines}
+def audit_lines(key_id: str, count: int, where=lambda line: True) -> dict[str, list[dict]]:
+    """Each ingress replica's audit lines for one key (those ``where`` keeps), by file, once there are ``count``.
+
+    A line is written once the answer's last byte is sent, so the client can read the file before it is there.
+    """
+    deadline = time.monotonic() + 10
+    while True:
+        found = {}
+        for path in (serving.session_logs_dir() / "serve").glob("maas-audit-*.jsonl"):
+            lines = [json.loads(line) for line in path.read_text().splitlines()]
+            found[path.name] = [line for line in lines if line["key_id"] == key_id and where(line)]
+        found = {name: lines for name, lines in found.items() if lines}
+        seen = sum(len(lines) for lines in found.values())
+        if seen >= count or time.monotonic() > deadline:
+            assert seen == count, f"{seen} audit line(s) for key {key_id!r}, expected {count}"
+            return found
+
+
+def audit_line(key_id: str, where) -> dict:
+    """The one audit line for the key that ``where`` keeps."""
+    (line,) = [line for lines in audit_lines(key_id, 1, where).values() for line in lines]
+    return line
 
 
 def test_a_burst_over_the_limit_gets_429_and_the_limit_holds_across_both_ingress_replicas(app_url, keys):
@@ -204,9 +219,8 @@ def test_a_burst_over_the_limit_gets_429_and_the_limit_holds_across_both_ingress
     refused = next(answer for answer in answers if answer.status_code == 429)
     assert 1 <= int(refused.headers["Retry-After"]) <= 20
     assert refused.json()["error"]["code"] == "rate_limit_exceeded"
-    per_replica = audit_lines("burst")
+    per_replica = audit_lines("burst", 16)
     assert len(per_replica) == 2, f"the requests reached {len(per_replica)} ingress replica(s)"
-    assert sum(len(lines) for lines in per_replica.values()) == 16
 
 
 def test_language_model_tokens_per_minute_are_charged_after_the_answer(app_url, keys):
@@ -240,7 +254,7 @@ def test_each_request_has_an_audit_line_and_key_metrics_count_refusals_by_reason
         client.post("/v1/embeddings", json={"model": "text", "input": "x"}, headers=auth(keys["vision"])).status_code
         == 403
     )
-    (line,) = [line for lines in audit_lines("vision").values() for line in lines if line["route"] == "/v1/embeddings"]
+    line = audit_line("vision", lambda line: line["route"] == "/v1/embeddings")
     assert line["status"] == 403 and line["models"] == ["text"] and line["method"] == "POST"
     assert line["bytes_in"] == 0 and line["bytes_out"] > 0  # refused before its body was read
     for path in (serving.session_logs_dir() / "serve").glob("maas-audit-*.jsonl"):
@@ -271,7 +285,7 @@ def test_a_masked_keys_text_reaches_the_model_masked_and_the_response_counts_eac
     explained = client.post("/v1/text/explain", json={"text": SENTENCE, "labels": ["finance", "sports"]},
                             headers=auth(keys["masked"]))  # fmt: skip
     assert explained.status_code == 200 and "John" not in explained.text and "[PERSON]" in explained.text
-    (line,) = [line for lines in audit_lines("masked").values() for line in lines if line["route"] == "/v1/text/embed"]
+    line = audit_line("masked", lambda line: line["route"] == "/v1/text/embed")
     assert line["masked"] == {"card": 1, "email": 1, "person": 1, "phone": 1}
 
 
