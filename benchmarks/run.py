@@ -319,7 +319,7 @@ def measure_shadow(requests: dict[str, dict]) -> dict:
     config = yaml.safe_load(CONFIG.read_text())
     config["http_options"]["port"] = CLUSTER_PORT
     folder = Path(tempfile.mkdtemp(prefix="bench-"))
-    (folder / "off.yaml").write_text(yaml.safe_dump(shadow.with_candidate(config, "off")))
+    (folder / "off.yaml").write_text(yaml.safe_dump(shadow.shadow_candidate(config, "off")))
     base = f"http://127.0.0.1:{CLUSTER_PORT}"
     started = time.monotonic()
     process = start([str(BIN / "serve"), "run", str(folder / "off.yaml")], env=INGRESS_ENV[DEFAULT_INGRESS],

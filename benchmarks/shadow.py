@@ -6,7 +6,6 @@ copy is as much work as the answer it shadows; on two cores the copies compete w
 ``BENCH_SETUPS=shadow make bench`` measures only this, into the last report.
 """
 
-import copy
 import os
 import subprocess
 import time
@@ -16,6 +15,7 @@ import httpx
 import yaml
 
 from benchmarks.loadgen import run_load
+from pipelines.candidates import with_candidate
 
 CANDIDATE = "vision-candidate"
 CLIENTS = (8, 32)
@@ -24,29 +24,11 @@ ROUTE = "/v1/vision/classify"
 READY_TIMEOUT_S = 300
 
 
-def with_candidate(config: dict, mode: str, percent: float = 100.0) -> dict:
+def shadow_candidate(config: dict, mode: str, percent: float = 100.0) -> dict:
     """``config`` with a candidate vision application beside the app and the ingress's rollout in ``mode``
     (shadow: copying ``percent`` of requests)."""
-    config = copy.deepcopy(config)
-    (app,) = [a for a in config["applications"] if a["name"] == "multimodal"]
-    stable = next(d for d in app["deployments"] if d["name"] == "VisionClassifier")
-    ingress = next(d for d in app["deployments"] if d["name"] == "Ingress")
-    rollout = {"candidate": CANDIDATE, "mode": mode, "shadow_percent": percent, "policy": {"auto": False}}
-    ingress["user_config"]["rollouts"] = {"vision": rollout}
-    model = {**stable["user_config"]["model"], "version": "shadow-candidate"}
-    config["applications"].append({
-        "name": CANDIDATE,
-        "route_prefix": None,
-        "import_path": "pipelines.candidates:vision",
-        "deployments": [{
-            "name": "VisionClassifier",
-            "num_replicas": 1,
-            "max_ongoing_requests": stable["max_ongoing_requests"],
-            "ray_actor_options": stable["ray_actor_options"],
-            "user_config": {**stable["user_config"], "model": model},
-        }],
-    })  # fmt: skip
-    return config
+    rollout = {"mode": mode, "shadow_percent": percent, "policy": {"auto": False}}
+    return with_candidate(config, "vision", rollout, CANDIDATE, version="shadow-candidate")
 
 
 def _rollout(base: str) -> dict | None:
@@ -71,7 +53,7 @@ def measure_cluster(base: str, config: dict, folder: Path, serve: Path, payload:
     for mode, percent in SETTINGS:
         setting = "off" if mode == "off" else f"shadow {percent:g}%"
         path = folder / f"shadow-{mode}-{percent:g}.yaml"
-        path.write_text(yaml.safe_dump(with_candidate(config, mode, percent)))
+        path.write_text(yaml.safe_dump(shadow_candidate(config, mode, percent)))
         _deploy(serve, path, base, mode)
         before = _rollout(base)["variants"]
         for clients in CLIENTS:

@@ -7,20 +7,25 @@ one after another); counts made under another configuration are dropped. The pol
 (``pipelines.judging.Judge``), each decision logged with its reasons and counted in
 ``maas_rollout_decisions_total``; the candidate's weight is ``maas_rollout_weight``.
 
-The judge keeps its state in memory. If its replica is replaced, each rollout starts again from its
-configuration (the YAML's mode and weight), so a rolled-back candidate is kept at 0% by setting its mode to
-``off`` in the YAML, as the decision log says.
+The judge saves where each rollout stands (its status, weight, candidate versions and decisions) in the Ray
+cluster's key-value store (the GCS) whenever that changes. A replica that replaces it (a crash, a restart of
+the application's code) goes on from there: a rolled-back candidate stays at 0%, a promoted one at 100%. Only
+the current step's counts start again. A new configuration of a rollout starts it again, as it always does.
 """
 
+import asyncio
+import json
 import logging
 
 from ray import serve
+from ray.experimental import internal_kv
 
 from monitoring.metrics import judge_metrics
 from pipelines.judging import Judge
 from pipelines.rollouts import Rollout
 
 logger = logging.getLogger("ray.serve")
+KV_NAMESPACE = "maas"  # internal_kv is Ray's own client of the GCS store (Serve keeps its checkpoints there too)
 
 
 @serve.deployment(num_replicas=1, max_ongoing_requests=64, ray_actor_options={"num_cpus": 0})
@@ -28,6 +33,12 @@ class RolloutJudge:
     def __init__(self):
         self.judge = Judge()
         self.metrics = judge_metrics()
+        self.key = f"rollouts/{serve.get_replica_context().app_name}"
+        self.saved = internal_kv._internal_kv_get(self.key, namespace=KV_NAMESPACE)
+        for model, entry in (json.loads(self.saved) if self.saved else {}).items():
+            self.judge.restore(model, Rollout.model_validate(entry["config"]), entry)
+            logger.info("rollout %s: going on as %s at %s%%, as the previous judge left it",
+                        model, entry["status"], entry["weight"])  # fmt: skip
 
     async def report(
         self, configs: dict, configured_at: float, counts: dict, ready: dict, versions: dict
@@ -41,6 +52,7 @@ class RolloutJudge:
             self.judge.record(model, rollout, counts.get(model, {}), ready.get(model, False), versions.get(model))
         for decision in self.judge.evaluate():
             self._log(decision)
+        await self._save()
         serving = self.judge.serving()
         for model, state in serving.items():
             self.metrics.weight(model, state["weight"])
@@ -59,7 +71,16 @@ class RolloutJudge:
         except ValueError as exc:
             return {"refused": "conflict", "message": str(exc)}
         self._log(decision)
+        await self._save()
         return {"decision": decision}
+
+    async def _save(self) -> None:
+        """Save where every rollout stands, if that changed (``Judge.saved``: no counts, so a report that only
+        counted writes nothing)."""
+        saved = json.dumps(self.judge.saved(), sort_keys=True).encode()
+        if saved != self.saved:
+            await asyncio.to_thread(internal_kv._internal_kv_put, self.key, saved, True, namespace=KV_NAMESPACE)
+            self.saved = saved
 
     def _log(self, decision: dict) -> None:
         self.metrics.decided(decision["model"], decision["decision"])

@@ -33,7 +33,7 @@ EXPORTED_PREFIX = "ray_" + PREFIX  # what Prometheus sees
 # Buckets are fixed so dashboards and alerts can rely on them.
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-RANK_CORRELATION_BUCKETS = (0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.999)
+SIMILARITY_BUCKETS = (0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.999)
 CONFIDENCE_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
 IMAGE_BYTES_BUCKETS = (1e3, 1e4, 5e4, 1e5, 2.5e5, 5e5, 1e6, 2.5e6, 5e6, 1e7, 2e7)
 IMAGE_PIXELS_BUCKETS = (1e4, 5e4, 1e5, 2.5e5, 5e5, 1e6, 2e6, 4e6, 1e7, 2e7, 4e7)
@@ -79,7 +79,7 @@ LABELS = {
     "task": "transcribe or translate (speech to English text)",
     "variant": "which variant of a model answered: stable, or the candidate of its rollout",
     "outcome": "a variant's answer: ok, or error (the request was answered by the stable variant or failed)",
-    "top_class": "a shadow comparison: same or different top class as the stable variant's answer",
+    "answer": "a shadow comparison: the candidate's answer agrees with the stable variant's (same) or not (different)",
     "decision": "a rollout judge's decision: step, promoted, rolled_back, passed, failed (shadow), paused, "
     "resumed or aborted",
 }
@@ -625,7 +625,7 @@ ROLLOUT_METRICS = tuple(
         "variant_request_seconds",
         "variant_confidence_ratio",
         "shadow_comparisons_total",
-        "shadow_rank_correlation_ratio",
+        "shadow_similarity_ratio",
         "shadow_dropped_total",
         "rollout_weight_ratio",
         "rollout_decisions_total",
@@ -659,12 +659,13 @@ class RolloutMetrics:
         self.comparisons = metrics.Counter(
             PREFIX + "shadow_comparisons_total",
             description="Shadow copies answered by the candidate and compared with the stable answer.",
-            tag_keys=("model", "top_class"),
+            tag_keys=("model", "answer"),
         )
-        self.rank_correlation = metrics.Histogram(
-            PREFIX + "shadow_rank_correlation_ratio",
-            description="Rank correlation of the candidate's class scores with the stable variant's, per copy.",
-            boundaries=list(RANK_CORRELATION_BUCKETS),
+        self.similarity = metrics.Histogram(
+            PREFIX + "shadow_similarity_ratio",
+            description="How close the candidate's answer is to the stable variant's, per copy: the rank correlation "
+            "of class or label scores, the cosine of text embeddings.",
+            boundaries=list(SIMILARITY_BUCKETS),
             tag_keys=("model",),
         )
         self.dropped = metrics.Counter(
@@ -683,9 +684,10 @@ class RolloutMetrics:
     def failed(self, model: str, variant: str) -> None:
         self.requests.inc(tags={"model": model, "variant": variant, "outcome": "error"})
 
-    def compared(self, model: str, same: bool, rank_correlation: float) -> None:
-        self.comparisons.inc(tags={"model": model, "top_class": "same" if same else "different"})
-        self.rank_correlation.observe(rank_correlation, tags={"model": model})
+    def compared(self, model: str, same: bool, similarity: float | None) -> None:
+        self.comparisons.inc(tags={"model": model, "answer": "same" if same else "different"})
+        if similarity is not None:
+            self.similarity.observe(similarity, tags={"model": model})
 
     def drop(self, model: str) -> None:
         self.dropped.inc(tags={"model": model})

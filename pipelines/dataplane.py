@@ -19,7 +19,7 @@ import asyncio
 import dataclasses
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -186,8 +186,9 @@ class Dataplane(SpeechGraph):
         self._image_spec: ImageSpec | None = None
         self._image_spec_version: str | None = None  # the vision model version the geometry belongs to
         # Concurrent requests' calls of one model method go out together (pipelines/grouping.py).
-        # Vision's calls go to the variant a rollout picks for the request (pipelines/rollouts.py).
+        # Vision's and text's calls go to the variant a rollout picks for the request (pipelines/rollouts.py).
         self.vision_calls = Routed("vision", self.rollouts, lambda v: self._group_sender("vision", "classify", v))
+        self.text_calls = Routed("text", self.rollouts, lambda v: self._method_sender("text", v), grouped=False)
         self.label_calls: Grouped[tuple, TextEmbeddings] = Grouped(self._group_sender("text", "embed_labels"))
         self.fusion_calls: Grouped[tuple, FusionResult] = Grouped(self._group_sender("fusion", "fuse"))
 
@@ -317,8 +318,17 @@ class Dataplane(SpeechGraph):
 
     def _group_sender(self, model: str, method: str, variant: str = "stable"):
         async def send(calls: list[tuple]) -> list:
-            handle = self.rollouts.candidates[model] if variant == "candidate" else self.models[model]
-            return await handle.call_group.remote(method, calls)
+            return await self._variant(model, variant).call_group.remote(method, calls)
+
+        return send
+
+    def _variant(self, model: str, variant: str):
+        return self.rollouts.candidates[model] if variant == "candidate" else self.models[model]
+
+    def _method_sender(self, model: str, variant: str):
+        async def send(call: tuple[str, tuple]):
+            method, args = call
+            return await getattr(self._variant(model, variant), method).remote(*args)
 
         return send
 
@@ -341,22 +351,19 @@ class Dataplane(SpeechGraph):
         return results
 
     async def embed(self, texts: list[str], deadline: Deadline) -> TextEmbeddings:
-        text = self.models["text"]
         texts = await private(texts)
-        return await call_models(lambda: text.embed.remote(texts), deadline)
+        return await call_models(lambda: self.text_calls(("embed", (texts,))), deadline)
 
     async def score(self, queries: list[str], documents: list[str], deadline: Deadline) -> TextScores:
         """How relevant each document is to its query (one query for every document, or one each), as the
         ``text`` model scores pairs (``TextEncoder.score``); the texts are masked first, as ``embed``'s are."""
-        model = self.models["text"]
         texts = await private([*queries, *documents])
         queries, documents = texts[: len(queries)], texts[len(queries) :]
-        return await call_models(lambda: model.score.remote(queries, documents), deadline)
+        return await call_models(lambda: self.text_calls(("score", (queries, documents))), deadline)
 
     async def zero_shot(self, text: str, labels: list[str], deadline: Deadline) -> TextRanking:
-        model = self.models["text"]
         (text,) = await private([text])
-        return await call_models(lambda: model.classify.remote(text, labels), deadline)
+        return await call_models(lambda: self.text_calls(("classify", (text, labels))), deadline)
 
     async def analyze(
         self,
@@ -611,20 +618,33 @@ class Dataplane(SpeechGraph):
         any model call; the iterator then yields the rest as they come. Closing it early (the client went
         away) cancels the generation in its replica.
         """
-        llm = self.models["llm"]
-        stream = None
         masker = usage.masker()
         if masker is not None:
             request = await _private_request(request)
 
-        async def accepted() -> GenerationChunk:
-            nonlocal stream
-            stream = llm.options(stream=True).generate.remote(request)
-            return await stream.__anext__()
+        async def opened(variant: str) -> tuple[GenerationChunk, object]:
+            stream = self._variant("llm", variant).options(stream=True).generate.remote(request)
+            return await stream.__anext__(), stream
 
-        head = await call_models(accepted, deadline)
-        chunks = _relay(head, stream, deadline)
+        if "llm" not in self.rollouts.configs:
+            head, stream = await call_models(lambda: opened("stable"), deadline)
+            chunks = _relay(head, stream, deadline)
+        else:  # the variant the rollout picks answers; a greedy answer can be compared with the candidate's
+            start = self.rollouts.clock()
+            call = await call_models(lambda: self.rollouts.routed("llm", opened), deadline)
+            greedy = request.temperature == 0  # a sampled answer is not compared: another sample differs anyway
+
+            def copy() -> Awaitable[str]:
+                return _generated_text(self._variant("llm", "candidate"), request)
+
+            relayed = _relay(*call.result, deadline)
+            chunks = self.rollouts.followed("llm", call, start, relayed, copy if greedy else None)
         return chunks if masker is None else _masked_answer(chunks)
+
+
+async def _generated_text(llm, request: GenerationRequest) -> str:
+    """The whole text a language model generates for the request (a shadow copy's answer)."""
+    return "".join([chunk.text async for chunk in llm.options(stream=True).generate.remote(request)])
 
 
 async def _private_request(request: GenerationRequest) -> GenerationRequest:

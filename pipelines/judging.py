@@ -1,9 +1,10 @@
 """Judging a rollout: what each variant of a model did, and the policy's decision on the candidate.
 
-The ingress replicas count what each variant answered in ``Window``s (requests, errors, latency, the top
-class's confidence, and in shadow mode the agreement with the stable answer) and send them to the judge
-(``deployments.judge``), which merges them and evaluates the rollout's policy (``Judge``): the candidate's
-window against the stable variant's, once the candidate has answered ``min_requests``:
+The ingress replicas count what each variant answered in ``Window``s (requests, errors, latency, the
+answers' confidence where the model kind has one, and in shadow mode the agreement with the stable answer) and
+send them to the judge (``deployments.judge``), which merges them and evaluates the rollout's policy
+(``Judge``): the candidate's window against the stable variant's, once the candidate has answered
+``min_requests``:
 
 * every criterion holds: the candidate moves to the policy's next canary step (the last, 100%, ends the
   rollout: ``promoted``); in shadow mode the candidate has ``passed``;
@@ -43,8 +44,9 @@ class Window:
     confidence: list[int] = field(default_factory=lambda: [0] * CONFIDENCE_BINS)
     confidence_sum: float = 0.0
     compared: int = 0  # shadow answers compared with the stable one
-    agreed: int = 0  # of them, the same top class
-    rank_sum: float = 0.0  # their rank correlations, summed
+    agreed: int = 0  # of them, those that agree with it (the model kind says what agrees: ``pipelines.rollouts``)
+    measured: int = 0  # of them, those with a similarity (generated text has none)
+    similarity_sum: float = 0.0  # their similarities (rank correlation, cosine), summed
     dropped: int = 0  # shadow copies not sent: the candidate's shadow budget was full
 
     def answered(self, seconds: float, confidence: float | None) -> None:
@@ -59,14 +61,17 @@ class Window:
         self.requests += 1
         self.errors += 1
 
-    def compare(self, agree: bool, rank_correlation: float) -> None:
+    def compare(self, agree: bool, similarity: float | None) -> None:
         self.compared += 1
         self.agreed += int(agree)
-        self.rank_sum += rank_correlation
+        if similarity is not None:
+            self.measured += 1
+            self.similarity_sum += similarity
 
     def merge(self, other: "Window | dict") -> None:
         other = other if isinstance(other, Window) else Window(**other)
-        for name in ("requests", "errors", "confidence_sum", "compared", "agreed", "rank_sum", "dropped"):
+        counts = ("requests", "errors", "confidence_sum", "compared", "agreed", "measured", "similarity_sum", "dropped")
+        for name in counts:
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.latency = [a + b for a, b in zip(self.latency, other.latency)]
         self.confidence = [a + b for a, b in zip(self.confidence, other.confidence)]
@@ -96,8 +101,8 @@ class Window:
         return self.agreed / self.compared if self.compared else None
 
     @property
-    def rank_correlation(self) -> float | None:
-        return self.rank_sum / self.compared if self.compared else None
+    def similarity(self) -> float | None:
+        return self.similarity_sum / self.measured if self.measured else None
 
     def latency_quantile(self, q: float) -> float | None:
         """The upper bound of the latency bucket the q-quantile falls in (seconds)."""
@@ -122,7 +127,7 @@ class Window:
             "mean_confidence": _rounded(self.mean_confidence),
             "compared": self.compared,
             "agreement": _rounded(self.agreement),
-            "rank_correlation": _rounded(self.rank_correlation),
+            "similarity": _rounded(self.similarity),
             "shadow_dropped": self.dropped,
         }
 
@@ -270,6 +275,33 @@ class Judge:
                 state.configured_at = max(state.configured_at, configured_at)
             return
         self.rollouts[model] = RolloutState.start(config, configured_at)
+
+    def saved(self) -> dict[str, dict]:
+        """What a new judge needs to go on where this one stands (``restore``): per model, the configuration and
+        when it was applied, the status, the weight, the candidate's versions and the decisions. The current
+        step's counts are not kept: after a restore the step is judged on counts from then on."""
+        return {
+            model: {
+                "config": state.config.model_dump(),
+                "configured_at": state.configured_at,
+                "status": state.status,
+                "weight": state.weight,
+                "candidate_version": state.candidate_version,
+                "versions_seen": sorted(state.versions_seen),
+                "started": state.started,
+                "decisions": list(state.decisions),
+            }
+            for model, state in self.rollouts.items()
+        }
+
+    def restore(self, model: str, config: "Rollout", saved: dict) -> None:
+        """Go on with a rollout as ``saved`` (one model's entry of ``saved()``) left it."""
+        state = RolloutState.start(config, saved["configured_at"])
+        state.status, state.weight = saved["status"], saved["weight"]
+        state.candidate_version, state.versions_seen = saved["candidate_version"], set(saved["versions_seen"])
+        state.started, state.step_started = saved["started"], self.clock()
+        state.decisions.extend(saved["decisions"])
+        self.rollouts[model] = state
 
     def forget(self, models: set[str], configured_at: float) -> None:
         """Drop the rollouts of models an ingress replica configured at ``configured_at`` no longer has."""

@@ -23,13 +23,16 @@ import hashlib
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from deployments.contracts import TextEmbeddings, TextRanking, TextScores
 from deployments.downstream import api_error
 from deployments.errors import ModelUnavailable
 from pipelines import usage
@@ -39,14 +42,13 @@ from pipelines.registry import ModelRegistry, serve_status
 
 logger = logging.getLogger("ray.serve")
 
-VARIANT_MODELS = {"vision": "VisionClassifier"}
-"""The models that can have a candidate, and the deployment a candidate application serves each from."""
+EMBEDDING_AGREEMENT = 0.99  # the cosine at which two embeddings of one text agree
 VARIANTS = ("stable", "candidate")
 CALLER_HEADER = "X-Maas-Caller"
 PIN_HEADER = "X-Maas-Variant"
 SYNC_S = 1.0  # how often an ingress replica sends its counts to the judge and reads its decisions
 JUDGE_TIMEOUT_S = 2.0
-SHADOW_TIMEOUT_S = 10.0  # a shadow copy not answered by then counts as the candidate's error
+SHADOW_TIMEOUT_S = 60.0  # a shadow copy not answered by then (the request timeout) counts as the candidate's error
 
 
 class Criteria(BaseModel):
@@ -62,7 +64,8 @@ class Criteria(BaseModel):
         0.1,
         ge=0.0,
         le=1.0,
-        description="The stable variant's mean top-class confidence minus the candidate's. Over 200 answers to "
+        description="The stable variant's mean confidence (vision: the top class's probability; zero-shot text: "
+        "the top label's score) minus the candidate's. Over 200 answers to "
         "varied photos an equal candidate's mean moves by about 0.02 (one standard error) from sampling alone.",
     )
     max_confidence_psi: float = Field(
@@ -74,7 +77,11 @@ class Criteria(BaseModel):
         "is about 0.24 over 100 answers and 0.13 over 200 (pipelines/judging.py).",
     )
     min_agreement: float = Field(
-        0.9, ge=0.0, le=1.0, description="Shadow mode: share of copies whose top class is the stable answer's."
+        0.9,
+        ge=0.0,
+        le=1.0,
+        description="Shadow mode: share of copies whose answer agrees with the stable one (the same top class or "
+        "top label, every embedding at a cosine of at least 0.99, the same generated text).",
     )
 
 
@@ -136,6 +143,54 @@ class Rollout(BaseModel):
     policy: Policy = Field(default_factory=Policy)
 
 
+# --- what each model kind compares ---------------------------------------------------------------
+
+
+def confidence(result) -> float | None:
+    """The answer's confidence: the top class's probability or the top label's score (None: the kind has none)."""
+    labels = getattr(result, "labels", None)
+    return float(labels[0][1]) if labels else None
+
+
+def compare(stable, candidate) -> tuple[bool, float | None]:
+    """Whether the candidate's answer agrees with the stable one, and how similar the two are (None: no measure).
+
+    * classes (vision): the same top class; the rank correlation of the scores over every class;
+    * labels (zero-shot text): the same top label; the rank correlation of the labels' scores;
+    * embeddings (text): every text's two vectors at a cosine of at least ``EMBEDDING_AGREEMENT``; the mean cosine;
+    * relevance scores (text): the same best document; the rank correlation of the scores;
+    * generated text (llm, greedy only): the same text, exactly; no similarity.
+    """
+    if isinstance(stable, str):
+        return stable == candidate, None
+    if isinstance(stable, TextEmbeddings):
+        if stable.vectors.shape != candidate.vectors.shape:
+            return False, 0.0
+        cosines = np.sum(stable.vectors * candidate.vectors, axis=1)  # both unit length
+        return bool(np.all(cosines >= EMBEDDING_AGREEMENT)), float(np.mean(cosines))
+    if isinstance(stable, TextScores):
+        a, b = np.asarray(stable.scores), np.asarray(candidate.scores)
+        if a.shape != b.shape or not a.size:
+            return False, 0.0
+        return bool(np.argmax(a) == np.argmax(b)), rank_correlation(a, b)
+    if isinstance(stable, TextRanking):
+        same = bool(stable.labels and candidate.labels and stable.labels[0][0] == candidate.labels[0][0])
+        scores = dict(candidate.labels)
+        if set(scores) != {label for label, _ in stable.labels}:
+            return same, 0.0
+        a = np.array([score for _, score in stable.labels])
+        b = np.array([scores[label] for label, _ in stable.labels])
+        return same, rank_correlation(a, b)
+    same = bool(stable.labels and candidate.labels and stable.labels[0][0] == candidate.labels[0][0])
+    if stable.probs.shape != candidate.probs.shape:
+        return same, 0.0
+    return same, rank_correlation(stable.probs, candidate.probs)
+
+
+VARIANT_MODELS = {"vision": "VisionClassifier", "text": "TextEncoder", "llm": "TextGenerator"}
+"""The models that can have a candidate, and the deployment a candidate application serves each from."""
+
+
 def check_models(rollouts: dict[str, Rollout]) -> None:
     unknown = sorted(set(rollouts) - set(VARIANT_MODELS))
     if unknown:
@@ -169,20 +224,15 @@ def bucket(model: str, caller: str) -> float:
     return int.from_bytes(digest[:8], "big") % 10_000 / 100
 
 
-# --- what each model kind compares ---------------------------------------------------------------
+@dataclass
+class RoutedCall:
+    """A model call's answer and the variant that gave it (``fell_back``: the stable variant, after the canary
+    candidate failed the call; counted as the candidate's failure)."""
 
-
-def confidence(result) -> float | None:
-    labels = getattr(result, "labels", None)
-    return float(labels[0][1]) if labels else None
-
-
-def compare(stable, candidate) -> tuple[bool, float]:
-    """Same top class, and the rank correlation of the two answers' scores over every class."""
-    same = bool(stable.labels and candidate.labels and stable.labels[0][0] == candidate.labels[0][0])
-    if stable.probs.shape != candidate.probs.shape:
-        return same, 0.0
-    return same, rank_correlation(stable.probs, candidate.probs)
+    result: object
+    variant: str
+    pinned: bool
+    fell_back: bool = False
 
 
 class Rollouts:
@@ -282,12 +332,60 @@ class Rollouts:
         finally:
             self.shadows_in_flight[model] -= 1
         self.answered(model, "candidate", self.clock() - start, result)
-        result.variant = "candidate"
+        if hasattr(result, "variant"):
+            result.variant = "candidate"
         same, rho = compare(stable_result, result)
         if model in self.windows:
             self.windows[model]["candidate"].compare(same, rho)
         if self.metrics is not None:
             self.metrics.compared(model, same, rho)
+
+    async def routed(self, model: str, send: Callable[[str], Awaitable]) -> "RoutedCall":
+        """``send(variant)``'s answer from the variant the request's rollout picks for ``model``, named in the
+        request's usage. A canary candidate's failure is counted and the stable variant answers instead; a
+        pinned request gets the variant's own answer, errors included."""
+        variant, pinned = self.variant(model)
+        used = usage.current()
+        if used is not None:
+            used.variants[model] = variant
+        try:
+            return RoutedCall(await send(variant), variant, pinned)
+        except Exception as exc:
+            error = api_error(exc)
+            if error is not None and error.status_code < 500:
+                raise  # the request's own fault: the stable variant would refuse it too
+            self.failed(model, variant, judged=not pinned)
+            if variant == "stable" or pinned:
+                raise
+            logger.warning("rollouts: the %s candidate failed a request (%s); the stable variant answers it",
+                           model, type(exc).__name__)  # fmt: skip
+            if used is not None:
+                used.variants[model] = "stable"
+            return RoutedCall(await send("stable"), "stable", pinned, fell_back=True)
+
+    async def followed(
+        self, model: str, call: "RoutedCall", start: float, chunks: AsyncIterator, copy: Callable | None = None
+    ) -> AsyncIterator:
+        """A streamed answer's chunks (each with a ``text``), counted for its variant once the stream ends (a
+        failure mid-stream against it; a caller hanging up, neither). ``copy`` (None: not comparable) sends the
+        request to the candidate for the whole text it answers, compared with the stable variant's in shadow
+        mode."""
+        parts = []
+        try:
+            async for chunk in chunks:
+                parts.append(chunk.text)
+                yield chunk
+        except Exception:
+            if not call.fell_back:
+                self.failed(model, call.variant, judged=not call.pinned)
+            raise
+        finally:
+            await chunks.aclose()
+        if call.fell_back:
+            return
+        self.answered(model, call.variant, self.clock() - start, None, judged=not call.pinned)
+        if copy is not None and call.variant == "stable" and not call.pinned and self.copies(model):
+            self.shadow(model, "".join(parts), copy)
 
     async def summary(self, deadline) -> dict[str, dict]:
         """Per model with a rollout: its candidate, the mode and weight routed by, and what a ready candidate
@@ -352,45 +450,34 @@ class Rollouts:
 
 
 class Routed:
-    """One model method's calls, each sent to the variant the request's rollout picks (the stable variant's
-    calls grouped as before: ``pipelines.grouping``), and in shadow mode copied to the candidate."""
+    """One model method's calls, each sent to the variant the request's rollout picks, and in shadow mode copied
+    to the candidate. ``sender(variant)`` makes the function that sends one call's item to that variant; with
+    ``grouped`` (vision) concurrent requests' calls go out together, as before (``pipelines.grouping``)."""
 
-    def __init__(self, model: str, rollouts: Rollouts, sender: Callable[[str], Callable]):
+    def __init__(self, model: str, rollouts: Rollouts, sender: Callable[[str], Callable], grouped: bool = True):
         self.model, self.rollouts = model, rollouts
-        self.grouped = {variant: Grouped(sender(variant)) for variant in VARIANTS}
+        self.calls = {variant: Grouped(sender(variant)) if grouped else sender(variant) for variant in VARIANTS}
 
     def configure(self, max_group_size: int, max_groups_in_flight: int) -> None:
-        for grouped in self.grouped.values():
-            grouped.configure(max_group_size, max_groups_in_flight)
+        for calls in self.calls.values():
+            if isinstance(calls, Grouped):
+                calls.configure(max_group_size, max_groups_in_flight)
 
     async def stable(self, item):
         """A call the stable variant answers whatever the rollout (for a caller bound to the stable deployment)."""
-        return await self.grouped["stable"](item)
+        return await self.calls["stable"](item)
 
     async def __call__(self, item):
         if self.model not in self.rollouts.configs:
-            return await self.grouped["stable"](item)
-        variant, pinned = self.rollouts.variant(self.model)
-        used = usage.current()
-        if used is not None:
-            used.variants[self.model] = variant
+            return await self.calls["stable"](item)
         start = self.rollouts.clock()
-        try:
-            result = await self.grouped[variant](item)
-        except Exception as exc:
-            error = api_error(exc)
-            if error is not None and error.status_code < 500:
-                raise  # the request's own fault: the stable variant would refuse it too
-            self.rollouts.failed(self.model, variant, judged=not pinned)
-            if variant == "stable" or pinned:
-                raise
-            logger.warning("rollouts: the %s candidate failed a request (%s); the stable variant answers it",
-                           self.model, type(exc).__name__)  # fmt: skip
-            if used is not None:
-                used.variants[self.model] = "stable"
-            return await self.grouped["stable"](item)
-        self.rollouts.answered(self.model, variant, self.rollouts.clock() - start, result, judged=not pinned)
-        result.variant = variant
-        if variant == "stable" and not pinned and self.rollouts.copies(self.model):
-            self.rollouts.shadow(self.model, result, lambda: self.grouped["candidate"](item))
-        return result
+        call = await self.rollouts.routed(self.model, lambda variant: self.calls[variant](item))
+        if call.fell_back:
+            return call.result
+        self.rollouts.answered(self.model, call.variant, self.rollouts.clock() - start, call.result,
+                               judged=not call.pinned)  # fmt: skip
+        if hasattr(call.result, "variant"):
+            call.result.variant = call.variant
+        if call.variant == "stable" and not call.pinned and self.rollouts.copies(self.model):
+            self.rollouts.shadow(self.model, call.result, lambda: self.calls["candidate"](item))
+        return call.result

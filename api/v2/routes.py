@@ -226,6 +226,8 @@ async def model_metadata(
     info = await call_models(lambda: dataplane.models[model_name].info.remote(), request.state.deadline)
     check_version(model_name, info["version"], model_version)
     shapes = model.shapes(info)
+    rolled_out = model_name in dataplane.rollouts.configs
+    rollouts = await dataplane.rollouts.summary(request.state.deadline) if rolled_out else {}
     return schemas.ModelMetadata(
         name=model_name,
         versions=[info["version"]],
@@ -238,6 +240,8 @@ async def model_metadata(
             "model": info["name"],
             "request_parameters": model.parameters,
             "tensors": {t.name: t.description for t in (*model.inputs, *model.outputs)},
+            # a candidate beside this version: the rollout's application, mode, weight and the candidate's version
+            **({"rollout": rollouts[model_name]} if model_name in rollouts else {}),
         },
     )
 

@@ -66,7 +66,11 @@ class ModelMetadata(_Body):
     platform: str
     inputs: list[TensorMetadata]
     outputs: list[TensorMetadata]
-    parameters: Parameters | None = None
+    parameters: Parameters | None = Field(
+        None,
+        description="The model served (model), the request parameters it takes, what each tensor holds, and, when "
+        "the model has a candidate, its rollout (candidate, mode, weight, ready, version).",
+    )
 
 
 class ServerMetadata(_Body):

@@ -6,6 +6,7 @@ Each step is a ``serve deploy`` of the shipped YAML with the candidate applicati
 module ends by deploying the shipped YAML again, which removes the candidate.
 """
 
+import json
 import threading
 import time
 import uuid
@@ -13,9 +14,11 @@ from collections import Counter
 
 import httpx
 import pytest
+import tritonclient.http as triton
 
 from monitoring import catalog
 from monitoring.metrics import ROLLOUT_METRICS
+from pipelines.candidates import with_candidate
 from tests.conftest import b64
 from tests.integration.conftest import deploy, shipped_config
 
@@ -29,27 +32,12 @@ POLICY = {"steps": [10, 50, 100], "min_requests": 20, "interval_s": 1, "criteria
 BAD_MODEL = {"version": "bad-normalization", "normalization": {"mean": [0, 0, 0], "std": [1, 1, 1]}}
 
 
-def with_candidate(rollout: dict, model: dict | None = None) -> dict:
+def vision_candidate(rollout: dict, model: dict | None = None) -> dict:
     """The shipped config with a candidate vision application beside the app and the ingress's rollout set."""
-    config = shipped_config()
-    (app,) = config["applications"]
-    stable = next(d for d in app["deployments"] if d["name"] == "VisionClassifier")
-    ingress = next(d for d in app["deployments"] if d["name"] == "Ingress")
-    ingress["user_config"]["rollouts"] = {"vision": {"candidate": CANDIDATE, **rollout}}
-    user_config = {**stable["user_config"], "model": {**stable["user_config"]["model"], "version": "candidate-1",
-                                                     **(model or {})}}  # fmt: skip
-    config["applications"].append({
-        "name": CANDIDATE,
-        "route_prefix": None,
-        "import_path": "pipelines.candidates:vision",
-        "deployments": [{
-            "name": "VisionClassifier",
-            "num_replicas": 1,
-            "max_ongoing_requests": 16,
-            "ray_actor_options": {"num_cpus": 0.1, "num_gpus": 0},
-            "user_config": user_config,
-        }],
-    })  # fmt: skip
+    settings = {"version": "candidate-1", **(model or {})}
+    config = with_candidate(shipped_config(), "vision", rollout, CANDIDATE, **settings)
+    (candidate,) = config["applications"][-1]["deployments"]
+    candidate["max_ongoing_requests"] = 16
     return config
 
 
@@ -63,7 +51,7 @@ def rolled(app_url, folder):
     """Deploys a rollout and waits until the ingress reports it with a ready candidate; restores the shipped app."""
 
     def roll(rollout: dict, model: dict | None = None) -> dict:
-        deploy(with_candidate(rollout, model), folder / "serve_config.yaml")
+        deploy(vision_candidate(rollout, model), folder / "serve_config.yaml")
         version = (model or {}).get("version", "candidate-1")
 
         def started(state: dict | None) -> bool:
@@ -76,25 +64,25 @@ def rolled(app_url, folder):
     deploy(shipped_config(), folder / "serve_config.yaml")
 
 
-def rollout_state(url: str) -> dict | None:
+def rollout_state(url: str, model: str = "vision") -> dict | None:
     answer = httpx.get(f"{url}/v1/admin/rollouts", timeout=30)
     assert answer.status_code == 200, answer.text
-    return answer.json()["rollouts"].get("vision")
+    return answer.json()["rollouts"].get(model)
 
 
-def wait_for(url: str, condition, timeout_s: float, what: str) -> dict:
+def wait_for(url: str, condition, timeout_s: float, what: str, model: str = "vision") -> dict:
     deadline = time.monotonic() + timeout_s
     state = None
     while time.monotonic() < deadline:
-        state = rollout_state(url)
+        state = rollout_state(url, model)
         if condition(state):
             return state
         time.sleep(0.5)
     pytest.fail(f"no {what} after {timeout_s} s; the rollout: {state}")
 
 
-def variant_of(response: httpx.Response) -> str:
-    return dict(pair.split("=") for pair in response.headers["x-maas-variant"].split(","))["vision"]
+def variant_of(response: httpx.Response, model: str = "vision") -> str:
+    return dict(pair.split("=") for pair in response.headers["x-maas-variant"].split(","))[model]
 
 
 def classify(client: httpx.Client, image: bytes, **headers) -> httpx.Response:
@@ -207,7 +195,7 @@ def test_shadow_copies_are_compared_never_answer_and_are_dropped_when_the_candid
 
     state = wait_for(str(client.base_url), accounted, 30, "account of every shadow copy")
     candidate = state["variants"]["candidate"]
-    assert candidate["compared"] >= 10 and candidate["agreement"] == 1.0 and candidate["rank_correlation"] > 0.999
+    assert candidate["compared"] >= 10 and candidate["agreement"] == 1.0 and candidate["similarity"] > 0.999
     assert candidate["shadow_dropped"] >= 1  # 24 at once against a budget of one copy in flight
 
 
@@ -250,6 +238,67 @@ def test_prometheus_scrapes_every_rollout_metric_and_the_rollback_alert_fires(pr
     alert = 'count(ALERTS{alertname="MaasRolloutRolledBack", model="vision", decision="rolled_back"})'
     assert prometheus.wait_for(alert, lambda firing: firing >= 1) >= 1
     assert prometheus.query('sum(ray_maas_rollout_decisions_total{model="vision", decision="promoted"})') >= 1
-    assert prometheus.query('sum(ray_maas_shadow_comparisons_total{model="vision", top_class="same"})') >= 10
+    assert prometheus.query('sum(ray_maas_shadow_comparisons_total{model="vision", answer="same"})') >= 10
     share = 'sum(ray_maas_variant_requests_total{model="vision", variant="candidate", outcome="ok"})'
     assert prometheus.query(share) >= 80  # the canary's share of 400 requests, and every step since
+
+
+SENTENCES = ["The central bank raised interest rates.", "A cat sleeps on the sofa.", "The match ended in a draw."]
+CHATS = ["Name a colour.", "What is two plus two?", "Say hello."]
+
+
+def test_text_and_language_model_candidates_are_compared_in_shadow_and_a_pin_reaches_them(rolled, client, folder):
+    """A candidate of the text encoder and one of the language model, both the same weights as the stable ones:
+    every shadow copy agrees (embeddings at a cosine of 1, the same greedy text), and the candidates answer a
+    pinned request, streamed for the language model."""
+    config = shipped_config()
+    for model in ("text", "llm"):
+        config = with_candidate(config, model, {"mode": "shadow", "shadow_in_flight": 16, "policy": {"auto": False}})
+    deploy(config, folder / "serve_config.yaml")
+    for model in ("text", "llm"):
+        wait_for(str(client.base_url), lambda state: bool(state and state["candidate_ready"]
+                                                          and state["status"] == "shadow"),  # fmt: skip
+                 READY_TIMEOUT_S, "ready shadow candidate", model)  # fmt: skip
+
+    def embed(text: str, **headers) -> httpx.Response:
+        return client.post("/v1/text/embed", json={"texts": [text]}, headers=headers)
+
+    def chat(content: str, stream: bool = False, **headers) -> httpx.Response:
+        body = {"model": "llm", "messages": [{"role": "user", "content": content}], "temperature": 0,
+                "max_tokens": 12, "stream": stream}  # fmt: skip
+        return client.post("/v1/chat/completions", json=body, headers=headers)
+
+    for sentence in SENTENCES * 2:
+        answer, pinned = embed(sentence), embed(sentence, **{"X-Maas-Variant": "stable"})
+        assert answer.status_code == 200 and variant_of(answer, "text") == "stable"
+        assert answer.json()["embeddings"] == pinned.json()["embeddings"]  # the stable variant's answer
+    labels = {"text": SENTENCES[0], "labels": ["finance", "sports", "cooking"]}
+    ranked = client.post("/v1/text/classify", json=labels)
+    assert ranked.status_code == 200 and ranked.json()["labels"][0]["label"] == "finance"
+    said = {}
+    for content in CHATS:
+        answer = chat(content)
+        assert answer.status_code == 200 and variant_of(answer, "llm") == "stable", answer.text
+        said[content] = answer.json()["choices"][0]["message"]["content"]
+
+    text = wait_for(str(client.base_url), lambda state: state["variants"]["candidate"]["compared"] >= 7,
+                    30, "comparison of every text copy", "text")  # fmt: skip
+    assert text["variants"]["candidate"]["agreement"] == 1.0 and text["variants"]["candidate"]["similarity"] > 0.999
+    llm = wait_for(str(client.base_url), lambda state: state["variants"]["candidate"]["compared"] >= 3,
+                   60, "comparison of every greedy chat's copy", "llm")  # fmt: skip
+    assert llm["variants"]["candidate"]["agreement"] == 1.0, llm["variants"]
+    assert llm["variants"]["candidate"]["errors"] == 0 and llm["variants"]["stable"]["requests"] >= 3
+
+    pinned = chat(CHATS[0], stream=True, **{"X-Maas-Variant": "candidate"})
+    assert pinned.status_code == 200 and variant_of(pinned, "llm") == "candidate"
+    events = [json.loads(line[6:]) for line in pinned.text.splitlines() if line.startswith("data: {")]
+    assert "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e["choices"]) == said[CHATS[0]]
+    cards = {card["id"]: card for card in client.get("/v1/models").json()["data"]}
+    assert cards["text"]["rollout"]["version"] == cards["llm"]["rollout"]["version"] == "candidate"
+    assert cards["llm"]["rollout"]["mode"] == "shadow" and cards["vision"]["rollout"] is None
+    oip = triton.InferenceServerClient(url=str(client.base_url).removeprefix("http://"), network_timeout=60)
+    metadata = oip.get_model_metadata("text")  # the Open Inference Protocol names the candidate too
+    assert (
+        metadata["versions"] == [cards["text"]["version"]]
+        and metadata["parameters"]["rollout"]["version"] == "candidate"
+    )

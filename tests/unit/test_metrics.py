@@ -73,7 +73,7 @@ def test_histogram_buckets_are_increasing_constants(instruments):
             metrics.REAL_TIME_FACTOR_BUCKETS,
             metrics.AUDIO_SECONDS_BUCKETS,
             metrics.WORDS_BUCKETS,
-            metrics.RANK_CORRELATION_BUCKETS,
+            metrics.SIMILARITY_BUCKETS,
         )
     }
     for histogram in histograms:

@@ -2,6 +2,7 @@
 routed, counted, copied in shadow mode and answered when the candidate fails."""
 
 import asyncio
+import json
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -10,11 +11,12 @@ from pydantic import ValidationError
 
 from api.access import rollout_caller
 from api.keys import ApiKey, digest
+from deployments.contracts import TextEmbeddings, TextRanking, TextScores
 from deployments.errors import Forbidden, InvalidInput
 from deployments.ingress import IngressConfig
 from pipelines import usage
 from pipelines.judging import Judge, Window, psi, rank_correlation
-from pipelines.rollouts import Rollout, Rollouts, Routed, bucket
+from pipelines.rollouts import Rollout, Rollouts, Routed, bucket, compare
 
 
 def refused(config: dict) -> str:
@@ -25,7 +27,7 @@ def refused(config: dict) -> str:
 
 def test_configuration_errors_name_the_field():
     assert "rollouts.vision.weight" in refused({"vision": {"candidate": "c", "mode": "canary", "weight": 120}})
-    assert "models without variants ['llm']" in refused({"llm": {"candidate": "c"}})
+    assert "models without variants ['ocr']" in refused({"ocr": {"candidate": "c"}})
     assert "rollouts.vision.policy.criteria.max_latency" in refused(
         {"vision": {"candidate": "c", "policy": {"criteria": {"max_latency": 1}}}}
     )
@@ -102,6 +104,25 @@ def test_the_judge_promotes_an_equal_candidate_step_by_step():
     assert [d[0]["to_weight"] for d in steps] == [50, 100, 100]
     assert judge.serving() == {"vision": {"mode": "canary", "weight": 100}}
     assert judged(judge, clock, rollout, window(0), window(50)) == []  # promoted is final
+
+
+def test_a_new_judge_goes_on_from_where_the_saved_one_stood():
+    clock = Clock()
+    judge, rollout = Judge(clock), canary()
+    judge.configure("vision", rollout, configured_at=1.0)
+    judge.record("vision", rollout, {}, ready=True, version="2")
+    judged(judge, clock, rollout, window(50), window(20, confidence=0.2))  # rolled back on its confidence
+    saved = json.loads(json.dumps(judge.saved()))  # what the key-value store keeps
+
+    again = Judge(clock)
+    again.restore("vision", Rollout.model_validate(saved["vision"]["config"]), saved["vision"])
+    again.configure("vision", rollout, configured_at=5.0)  # the ingress reports the same configuration
+    again.record("vision", rollout, {}, ready=True, version="2")  # and the same candidate version
+    assert again.serving() == {"vision": {"mode": "off", "weight": 0.0}}
+    shown = again.describe()["vision"]
+    assert shown["status"] == "rolled_back" and shown["decisions"] == judge.describe()["vision"]["decisions"]
+    again.record("vision", rollout, {}, ready=True, version="3")  # a new candidate version starts it again
+    assert again.serving() == {"vision": {"mode": "canary", "weight": 10}}
 
 
 def test_the_judge_rolls_back_a_drifted_candidate_with_the_failing_criterion_as_reason():
@@ -219,12 +240,17 @@ class Variant:
         return send
 
 
-def routed(rollout: Rollout, stable: Variant, candidate: Variant) -> tuple[Rollouts, Routed]:
+def rolled_out(rollout: Rollout, model: str = "vision") -> Rollouts:
     rollouts = Rollouts()
-    rollouts.configs = {"vision": rollout}
-    rollouts.serving = {"vision": {"mode": rollout.mode, "weight": rollout.weight}}
-    rollouts.ready = {"vision": True}
-    rollouts.windows = {"vision": {"stable": Window(), "candidate": Window()}}
+    rollouts.configs = {model: rollout}
+    rollouts.serving = {model: {"mode": rollout.mode, "weight": rollout.weight}}
+    rollouts.ready = {model: True}
+    rollouts.windows = {model: {"stable": Window(), "candidate": Window()}}
+    return rollouts
+
+
+def routed(rollout: Rollout, stable: Variant, candidate: Variant) -> tuple[Rollouts, Routed]:
+    rollouts = rolled_out(rollout)
     variants = {"stable": stable, "candidate": candidate}
     return rollouts, Routed("vision", rollouts, lambda variant: variants[variant].sender())
 
@@ -265,6 +291,114 @@ def test_shadow_copies_never_change_the_answer_and_are_dropped_beyond_their_budg
         await route(("private",))
         await asyncio.sleep(0.1)
         assert ("private",) not in candidate.seen
+
+    asyncio.run(run())
+
+
+def embeddings(*vectors) -> TextEmbeddings:
+    vectors = np.array(vectors, dtype=np.float32)
+    return TextEmbeddings(vectors / np.linalg.norm(vectors, axis=1, keepdims=True), "m", "1")
+
+
+def test_each_model_kind_compares_what_it_answers():
+    same = embeddings([1, 0, 0], [0, 1, 0])
+    assert compare(same, embeddings([1, 0.01, 0], [0, 1, 0])) == (True, pytest.approx(1.0, abs=1e-3))
+    agree, cosine = compare(same, embeddings([1, 0.5, 0], [0, 1, 0]))  # one text's vector turned by 27 degrees
+    assert not agree and cosine == pytest.approx((0.894 + 1) / 2, abs=1e-3)
+    ranking = TextRanking([("sports", 0.6), ("finance", 0.3), ("cooking", 0.1)], "m", "1")
+    reordered = TextRanking([("sports", 0.5), ("cooking", 0.3), ("finance", 0.2)], "m", "1")
+    assert compare(ranking, ranking) == (True, 1.0)
+    assert compare(ranking, reordered) == (True, pytest.approx(0.5))  # same top label, the others swapped
+    assert compare(TextScores([0.2, 0.9], "m", "1"), TextScores([0.9, 0.2], "m", "1")) == (False, pytest.approx(-1.0))
+    assert compare("Blue.", "Blue.") == (True, None) and compare("Blue.", "Red.") == (False, None)
+
+
+@dataclass
+class Encoder:
+    """A text variant's handle-like sender: embeds each text as a fixed vector."""
+
+    vector: list
+    seen: list = field(default_factory=list)
+
+    def sender(self):
+        async def send(call):
+            method, (texts,) = call
+            self.seen.append(texts)
+            return embeddings(*[self.vector] * len(texts))
+
+        return send
+
+
+def test_text_calls_go_to_the_picked_variant_one_by_one_and_shadow_copies_compare_embeddings():
+    async def run():
+        stable, candidate = Encoder([1, 0]), Encoder([0.6, 0.8])
+        rollouts = rolled_out(Rollout(candidate="c", mode="shadow"), "text")
+        variants = {"stable": stable, "candidate": candidate}
+        route = Routed("text", rollouts, lambda variant: variants[variant].sender(), grouped=False)
+        used = usage.begin()
+        answer = await route(("embed", (["a", "b"],)))
+        assert np.allclose(answer.vectors, [[1, 0], [1, 0]]) and used.variants == {"text": "stable"}
+        await asyncio.sleep(0.05)
+        counts = rollouts.windows["text"]["candidate"]
+        assert candidate.seen == [["a", "b"]] and (counts.compared, counts.agreed) == (1, 0)
+        assert counts.similarity == pytest.approx(0.6)
+
+        rollouts.serving["text"] = {"mode": "canary", "weight": 100}
+        answer = await route(("embed", (["c"],)))
+        assert np.allclose(answer.vectors, [[0.6, 0.8]]) and rollouts.windows["text"]["candidate"].requests == 2
+
+    asyncio.run(run())
+
+
+@dataclass
+class Chunk:
+    text: str
+
+
+class Stream:
+    """A streamed answer: its chunks, or a failure after the first."""
+
+    def __init__(self, texts: list[str], fails_after: int | None = None):
+        self.texts, self.fails_after, self.closed = texts, fails_after, False
+
+    async def chunks(self):
+        try:
+            for index, text in enumerate(self.texts):
+                if index == self.fails_after:
+                    raise RuntimeError("the replica died")
+                yield Chunk(text)
+        finally:
+            self.closed = True
+
+
+def test_a_streamed_answer_counts_when_it_ends_and_a_greedy_one_is_compared_in_shadow_mode():
+    async def run():
+        rollouts = rolled_out(Rollout(candidate="c", mode="shadow"), "llm")
+        usage.begin()
+        call = await rollouts.routed("llm", lambda variant: asyncio.sleep(0, variant))
+        assert call.variant == "stable" and not call.fell_back
+
+        async def candidate_text():
+            return "Blue!"
+
+        stream = Stream(["Bl", "ue."])
+        texts = [chunk.text async for chunk in rollouts.followed("llm", call, 0.0, stream.chunks(), candidate_text)]
+        assert texts == ["Bl", "ue."] and stream.closed
+        await asyncio.sleep(0.05)
+        stable, candidate = rollouts.windows["llm"]["stable"], rollouts.windows["llm"]["candidate"]
+        assert stable.requests == 1 and (candidate.compared, candidate.agreed, candidate.similarity) == (1, 0, None)
+
+        broken = Stream(["Bl", "ue."], fails_after=1)
+        with pytest.raises(RuntimeError):
+            async for _ in rollouts.followed("llm", call, 0.0, broken.chunks(), candidate_text):
+                pass
+        assert stable.errors == 1 and broken.closed
+
+        left = Stream(["Bl", "ue."])  # the caller hangs up after the first chunk: counted neither way
+        followed = rollouts.followed("llm", call, 0.0, left.chunks(), candidate_text)
+        await anext(followed)
+        await followed.aclose()
+        assert stable.requests == 2 and left.closed
 
     asyncio.run(run())
 
