@@ -1,5 +1,5 @@
-"""Candidate applications: one model's deployment (``vision``, ``text``, ``llm``) on its own, for a rollout
-beside the stable variant.
+"""Candidate applications: one model's deployment (``vision``, ``text``, ``llm``, ``ocr``, ``asr``) on its own,
+for a rollout beside the stable variant.
 
 A candidate is a Serve application of its own in the same YAML, so adding, changing or removing it never
 touches the main application (whose ``args`` or code changing would replace every replica). It has no HTTP
@@ -22,6 +22,8 @@ import copy
 from ray.serve import Application
 
 from deployments.language import TextGenerator
+from deployments.ocr import TextReader
+from deployments.recognizer import SpeechRecognizer
 from deployments.text import TextEncoder
 from deployments.vision import VisionClassifier
 from pipelines.rollouts import VARIANT_MODELS
@@ -40,6 +42,16 @@ def text(args: dict | None = None) -> Application:
 def llm(args: dict | None = None) -> Application:
     """A candidate language model (``rollouts.llm``): chat and completions, streamed."""
     return TextGenerator.bind()
+
+
+def ocr(args: dict | None = None) -> Application:
+    """A candidate text reader (``rollouts.ocr``): the lines of text in images."""
+    return TextReader.bind()
+
+
+def asr(args: dict | None = None) -> Application:
+    """A candidate speech recogniser (``rollouts.asr``): transcriptions, streamed."""
+    return SpeechRecognizer.bind()
 
 
 def with_candidate(config: dict, model: str, rollout: dict, name: str | None = None, **settings) -> dict:

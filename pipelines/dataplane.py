@@ -186,9 +186,11 @@ class Dataplane(SpeechGraph):
         self._image_spec: ImageSpec | None = None
         self._image_spec_version: str | None = None  # the vision model version the geometry belongs to
         # Concurrent requests' calls of one model method go out together (pipelines/grouping.py).
-        # Vision's and text's calls go to the variant a rollout picks for the request (pipelines/rollouts.py).
+        # The calls of a model that can have a candidate go to the variant a rollout picks for the request
+        # (pipelines/rollouts.py); the language model's and the recogniser's streams too (generate, transcribe).
         self.vision_calls = Routed("vision", self.rollouts, lambda v: self._group_sender("vision", "classify", v))
         self.text_calls = Routed("text", self.rollouts, lambda v: self._method_sender("text", v), grouped=False)
+        self.ocr_calls = Routed("ocr", self.rollouts, lambda v: self._method_sender("ocr", v), grouped=False)
         self.label_calls: Grouped[tuple, TextEmbeddings] = Grouped(self._group_sender("text", "embed_labels"))
         self.fusion_calls: Grouped[tuple, FusionResult] = Grouped(self._group_sender("fusion", "fuse"))
 
@@ -323,6 +325,7 @@ class Dataplane(SpeechGraph):
         return send
 
     def _variant(self, model: str, variant: str):
+        """The handle of a model's variant: the stable deployment, or its rollout's candidate."""
         return self.rollouts.candidates[model] if variant == "candidate" else self.models[model]
 
     def _method_sender(self, model: str, variant: str):
@@ -430,14 +433,12 @@ class Dataplane(SpeechGraph):
 
     async def read_text(self, image: PreparedImage, deadline: Deadline) -> OcrResult:
         """The lines of text in an image (prepared with ``ocr``), with boxes in the upload's pixels."""
-        ocr = self.models["ocr"]
-        result = await call_models(lambda: ocr.read.remote(image.page), deadline)
+        result = await call_models(lambda: self.ocr_calls(("read", (image.page,))), deadline)
         return _in_upload_pixels(result, image.page_scale)
 
     async def look(self, image: PreparedImage, deadline: Deadline, knowledge: bool = False) -> Looked:
         """Vision and OCR on one image (prepared for both), in parallel, and the evidence they give (with
         ``knowledge``, the knowledge graph's facts about the classes in it too)."""
-        ocr = self.models["ocr"]
 
         async def timed(response) -> tuple[object, float]:
             start = time.perf_counter()
@@ -446,7 +447,7 @@ class Dataplane(SpeechGraph):
         async def both() -> tuple[tuple[VisionResult, float], tuple[OcrResult, float]]:
             # Both start now and run in parallel.
             classes = timed(self.vision_calls((image.pixels, DESCRIBE_CLASSES, False)))
-            lines = timed(ocr.read.remote(image.page))
+            lines = timed(self.ocr_calls(("read", (image.page,))))
             return tuple(await asyncio.gather(classes, lines))
 
         (classes, vision_s), (lines, ocr_s) = await call_models(both, deadline)

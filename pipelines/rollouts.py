@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from deployments.contracts import TextEmbeddings, TextRanking, TextScores
+from deployments.contracts import OcrResult, TextEmbeddings, TextRanking, TextScores
 from deployments.downstream import api_error
 from deployments.errors import ModelUnavailable
 from pipelines import usage
@@ -147,7 +147,10 @@ class Rollout(BaseModel):
 
 
 def confidence(result) -> float | None:
-    """The answer's confidence: the top class's probability or the top label's score (None: the kind has none)."""
+    """The answer's confidence: the top class's probability, the top label's score, or OCR's mean line
+    confidence (None: the kind has none, or the answer nothing to be confident of)."""
+    if isinstance(result, OcrResult):
+        return float(np.mean([line.confidence for line in result.lines])) if result.lines else None
     labels = getattr(result, "labels", None)
     return float(labels[0][1]) if labels else None
 
@@ -159,10 +162,15 @@ def compare(stable, candidate) -> tuple[bool, float | None]:
     * labels (zero-shot text): the same top label; the rank correlation of the labels' scores;
     * embeddings (text): every text's two vectors at a cosine of at least ``EMBEDDING_AGREEMENT``; the mean cosine;
     * relevance scores (text): the same best document; the rank correlation of the scores;
-    * generated text (llm, greedy only): the same text, exactly; no similarity.
+    * lines read (ocr): the same lines, exactly; the share of the stable variant's lines read the same, in order;
+    * generated or transcribed text (llm and asr, greedy only): the same text, exactly; no similarity.
     """
     if isinstance(stable, str):
         return stable == candidate, None
+    if isinstance(stable, OcrResult):
+        a, b = [line.text for line in stable.lines], [line.text for line in candidate.lines]
+        same = sum(x == y for x, y in zip(a, b))
+        return a == b, (same / max(len(a), len(b)) if a or b else 1.0)
     if isinstance(stable, TextEmbeddings):
         if stable.vectors.shape != candidate.vectors.shape:
             return False, 0.0
@@ -187,7 +195,13 @@ def compare(stable, candidate) -> tuple[bool, float | None]:
     return same, rank_correlation(stable.probs, candidate.probs)
 
 
-VARIANT_MODELS = {"vision": "VisionClassifier", "text": "TextEncoder", "llm": "TextGenerator"}
+VARIANT_MODELS = {
+    "vision": "VisionClassifier",
+    "text": "TextEncoder",
+    "llm": "TextGenerator",
+    "ocr": "TextReader",
+    "asr": "SpeechRecognizer",
+}
 """The models that can have a candidate, and the deployment a candidate application serves each from."""
 
 
@@ -364,16 +378,22 @@ class Rollouts:
             return RoutedCall(await send("stable"), "stable", pinned, fell_back=True)
 
     async def followed(
-        self, model: str, call: "RoutedCall", start: float, chunks: AsyncIterator, copy: Callable | None = None
+        self,
+        model: str,
+        call: "RoutedCall",
+        start: float,
+        chunks: AsyncIterator,
+        copy: Callable | None = None,
+        text: Callable = lambda chunk: chunk.text,
     ) -> AsyncIterator:
-        """A streamed answer's chunks (each with a ``text``), counted for its variant once the stream ends (a
-        failure mid-stream against it; a caller hanging up, neither). ``copy`` (None: not comparable) sends the
-        request to the candidate for the whole text it answers, compared with the stable variant's in shadow
-        mode."""
+        """A streamed answer's chunks (``text`` gives each one's text), counted for its variant once the stream
+        ends (a failure mid-stream against it; a caller hanging up, neither). ``copy`` (None: not comparable)
+        sends the request to the candidate for the whole text it answers, compared with the stable variant's in
+        shadow mode."""
         parts = []
         try:
             async for chunk in chunks:
-                parts.append(chunk.text)
+                parts.append(text(chunk))
                 yield chunk
         except Exception:
             if not call.fell_back:

@@ -35,6 +35,7 @@ from deployments.downstream import Deadline, api_error, call_models
 from deployments.errors import MaasError, ModelTimeout
 from deployments.settings import limits
 from pipelines import usage
+from pipelines.rollouts import SHADOW_TIMEOUT_S
 
 
 def decode_upload(raw: bytes | None, audio_b64: str | None, field) -> DecodedAudio:
@@ -46,7 +47,8 @@ def decode_upload(raw: bytes | None, audio_b64: str | None, field) -> DecodedAud
 
 class SpeechGraph:
     """The speech methods of ``pipelines.dataplane.Dataplane`` (see the module docstring). They use the
-    dataplane's ``models`` (``asr``, ``tts``, ``llm``), its decode pool and its metrics."""
+    dataplane's ``models`` (``asr``, ``tts``, ``llm``), its ``rollouts`` and ``_variant`` (the recogniser can have
+    a candidate), its decode pool and its metrics."""
 
     async def prepare_audio(
         self, route: str, deadline: Deadline, raw: bytes | None = None, audio_b64: str | None = None, field="file"
@@ -86,18 +88,27 @@ class SpeechGraph:
         """The recogniser's pieces as they come (the language, then each window's segments, then the end), each
         segment masked where the request asks for masking. Closing the iterator early (the client went away)
         stops the transcription in its replica."""
-        asr = self.models["asr"]
         request = dataclasses.replace(request, audio=audio.samples, timeout_s=deadline.remaining())
         usage.record_audio(audio.duration_s)
-        stream = None
 
-        async def accepted() -> TranscriptPiece:
-            nonlocal stream
-            stream = asr.options(stream=True).transcribe.remote(request)
-            return await stream.__anext__()
+        async def opened(variant: str) -> tuple[TranscriptPiece, object]:
+            stream = self._variant("asr", variant).options(stream=True).transcribe.remote(request)
+            return await stream.__anext__(), stream
 
-        head = await call_models(accepted, deadline)
-        pieces = relay(head, stream, deadline, "the transcription")
+        if "asr" not in self.rollouts.configs:
+            head, stream = await call_models(lambda: opened("stable"), deadline)
+            pieces = relay(head, stream, deadline, "the transcription")
+        else:  # the variant the rollout picks hears it; a greedy transcript can be compared with the candidate's
+            start = self.rollouts.clock()
+            call = await call_models(lambda: self.rollouts.routed("asr", opened), deadline)
+            greedy = request.temperature == 0
+            copied = dataclasses.replace(request, timeout_s=SHADOW_TIMEOUT_S)  # not the caller's deadline
+
+            def copy() -> Awaitable[str]:
+                return _transcribed_text(self._variant("asr", "candidate"), copied)
+
+            relayed = relay(*call.result, deadline, "the transcription")
+            pieces = self.rollouts.followed("asr", call, start, relayed, copy if greedy else None, text=_piece_text)
         return pieces if usage.masker() is None else _masked_pieces(pieces)
 
     async def transcribe(self, audio: DecodedAudio, request: TranscriptionRequest, deadline: Deadline) -> Transcript:
@@ -119,6 +130,17 @@ class SpeechGraph:
 
         head = await call_models(accepted, deadline)
         return _counted_speech(relay(head, stream, deadline, "the speech"))
+
+
+def _piece_text(piece: TranscriptPiece) -> str:
+    return piece.segment.text if piece.segment is not None else ""
+
+
+async def _transcribed_text(asr, request: TranscriptionRequest) -> str:
+    """The whole text a recogniser hears in the request (a shadow copy's answer), as ``collect_transcript``
+    joins it."""
+    pieces = [piece async for piece in asr.options(stream=True).transcribe.remote(request)]
+    return "".join(_piece_text(piece) for piece in pieces)
 
 
 async def collect_transcript(pieces: AsyncIterator[TranscriptPiece]) -> Transcript:

@@ -7,6 +7,8 @@ module ends by deploying the shipped YAML again, which removes the candidate.
 """
 
 import json
+import os
+import signal
 import threading
 import time
 import uuid
@@ -19,8 +21,10 @@ import tritonclient.http as triton
 from monitoring import catalog
 from monitoring.metrics import ROLLOUT_METRICS
 from pipelines.candidates import with_candidate
+from tests import serving
 from tests.conftest import b64
 from tests.integration.conftest import deploy, shipped_config
+from tests.integration.test_images_to_words import page_png
 
 CANDIDATE = "vision-candidate"
 READY_TIMEOUT_S = 180
@@ -243,19 +247,45 @@ def test_prometheus_scrapes_every_rollout_metric_and_the_rollback_alert_fires(pr
     assert prometheus.query(share) >= 80  # the canary's share of 400 requests, and every step since
 
 
+def test_a_replaced_judge_goes_on_where_the_last_one_stood(app_url, client, chelsea_jpeg):
+    """The judge saves its state in the GCS: killed, the replica Serve starts in its place keeps the rolled-back
+    candidate at 0% (a judge starting afresh would give it its YAML weight again)."""
+    before = rollout_state(app_url)
+    assert before["status"] == "rolled_back"
+    (pid,) = serving.replica_actors("RolloutJudge").values()
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while True:
+        assert time.monotonic() < deadline, "no judge replica answered after the last one was killed"
+        time.sleep(1)
+        if pid in serving.replica_actors("RolloutJudge").values():
+            continue
+        answer = httpx.get(f"{app_url}/v1/admin/rollouts", timeout=30)
+        if answer.status_code == 200 and "vision" in answer.json()["rollouts"]:
+            break
+        assert answer.status_code in (200, 503), answer.text  # 503 while no judge answers
+    after = answer.json()["rollouts"]["vision"]
+    assert (after["status"], after["weight"], after["decisions"]) == ("rolled_back", 0.0, before["decisions"])
+    callers = [classify(client, chelsea_jpeg, **{"X-Maas-Caller": uuid.uuid4().hex}) for _ in range(20)]
+    assert {variant_of(answer) for answer in callers} == {"stable"}
+
+
 SENTENCES = ["The central bank raised interest rates.", "A cat sleeps on the sofa.", "The match ended in a draw."]
 CHATS = ["Name a colour.", "What is two plus two?", "Say hello."]
 
 
-def test_text_and_language_model_candidates_are_compared_in_shadow_and_a_pin_reaches_them(rolled, client, folder):
-    """A candidate of the text encoder and one of the language model, both the same weights as the stable ones:
-    every shadow copy agrees (embeddings at a cosine of 1, the same greedy text), and the candidates answer a
-    pinned request, streamed for the language model."""
+def test_text_language_ocr_and_speech_candidates_are_compared_in_shadow_and_a_pin_reaches_them(
+    rolled, client, folder, librivox
+):
+    """Candidates of the text encoder, the language model, the text reader and the speech recogniser, each the
+    same weights as the stable one: every shadow copy agrees (embeddings at a cosine of 1, the same greedy text,
+    the same lines read, the same words heard), and the candidates answer a pinned request, streamed for the
+    language model."""
     config = shipped_config()
-    for model in ("text", "llm"):
+    for model in ("text", "llm", "ocr", "asr"):
         config = with_candidate(config, model, {"mode": "shadow", "shadow_in_flight": 16, "policy": {"auto": False}})
     deploy(config, folder / "serve_config.yaml")
-    for model in ("text", "llm"):
+    for model in ("text", "llm", "ocr", "asr"):
         wait_for(str(client.base_url), lambda state: bool(state and state["candidate_ready"]
                                                           and state["status"] == "shadow"),  # fmt: skip
                  READY_TIMEOUT_S, "ready shadow candidate", model)  # fmt: skip
@@ -280,6 +310,16 @@ def test_text_and_language_model_candidates_are_compared_in_shadow_and_a_pin_rea
         answer = chat(content)
         assert answer.status_code == 200 and variant_of(answer, "llm") == "stable", answer.text
         said[content] = answer.json()["choices"][0]["message"]["content"]
+
+    page = client.post("/v1/vision/ocr", json={"image": b64(page_png())})
+    assert page.status_code == 200 and variant_of(page, "ocr") == "stable" and len(page.json()["lines"]) >= 4
+    heard = client.post("/v1/audio/transcriptions", files={"file": ("a.wav", librivox[0].wav)},
+                        data={"model": "asr", "language": "en"})  # fmt: skip
+    assert heard.status_code == 200 and variant_of(heard, "asr") == "stable", heard.text
+    for model in ("ocr", "asr"):
+        state = wait_for(str(client.base_url), lambda state: state["variants"]["candidate"]["compared"] >= 1,
+                         60, f"comparison of the {model} copy", model)  # fmt: skip
+        assert state["variants"]["candidate"]["agreement"] == 1.0, (model, state["variants"])
 
     text = wait_for(str(client.base_url), lambda state: state["variants"]["candidate"]["compared"] >= 7,
                     30, "comparison of every text copy", "text")  # fmt: skip

@@ -11,12 +11,12 @@ from pydantic import ValidationError
 
 from api.access import rollout_caller
 from api.keys import ApiKey, digest
-from deployments.contracts import TextEmbeddings, TextRanking, TextScores
+from deployments.contracts import OcrLine, OcrResult, TextEmbeddings, TextRanking, TextScores
 from deployments.errors import Forbidden, InvalidInput
 from deployments.ingress import IngressConfig
 from pipelines import usage
 from pipelines.judging import Judge, Window, psi, rank_correlation
-from pipelines.rollouts import Rollout, Rollouts, Routed, bucket, compare
+from pipelines.rollouts import Rollout, Rollouts, Routed, bucket, compare, confidence
 
 
 def refused(config: dict) -> str:
@@ -27,7 +27,7 @@ def refused(config: dict) -> str:
 
 def test_configuration_errors_name_the_field():
     assert "rollouts.vision.weight" in refused({"vision": {"candidate": "c", "mode": "canary", "weight": 120}})
-    assert "models without variants ['ocr']" in refused({"ocr": {"candidate": "c"}})
+    assert "models without variants ['tts']" in refused({"tts": {"candidate": "c"}})
     assert "rollouts.vision.policy.criteria.max_latency" in refused(
         {"vision": {"candidate": "c", "policy": {"criteria": {"max_latency": 1}}}}
     )
@@ -311,6 +311,15 @@ def test_each_model_kind_compares_what_it_answers():
     assert compare(ranking, reordered) == (True, pytest.approx(0.5))  # same top label, the others swapped
     assert compare(TextScores([0.2, 0.9], "m", "1"), TextScores([0.9, 0.2], "m", "1")) == (False, pytest.approx(-1.0))
     assert compare("Blue.", "Blue.") == (True, None) and compare("Blue.", "Red.") == (False, None)
+    page = read("OPEN", "9 to 5")
+    assert compare(page, read("OPEN", "9 to 5")) == (True, 1.0)
+    assert compare(page, read("OPEN", "9 t0 5", "Sundays")) == (False, pytest.approx(1 / 3))
+    assert confidence(page) == pytest.approx(0.8) and confidence(read()) is None
+    assert confidence(ranking) == 0.6 and confidence("Blue.") is None
+
+
+def read(*lines: str) -> OcrResult:
+    return OcrResult([OcrLine(text, 0.8, []) for text in lines], False, "m", "1", 0.1)
 
 
 @dataclass
