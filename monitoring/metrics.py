@@ -652,7 +652,8 @@ class RolloutMetrics:
         )
         self.confidence = metrics.Histogram(
             PREFIX + "variant_confidence_ratio",
-            description="The top class's probability in each answer of a variant.",
+            description="The confidence of each answer of a variant: the top class's probability, the top "
+            "label's score (zero-shot text) or the mean line confidence (OCR).",
             boundaries=list(CONFIDENCE_BUCKETS),
             tag_keys=("model", "variant"),
         )
