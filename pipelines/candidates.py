@@ -1,5 +1,5 @@
-"""Candidate applications: one model's deployment (``vision``, ``text``, ``llm``, ``ocr``, ``asr``) on its own,
-for a rollout beside the stable variant.
+"""Candidate applications: one model's deployment on its own (``vision``, ``text``, ``llm``, ``ocr``, ``asr``,
+``tts``), for a rollout beside the stable variant.
 
 A candidate is a Serve application of its own in the same YAML, so adding, changing or removing it never
 touches the main application (whose ``args`` or code changing would replace every replica). It has no HTTP
@@ -24,6 +24,7 @@ from ray.serve import Application
 from deployments.language import TextGenerator
 from deployments.ocr import TextReader
 from deployments.recognizer import SpeechRecognizer
+from deployments.synthesizer import SpeechSynthesizer
 from deployments.text import TextEncoder
 from deployments.vision import VisionClassifier
 from pipelines.rollouts import VARIANT_MODELS
@@ -52,6 +53,11 @@ def ocr(args: dict | None = None) -> Application:
 def asr(args: dict | None = None) -> Application:
     """A candidate speech recogniser (``rollouts.asr``): transcriptions, streamed."""
     return SpeechRecognizer.bind()
+
+
+def tts(args: dict | None = None) -> Application:
+    """A candidate speech synthesiser (``rollouts.tts``; canary only): speech, streamed."""
+    return SpeechSynthesizer.bind()
 
 
 def with_candidate(config: dict, model: str, rollout: dict, name: str | None = None, **settings) -> dict:

@@ -201,8 +201,13 @@ VARIANT_MODELS = {
     "llm": "TextGenerator",
     "ocr": "TextReader",
     "asr": "SpeechRecognizer",
+    "tts": "SpeechSynthesizer",
 }
 """The models that can have a candidate, and the deployment a candidate application serves each from."""
+
+
+UNCOMPARED = {"tts": "two voices' audio has no measure of agreement here"}
+"""Models whose candidate can be a canary but not a shadow: nothing to compare its answers by."""
 
 
 def check_models(rollouts: dict[str, Rollout]) -> None:
@@ -210,6 +215,10 @@ def check_models(rollouts: dict[str, Rollout]) -> None:
     if unknown:
         raise ValueError(f"rollouts names models without variants {unknown}; a candidate can serve: "
                          f"{sorted(VARIANT_MODELS)}")  # fmt: skip
+    for model, rollout in rollouts.items():
+        if rollout.mode == "shadow" and model in UNCOMPARED:
+            raise ValueError(f"rollouts.{model}.mode: shadow compares the answers, and {UNCOMPARED[model]}; "
+                             "use canary")  # fmt: skip
 
 
 def deployment_of(model: str, rollout: Rollout) -> str:

@@ -47,8 +47,8 @@ def decode_upload(raw: bytes | None, audio_b64: str | None, field) -> DecodedAud
 
 class SpeechGraph:
     """The speech methods of ``pipelines.dataplane.Dataplane`` (see the module docstring). They use the
-    dataplane's ``models`` (``asr``, ``tts``, ``llm``), its ``rollouts`` and ``_variant`` (the recogniser can have
-    a candidate), its decode pool and its metrics."""
+    dataplane's ``models`` (``asr``, ``tts``, ``llm``), its ``rollouts`` and ``_variant`` (the recogniser and the
+    synthesiser can have a candidate), its decode pool and its metrics."""
 
     async def prepare_audio(
         self, route: str, deadline: Deadline, raw: bytes | None = None, audio_b64: str | None = None, field="file"
@@ -118,18 +118,20 @@ class SpeechGraph:
     async def speak(self, request: SpeechRequest, deadline: Deadline) -> AsyncIterator[SpeechChunk]:
         """The synthesiser's encoded speech as it is made, the text masked first where the request asks for
         masking. Waits for the first chunk (the request accepted, or refused) within the deadline."""
-        tts = self.models["tts"]
         (text,) = await usage.private([request.text])
         request = dataclasses.replace(request, text=text, timeout_s=deadline.remaining())
-        stream = None
 
-        async def accepted() -> SpeechChunk:
-            nonlocal stream
-            stream = tts.options(stream=True).synthesize.remote(request)
-            return await stream.__anext__()
+        async def opened(variant: str) -> tuple[SpeechChunk, object]:
+            stream = self._variant("tts", variant).options(stream=True).synthesize.remote(request)
+            return await stream.__anext__(), stream
 
-        head = await call_models(accepted, deadline)
-        return _counted_speech(relay(head, stream, deadline, "the speech"))
+        if "tts" not in self.rollouts.configs:
+            head, stream = await call_models(lambda: opened("stable"), deadline)
+            return _counted_speech(relay(head, stream, deadline, "the speech"))
+        start = self.rollouts.clock()  # a canary: the variant the rollout picks speaks (no shadow for speech)
+        call = await call_models(lambda: self.rollouts.routed("tts", opened), deadline)
+        relayed = relay(*call.result, deadline, "the speech")
+        return _counted_speech(self.rollouts.followed("tts", call, start, relayed, text=lambda chunk: ""))
 
 
 def _piece_text(piece: TranscriptPiece) -> str:

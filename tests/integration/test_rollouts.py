@@ -6,12 +6,14 @@ Each step is a ``serve deploy`` of the shipped YAML with the candidate applicati
 module ends by deploying the shipped YAML again, which removes the candidate.
 """
 
+import io
 import json
 import os
 import signal
 import threading
 import time
 import uuid
+import wave
 from collections import Counter
 
 import httpx
@@ -284,11 +286,16 @@ def test_text_language_ocr_and_speech_candidates_are_compared_in_shadow_and_a_pi
     config = shipped_config()
     for model in ("text", "llm", "ocr", "asr"):
         config = with_candidate(config, model, {"mode": "shadow", "shadow_in_flight": 16, "policy": {"auto": False}})
+    # Speech has no shadow (no measure of agreement between two voices): a canary, reached here by a pin only.
+    config = with_candidate(config, "tts", {"mode": "canary", "weight": 0, "policy": {"auto": False}})
     deploy(config, folder / "serve_config.yaml")
-    for model in ("text", "llm", "ocr", "asr"):
-        wait_for(str(client.base_url), lambda state: bool(state and state["candidate_ready"]
-                                                          and state["status"] == "shadow"),  # fmt: skip
-                 READY_TIMEOUT_S, "ready shadow candidate", model)  # fmt: skip
+    for model in ("text", "llm", "ocr", "asr", "tts"):
+        mode = "canary" if model == "tts" else "shadow"
+
+        def started(state: dict | None, mode: str = mode) -> bool:
+            return bool(state and state["candidate_ready"] and state["status"] == mode)
+
+        wait_for(str(client.base_url), started, READY_TIMEOUT_S, f"ready {mode} candidate", model)
 
     def embed(text: str, **headers) -> httpx.Response:
         return client.post("/v1/text/embed", json={"texts": [text]}, headers=headers)
@@ -316,6 +323,12 @@ def test_text_language_ocr_and_speech_candidates_are_compared_in_shadow_and_a_pi
     heard = client.post("/v1/audio/transcriptions", files={"file": ("a.wav", librivox[0].wav)},
                         data={"model": "asr", "language": "en"})  # fmt: skip
     assert heard.status_code == 200 and variant_of(heard, "asr") == "stable", heard.text
+    speech = {"model": "tts", "voice": "joe", "input": "The candidate speaks.", "response_format": "wav"}
+    for pin in ("stable", "candidate"):
+        spoken = client.post("/v1/audio/speech", json=speech, headers={"X-Maas-Variant": pin})
+        assert spoken.status_code == 200 and variant_of(spoken, "tts") == pin, spoken.text
+        with wave.open(io.BytesIO(spoken.content)) as reader:
+            assert reader.getnframes() / reader.getframerate() > 0.5  # a second or so of speech
     for model in ("ocr", "asr"):
         state = wait_for(str(client.base_url), lambda state: state["variants"]["candidate"]["compared"] >= 1,
                          60, f"comparison of the {model} copy", model)  # fmt: skip

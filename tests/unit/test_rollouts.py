@@ -27,7 +27,8 @@ def refused(config: dict) -> str:
 
 def test_configuration_errors_name_the_field():
     assert "rollouts.vision.weight" in refused({"vision": {"candidate": "c", "mode": "canary", "weight": 120}})
-    assert "models without variants ['tts']" in refused({"tts": {"candidate": "c"}})
+    assert "models without variants ['fusion']" in refused({"fusion": {"candidate": "c"}})
+    assert "rollouts.tts.mode: shadow compares the answers" in refused({"tts": {"candidate": "c", "mode": "shadow"}})
     assert "rollouts.vision.policy.criteria.max_latency" in refused(
         {"vision": {"candidate": "c", "policy": {"criteria": {"max_latency": 1}}}}
     )
