@@ -65,7 +65,7 @@ class Criteria(BaseModel):
         ge=0.0,
         le=1.0,
         description="The stable variant's mean confidence (vision: the top class's probability; zero-shot text: "
-        "the top label's score) minus the candidate's. Over 200 answers to "
+        "the top label's score; OCR: the mean line confidence) minus the candidate's. Over 200 answers to "
         "varied photos an equal candidate's mean moves by about 0.02 (one standard error) from sampling alone.",
     )
     max_confidence_psi: float = Field(
@@ -81,7 +81,8 @@ class Criteria(BaseModel):
         ge=0.0,
         le=1.0,
         description="Shadow mode: share of copies whose answer agrees with the stable one (the same top class or "
-        "top label, every embedding at a cosine of at least 0.99, the same generated text).",
+        "top label, every embedding at a cosine of at least 0.99, the same lines read, the same generated or "
+        "transcribed text).",
     )
 
 
