@@ -19,6 +19,7 @@ from collections import Counter
 import httpx
 import pytest
 import tritonclient.http as triton
+import yaml
 
 from monitoring import catalog
 from monitoring.metrics import ROLLOUT_METRICS
@@ -355,3 +356,28 @@ def test_text_language_ocr_and_speech_candidates_are_compared_in_shadow_and_a_pi
         metadata["versions"] == [cards["text"]["version"]]
         and metadata["parameters"]["rollout"]["version"] == "candidate"
     )
+
+
+def test_a_bad_rollout_update_is_refused_naming_the_field_and_the_running_one_stays(rolled, client, folder):
+    """After the candidates above: an update with an out-of-range weight, then one naming an application Serve
+    does not have. Each is refused by every ingress replica with the field named; the rollouts in force stay."""
+    running = httpx.get(f"{client.base_url}/v1/admin/rollouts", timeout=30).json()["rollouts"]
+    assert sorted(running) == ["asr", "llm", "ocr", "text", "tts"]
+    config = None
+    for rollout, error in (({"candidate": "text-candidate", "mode": "canary", "weight": 120}, "rollouts.text.weight"),
+                           ({"candidate": "no-such-app", "mode": "shadow"}, "rollouts.text.candidate: no Serve "
+                            "application named 'no-such-app'")):  # fmt: skip
+        config = yaml.safe_load((folder / "serve_config.yaml").read_text()) if config is None else config
+        ingress = next(d for d in config["applications"][0]["deployments"] if d["name"] == "Ingress")
+        ingress["user_config"]["rollouts"] = {**ingress["user_config"]["rollouts"], "text": rollout}
+        deploy(config, folder / "bad.yaml")
+        deadline = time.monotonic() + 60
+        while True:  # every ingress replica refuses it (requests reach either)
+            answers = [httpx.get(f"{client.base_url}/v1/admin/rollouts", timeout=30).json() for _ in range(6)]
+            if all(error in (answer["update_error"] or "") for answer in answers):
+                break
+            assert time.monotonic() < deadline, f"the update was not refused with {error!r}: {answers[-1]}"
+            time.sleep(1)
+        assert all(answer["rollouts"].keys() == running.keys() for answer in answers)
+        assert answers[-1]["rollouts"]["text"]["status"] == "shadow"  # the rollout in force stays
+        assert variant_of(client.post("/v1/text/embed", json={"texts": ["still served"]}), "text") == "stable"
