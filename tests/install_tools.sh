@@ -26,8 +26,11 @@ else
 fi
 command -v apt-get >/dev/null || missing "this machine has no apt-get; install Prometheus 2.x with promtool on PATH, and WordNet 3.0 in /usr/share/wordnet"
 export DEBIAN_FRONTEND=noninteractive
+# Another install (unattended-upgrades, a second checkout's tests) may hold the package manager's lock: wait for it
+# (apt's own option, up to 10 minutes) instead of failing, which would skip the tests that need these packages.
+apt=(apt-get -o DPkg::Lock::Timeout=600 -y -q --no-install-recommends)
 echo "Installing Debian's $packages for the tests"
 # shellcheck disable=SC2086
-$sudo apt-get install -y -q --no-install-recommends $packages >/dev/null 2>&1 ||
-  { $sudo apt-get update -q >/dev/null 2>&1 && $sudo apt-get install -y -q --no-install-recommends $packages >/dev/null 2>&1; } ||
+$sudo "${apt[@]}" install $packages >/dev/null 2>&1 ||
+  { $sudo "${apt[@]}" update >/dev/null 2>&1 && $sudo "${apt[@]}" install $packages >/dev/null 2>&1; } ||
   missing "apt-get install $packages failed"
